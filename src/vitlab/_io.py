@@ -1,0 +1,54 @@
+"""File-system helpers: atomic directory writes and JSON."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory beside ``path``; on success it replaces ``path`` in one rename.
+
+    A crash at any point leaves either the old directory or the new one, never a half-written one: the swap is
+    rename(old -> backup), rename(tmp -> path), then the backup is deleted. A leftover backup from a crash between
+    the two renames is restored by the next call.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    backup = path.with_name(path.name + ".old")
+    if backup.exists() and not path.exists():
+        backup.rename(path)  # a previous swap died between its two renames
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        for f in tmp.iterdir():  # data reaches the disk before the rename makes it visible
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if path.exists():
+            shutil.rmtree(backup, ignore_errors=True)
+            path.rename(backup)
+        tmp.rename(path)
+        shutil.rmtree(backup, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def to_jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
+        return obj.item()
+    return obj
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    Path(path).write_text(json.dumps(to_jsonable(obj), indent=2) + "\n")

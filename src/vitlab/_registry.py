@@ -1,0 +1,92 @@
+"""Model registry: `@register_model` on variant functions, `create_model(name, **overrides)`, `list_models(pattern)`.
+
+A variant function returns ``(model_class, kwargs, default_cfg)``; `create_model` merges the caller's overrides into
+the kwargs, builds the model and records on it what is needed to rebuild it from a checkpoint:
+``model.model_name``, ``model.init_kwargs`` (the full constructor arguments) and ``model.default_cfg``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from vitlab.errors import VitlabError, closest
+
+VariantFn = Callable[[], tuple[type[nn.Module], dict[str, Any], dict[str, Any]]]
+
+_variants: dict[str, VariantFn] = {}
+_architectures: dict[str, type[nn.Module]] = {}
+
+
+def register_model(fn: VariantFn) -> VariantFn:
+    if fn.__name__ in _variants:
+        raise ValueError(f"model {fn.__name__!r} registered twice")
+    _variants[fn.__name__] = fn
+    return fn
+
+
+def register_architecture(cls: type[nn.Module]) -> type[nn.Module]:
+    """Register a model class under its ``arch`` name, so a checkpoint with custom arguments can be rebuilt."""
+    _architectures[cls.arch] = cls  # type: ignore[attr-defined]
+    return cls
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered model names matching a shell-style pattern, sorted."""
+    _import_models()
+    return sorted(n for n in _variants if fnmatch.fnmatchcase(n, pattern))
+
+
+def check_model_name(name: str) -> None:
+    _import_models()
+    if name not in _variants:
+        raise VitlabError(f"unknown model {name!r}.{closest(name, _variants)} 'vitlab models' lists them all")
+
+
+def get_variant(name: str) -> tuple[type[nn.Module], dict[str, Any], dict[str, Any]]:
+    """The class, default constructor arguments and default_cfg of a registered variant."""
+    check_model_name(name)
+    cls, kwargs, cfg = _variants[name]()
+    return cls, dict(kwargs), dict(cfg)
+
+
+def get_architecture(arch: str) -> type[nn.Module]:
+    _import_models()
+    if arch not in _architectures:
+        raise VitlabError(f"unknown architecture {arch!r}.{closest(arch, _architectures)}")
+    return _architectures[arch]
+
+
+def build_model(cls: type[nn.Module], name: str, kwargs: dict[str, Any], default_cfg: dict[str, Any]) -> nn.Module:
+    """Construct ``cls(**kwargs)`` and attach the metadata that `save_pretrained` stores."""
+    try:
+        model = cls(**kwargs)
+    except TypeError as e:  # an unknown or misspelt keyword argument
+        raise VitlabError(f"cannot build {name!r}: {e}") from None
+    cfg = dict(default_cfg)
+    img = kwargs.get("img_size")
+    if img is not None:
+        h, w = (img, img) if isinstance(img, int) else img
+        cfg["input_size"] = (kwargs.get("in_chans", cfg["input_size"][0]), h, w)
+    elif "in_chans" in kwargs:
+        cfg["input_size"] = (kwargs["in_chans"], *cfg["input_size"][1:])
+    if "num_classes" in kwargs:
+        cfg["num_classes"] = kwargs["num_classes"]
+    model.model_name = name
+    model.init_kwargs = dict(kwargs)
+    model.default_cfg = cfg
+    return model
+
+
+def create_model(name: str, **overrides: Any) -> nn.Module:
+    """Build a registered model, e.g. ``create_model("vit_tiny_patch4_28", num_classes=10, drop_path_rate=0.1)``."""
+    cls, kwargs, cfg = get_variant(name)
+    kwargs.update(overrides)
+    return build_model(cls, name, kwargs, cfg)
+
+
+def _import_models() -> None:
+    import vitlab.models  # noqa: F401  (registers every family on import)

@@ -1,0 +1,71 @@
+"""The pre-norm transformer encoder block shared by ViT and its family.
+
+ViT (Dosovitskiy et al., 2021), eqs. 2-3:
+
+    z'_l = MSA(LN(z_{l-1})) + z_{l-1}
+    z_l  = MLP(LN(z'_l)) + z'_l
+
+with optional LayerScale (CaiT) and stochastic depth (DeiT) on each residual branch.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from vitlab.layers.attention import Attention
+from vitlab.layers.drop import DropPath
+from vitlab.layers.layer_scale import LayerScale
+from vitlab.layers.mlp import Mlp
+
+_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "gelu": nn.GELU,
+    "gelu_tanh": functools.partial(nn.GELU, approximate="tanh"),
+    "relu": nn.ReLU,
+    "silu": nn.SiLU,
+}
+
+
+def get_act_layer(name: str) -> Callable[[], nn.Module]:
+    """Activation constructor by name ("gelu" is exact erf GELU, as in the ViT paper and HF's default)."""
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; choose from {sorted(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]
+
+
+class Block(nn.Module):
+    def __init__(
+        self,
+        dim: int,
+        *,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        qk_norm: bool = False,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        init_values: float | None = None,
+        norm_eps: float = 1e-6,
+        act: str = "gelu",
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(
+            dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, attn_drop=attn_drop, proj_drop=proj_drop,
+            norm_eps=norm_eps,
+        )
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), act_layer=get_act_layer(act), drop=proj_drop)
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask)))  # eq. 2
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))  # eq. 3
+        return x

@@ -1,0 +1,66 @@
+"""Patch embedding (Dosovitskiy et al., "An Image is Worth 16x16 Words", 2021, eq. 1).
+
+The image x in R^{H x W x C} is cut into N = HW / P^2 non-overlapping patches x_p in R^{P^2 C}, each mapped by
+E in R^{(P^2 C) x D}. A P x P convolution with stride P is exactly that linear map applied to every patch
+(its weight is E reshaped to (D, C, P, P)), and it is faster than unfolding the patches by hand.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vitlab.errors import VitlabError
+
+
+def to_2tuple(x: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    if isinstance(x, (tuple, list)):
+        if len(x) != 2:
+            raise VitlabError(f"expected one size or (height, width), got {x!r}")
+        return int(x[0]), int(x[1])
+    return int(x), int(x)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int | tuple[int, int] = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        *,
+        bias: bool = True,
+        flatten: bool = True,
+        strict_img_size: bool = True,
+    ) -> None:
+        super().__init__()
+        self.patch_size = to_2tuple(patch_size)
+        self.in_chans = in_chans
+        self.flatten = flatten
+        self.strict_img_size = strict_img_size
+        self.set_img_size(img_size)
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias)
+
+    def set_img_size(self, img_size: int | tuple[int, int]) -> None:
+        self.img_size = to_2tuple(img_size)
+        for s, p in zip(self.img_size, self.patch_size):
+            if s % p:
+                raise VitlabError(f"image size {self.img_size} is not divisible by patch size {self.patch_size}")
+        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        if C != self.in_chans:
+            raise VitlabError(f"input has {C} channels but the model expects {self.in_chans}; convert the images first")
+        if self.strict_img_size and (H, W) != self.img_size:
+            raise VitlabError(
+                f"input size ({H}, {W}) differs from the model's {self.img_size}; resize the images, "
+                "call set_input_size(), or build the model with dynamic_img_size=True"
+            )
+        if H % self.patch_size[0] or W % self.patch_size[1]:
+            raise VitlabError(f"input size ({H}, {W}) is not divisible by patch size {self.patch_size}")
+        x = self.proj(x)  # (B, D, H/P, W/P)
+        if self.flatten:
+            return x.flatten(2).transpose(1, 2)  # (B, N, D)
+        return x.permute(0, 2, 3, 1)  # (B, H/P, W/P, D)

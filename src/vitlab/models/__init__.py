@@ -1,0 +1,5 @@
+"""Model families; importing this module registers every variant."""
+
+from vitlab.models.vit import VisionTransformer
+
+__all__ = ["VisionTransformer"]

@@ -1,0 +1,281 @@
+"""Vision Transformer.
+
+Dosovitskiy et al., "An Image is Worth 16x16 Words: Transformers for Image Recognition at Scale", ICLR 2021.
+
+    z_0  = [x_class; x_p^1 E; x_p^2 E; ...; x_p^N E] + E_pos,   E in R^{(P^2 C) x D}, E_pos in R^{(N+1) x D}  (1)
+    z'_l = MSA(LN(z_{l-1})) + z_{l-1},                          l = 1 ... L                                (2)
+    z_l  = MLP(LN(z'_l)) + z'_l,                                l = 1 ... L                                (3)
+    y    = LN(z_L^0)                                                                                       (4)
+
+The classification head is an MLP with one tanh hidden layer at pre-training time (``head_hidden_dim``) and a single
+linear layer at fine-tuning time (the default). Global average pooling of the patch tokens replaces the class token
+with ``global_pool="avg"`` (paper, appendix D.3). Fine-tuning at a higher resolution keeps the patch size, so the
+sequence grows and the pre-trained position embeddings are interpolated in 2D (section 3.2): `set_input_size`.
+
+Model sizes (Table 1): Base 12 layers, D 768, MLP 3072, 12 heads; Large 24, 1024, 4096, 16; Huge 32, 1280, 5120, 16.
+Tiny (192, 3 heads) and Small (384, 6 heads) are DeiT's (Touvron et al., 2021).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from vitlab._registry import register_architecture, register_model
+from vitlab.errors import VitlabError
+from vitlab.layers import Block, PatchEmbed, resample_pos_embed, sincos_pos_embed_2d, to_2tuple
+
+IMAGENET_INCEPTION_MEAN = (0.5, 0.5, 0.5)
+IMAGENET_INCEPTION_STD = (0.5, 0.5, 0.5)
+PAPER = "Dosovitskiy et al., An Image is Worth 16x16 Words, ICLR 2021 (arXiv:2010.11929)"
+
+
+@register_architecture
+class VisionTransformer(nn.Module):
+    arch = "vit"
+
+    def __init__(
+        self,
+        *,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int | tuple[int, int] = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: Literal["token", "avg"] = "token",
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        qk_norm: bool = False,
+        init_values: float | None = None,
+        class_token: bool = True,
+        pos_embed: Literal["learn", "sincos", "none"] = "learn",
+        fc_norm: bool = False,
+        head_hidden_dim: int | None = None,
+        drop_rate: float = 0.0,
+        pos_drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        norm_eps: float = 1e-6,
+        act: str = "gelu",
+        dynamic_img_size: bool = False,
+    ) -> None:
+        super().__init__()
+        if global_pool not in ("token", "avg"):
+            raise VitlabError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
+        if global_pool == "token" and not class_token:
+            raise VitlabError("global_pool='token' needs class_token=True; use global_pool='avg' without a class token")
+        if pos_embed not in ("learn", "sincos", "none"):
+            raise VitlabError(f"pos_embed must be 'learn', 'sincos' or 'none', got {pos_embed!r}")
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.embed_dim = embed_dim
+        self.num_prefix_tokens = 1 if class_token else 0
+        self.dynamic_img_size = dynamic_img_size
+
+        self.patch_embed = PatchEmbed(
+            img_size, patch_size, in_chans, embed_dim, bias=True, strict_img_size=not dynamic_img_size,
+            flatten=not dynamic_img_size,
+        )
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        if pos_embed == "none":
+            self.pos_embed = None
+        else:
+            # E_pos covers the class token too (eq. 1); a fixed table is a frozen parameter so that checkpoints
+            # keep one layout whatever the choice.
+            self.pos_embed = nn.Parameter(
+                torch.zeros(1, self.num_prefix_tokens + num_patches, embed_dim), requires_grad=pos_embed == "learn"
+            )
+        self.pos_embed_type = pos_embed
+        self.pos_drop = nn.Dropout(pos_drop_rate)
+
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth grows linearly with depth
+        self.blocks = nn.Sequential(*[
+            Block(
+                embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_norm=qk_norm,
+                proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[i], init_values=init_values,
+                norm_eps=norm_eps, act=act,
+            )
+            for i in range(depth)
+        ])
+        # eq. 4 applies LN to the output tokens; with fc_norm the LN moves after pooling instead (as in MAE/BEiT).
+        self.norm = nn.Identity() if fc_norm else nn.LayerNorm(embed_dim, eps=norm_eps)
+        self.fc_norm = nn.LayerNorm(embed_dim, eps=norm_eps) if fc_norm else nn.Identity()
+        self.head_drop = nn.Dropout(drop_rate)
+        if head_hidden_dim:
+            self.pre_logits = nn.Sequential()
+            self.pre_logits.add_module("fc", nn.Linear(embed_dim, head_hidden_dim))
+            self.pre_logits.add_module("act", nn.Tanh())
+            self.num_features = head_hidden_dim
+        else:
+            self.pre_logits = nn.Identity()
+            self.num_features = embed_dim
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Truncated-normal(0.02) weights and zero biases for every linear map, as DeiT and timm; zero classifier,
+        as the ViT paper's code (the head starts from uniform predictions); a 2D sine-cosine table if asked."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        # lecun-normal patch embedding (fan-in = P^2 C): keeps token scale independent of patch size and channels
+        w = self.patch_embed.proj.weight
+        nn.init.trunc_normal_(w, std=(1.0 / w[0].numel()) ** 0.5)
+        if isinstance(self.head, nn.Linear):
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+        self._init_pos_embed()
+
+    @torch.no_grad()
+    def _init_pos_embed(self) -> None:
+        if self.pos_embed is None:
+            return
+        if self.pos_embed_type == "sincos":
+            self.pos_embed.zero_()
+            table = sincos_pos_embed_2d(self.patch_embed.grid_size, self.embed_dim)
+            self.pos_embed[:, self.num_prefix_tokens :] = table.to(self.pos_embed)
+        else:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters that weight decay should not touch (besides norms and biases)."""
+        return {"pos_embed", "cls_token"}
+
+    # --- input size ---------------------------------------------------------------------------------------
+    def set_input_size(self, img_size: int | tuple[int, int]) -> None:
+        """Change the input resolution once, resampling the position embeddings (paper, section 3.2)."""
+        old_grid = self.patch_embed.grid_size
+        self.patch_embed.set_img_size(img_size)
+        if self.pos_embed is None:
+            return
+        if self.pos_embed_type == "sincos":
+            self.pos_embed = nn.Parameter(
+                torch.zeros(1, self.num_prefix_tokens + self.patch_embed.num_patches, self.embed_dim,
+                            device=self.pos_embed.device, dtype=self.pos_embed.dtype),
+                requires_grad=False,
+            )
+            self._init_pos_embed()
+        else:
+            new = resample_pos_embed(self.pos_embed.data, self.patch_embed.grid_size, old_grid, self.num_prefix_tokens)
+            self.pos_embed = nn.Parameter(new)
+        if hasattr(self, "default_cfg"):
+            h, w = to_2tuple(img_size)
+            self.default_cfg["input_size"] = (self.default_cfg["input_size"][0], h, w)
+        if hasattr(self, "init_kwargs"):
+            self.init_kwargs["img_size"] = list(to_2tuple(img_size))
+
+    # --- forward --------------------------------------------------------------------------------------------
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dynamic_img_size:
+            B, H, W, D = x.shape
+            x = x.reshape(B, H * W, D)  # (B, N, D)
+            pos = None
+            if self.pos_embed is not None:
+                pos = resample_pos_embed(self.pos_embed, (H, W), self.patch_embed.grid_size, self.num_prefix_tokens)
+        else:
+            pos = self.pos_embed
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1 + N, D)
+        if pos is not None:
+            x = x + pos
+        return self.pos_drop(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images [B, C, H, W] -> output tokens [B, prefix + N, D] (after the final LN of eq. 4)."""
+        x = self._pos_embed(self.patch_embed(x))
+        x = self.blocks(x)
+        return self.norm(x)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        if self.global_pool == "avg":
+            return x[:, self.num_prefix_tokens :].mean(dim=1)
+        return x[:, 0]  # z_L^0, the class token
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.pre_logits(self.head_drop(self.fc_norm(self.pool(x))))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            if global_pool == "token" and self.cls_token is None:
+                raise VitlabError("global_pool='token' needs a class token; this model has none")
+            self.global_pool = global_pool
+        device = self.pos_embed.device if self.pos_embed is not None else None
+        self.head = nn.Linear(self.num_features, num_classes, device=device) if num_classes > 0 else nn.Identity()
+        if isinstance(self.head, nn.Linear):
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+        if hasattr(self, "default_cfg"):
+            self.default_cfg["num_classes"] = num_classes
+        if hasattr(self, "init_kwargs"):
+            self.init_kwargs["num_classes"] = num_classes
+
+
+# --- registered variants -------------------------------------------------------------------------------------
+# name -> (embed_dim, depth, num_heads); MLP ratio 4 throughout.
+_SIZES = {
+    "tiny": (192, 12, 3),
+    "small": (384, 12, 6),
+    "base": (768, 12, 12),
+    "large": (1024, 24, 16),
+    "huge": (1280, 32, 16),
+}
+
+
+def _cfg(img_size: int, in_chans: int = 3, **extra: Any) -> dict[str, Any]:
+    return {
+        "input_size": (in_chans, img_size, img_size),
+        "mean": IMAGENET_INCEPTION_MEAN[:in_chans] if in_chans <= 3 else (0.5,) * in_chans,
+        "std": IMAGENET_INCEPTION_STD[:in_chans] if in_chans <= 3 else (0.5,) * in_chans,
+        "num_classes": 1000,
+        "interpolation": "bicubic",
+        "paper": PAPER,
+        **extra,
+    }
+
+
+def _add_variant(size: str, patch: int, img: int, in_chans: int = 3, num_classes: int = 1000) -> None:
+    dim, depth, heads = _SIZES[size]
+    name = f"vit_{size}_patch{patch}_{img}"
+    kwargs = {"img_size": img, "patch_size": patch, "in_chans": in_chans, "num_classes": num_classes,
+              "embed_dim": dim, "depth": depth, "num_heads": heads}
+    cfg = _cfg(img, in_chans, num_classes=num_classes)
+
+    def variant() -> tuple[type[nn.Module], dict[str, Any], dict[str, Any]]:
+        return VisionTransformer, kwargs, cfg
+
+    variant.__name__ = name
+    variant.__doc__ = f"ViT-{size[0].upper()}/{patch} at {img}x{img}: D={dim}, {depth} layers, {heads} heads."
+    register_model(variant)
+
+
+for _size in _SIZES:
+    for _patch in (14, 16, 32):
+        _add_variant(_size, _patch, 224)
+for _size in ("base", "large"):
+    for _patch in (16, 32):
+        _add_variant(_size, _patch, 384)
+# Small inputs for CPU training: 28x28 grayscale (MNIST, Fashion-MNIST) and 32x32 RGB (CIFAR), 10 classes.
+_add_variant("tiny", 4, 28, in_chans=1, num_classes=10)
+_add_variant("tiny", 7, 28, in_chans=1, num_classes=10)
+_add_variant("small", 4, 28, in_chans=1, num_classes=10)
+_add_variant("tiny", 4, 32, in_chans=3, num_classes=10)
+_add_variant("small", 4, 32, in_chans=3, num_classes=10)
