@@ -65,7 +65,11 @@ def _version() -> str:
 
 # --- loading -------------------------------------------------------------------------------------------------
 def from_pretrained(
-    path: str | os.PathLike, *, model_name: str | None = None, map_location: str | torch.device = "cpu", **overrides: Any
+    path: str | os.PathLike,
+    *,
+    model_name: str | None = None,
+    map_location: str | torch.device = "cpu",
+    **overrides: Any,
 ) -> nn.Module:
     """Build a model with weights from a vitlab checkpoint directory, a HF transformers ViT directory, or a timm
     ViT state dict file (.pth / .bin / .safetensors).
@@ -195,8 +199,14 @@ def load_checkpoint_state(
 
 
 # --- HF transformers ViT -------------------------------------------------------------------------------------
-_HF_ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu",
-           "silu": "silu", "swish": "silu"}
+_HF_ACT = {
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "relu": "relu",
+    "silu": "silu",
+    "swish": "silu",
+}
 
 
 def _load_hf_vit(path: Path, config: dict[str, Any], map_location: Any, overrides: dict[str, Any]) -> nn.Module:
@@ -257,15 +267,27 @@ def convert_hf_vit_state(raw: dict[str, torch.Tensor]) -> tuple[dict[str, torch.
         "classifier.weight": "head.weight",
         "classifier.bias": "head.bias",
     }
+    # per-layer names in saved files (all transformers versions) and in transformers 5's in-memory modules
     per_layer = {
         "attention.output.dense": "attn.proj",
+        "attention.o_proj": "attn.proj",
         "intermediate.dense": "mlp.fc1",
         "output.dense": "mlp.fc2",
+        "mlp.fc1": "mlp.fc1",
+        "mlp.fc2": "mlp.fc2",
         "layernorm_before": "norm1",
         "layernorm_after": "norm2",
     }
+    qkv_part = {
+        "attention.attention.query": "q",
+        "attention.attention.key": "k",
+        "attention.attention.value": "v",
+        "attention.q_proj": "q",
+        "attention.k_proj": "k",
+        "attention.v_proj": "v",
+    }
     qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    layer_re = re.compile(r"encoder\.layer\.(\d+)\.(.+)\.(weight|bias)$")
+    layer_re = re.compile(r"(?:encoder\.layer|layers)\.(\d+)\.(.+)\.(weight|bias)$")
     for k, v in sd.items():
         if k in simple:
             out[simple[k]] = v
@@ -276,14 +298,14 @@ def convert_hf_vit_state(raw: dict[str, torch.Tensor]) -> tuple[dict[str, torch.
         if not m:
             raise VitlabError(f"HF checkpoint parameter {k!r} has no vitlab counterpart")
         i, mod, kind = int(m.group(1)), m.group(2), m.group(3)
-        if mod.startswith("attention.attention."):
-            qkv.setdefault((i, kind), {})[mod.rsplit(".", 1)[1]] = v
+        if mod in qkv_part:
+            qkv.setdefault((i, kind), {})[qkv_part[mod]] = v
         elif mod in per_layer:
             out[f"blocks.{i}.{per_layer[mod]}.{kind}"] = v
         else:
             raise VitlabError(f"HF checkpoint parameter {k!r} has no vitlab counterpart")
     for (i, kind), parts in qkv.items():
-        out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([parts["query"], parts["key"], parts["value"]], dim=0)
+        out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
     return out, "head.weight" in out, "pre_logits.fc.weight" in out
 
 

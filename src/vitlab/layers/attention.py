@@ -68,7 +68,9 @@ class _MultiHeadAttentionBase(nn.Module):
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, h, N, M)
             if attn_mask is not None:
-                attn = attn.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else attn + attn_mask
+                attn = (
+                    attn.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else attn + attn_mask
+                )
             attn = self.attn_probs(attn.softmax(dim=-1))
             x = self.attn_drop(attn) @ v  # (B, h, N, hd)
         x = x.transpose(1, 2).reshape(B, N, -1)  # (B, N, h * hd)
@@ -94,7 +96,8 @@ class Attention(_MultiHeadAttentionBase):
 
 
 class CrossAttention(_MultiHeadAttentionBase):
-    """Multi-head cross-attention: queries from ``x`` [B, N, dim], keys and values from ``context`` [B, M, context_dim]."""
+    """Multi-head cross-attention: queries from ``x`` [B, N, dim], keys and values from ``context``
+    [B, M, context_dim] (the encoder-decoder attention of Vaswani et al., section 3.2.3)."""
 
     def __init__(
         self, dim: int, *, context_dim: int | None = None, num_heads: int = 8, qkv_bias: bool = True, **kwargs
@@ -103,9 +106,7 @@ class CrossAttention(_MultiHeadAttentionBase):
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv = nn.Linear(context_dim or dim, dim * 2, bias=qkv_bias)
 
-    def forward(
-        self, x: torch.Tensor, context: torch.Tensor, attn_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, M, _ = context.shape
         q = self._split_heads(self.q(x))
         kv = self.kv(context).reshape(B, M, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (2, B, h, M, hd)

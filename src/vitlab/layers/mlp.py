@@ -1,4 +1,7 @@
-"""The transformer's position-wise feed-forward network: Linear -> GELU -> Linear (ViT, eq. 3; Vaswani et al., eq. 2)."""
+"""The transformer's position-wise feed-forward network: Linear -> GELU -> Linear.
+
+ViT (Dosovitskiy et al., 2021) eq. 3 and appendix; Vaswani et al. (2017) eq. 2 with GELU in place of ReLU.
+"""
 
 from __future__ import annotations
 

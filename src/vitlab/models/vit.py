@@ -78,7 +78,12 @@ class VisionTransformer(nn.Module):
         self.dynamic_img_size = dynamic_img_size
 
         self.patch_embed = PatchEmbed(
-            img_size, patch_size, in_chans, embed_dim, bias=True, strict_img_size=not dynamic_img_size,
+            img_size,
+            patch_size,
+            in_chans,
+            embed_dim,
+            bias=True,
+            strict_img_size=not dynamic_img_size,
             flatten=not dynamic_img_size,
         )
         num_patches = self.patch_embed.num_patches
@@ -94,15 +99,27 @@ class VisionTransformer(nn.Module):
         self.pos_embed_type = pos_embed
         self.pos_drop = nn.Dropout(pos_drop_rate)
 
-        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth grows linearly with depth
-        self.blocks = nn.Sequential(*[
-            Block(
-                embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_norm=qk_norm,
-                proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[i], init_values=init_values,
-                norm_eps=norm_eps, act=act,
-            )
-            for i in range(depth)
-        ])
+        dpr = [
+            drop_path_rate * i / max(depth - 1, 1) for i in range(depth)
+        ]  # stochastic depth grows linearly with depth
+        self.blocks = nn.Sequential(
+            *[
+                Block(
+                    embed_dim,
+                    num_heads=num_heads,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    qk_norm=qk_norm,
+                    proj_drop=proj_drop_rate,
+                    attn_drop=attn_drop_rate,
+                    drop_path=dpr[i],
+                    init_values=init_values,
+                    norm_eps=norm_eps,
+                    act=act,
+                )
+                for i in range(depth)
+            ]
+        )
         # eq. 4 applies LN to the output tokens; with fc_norm the LN moves after pooling instead (as in MAE/BEiT).
         self.norm = nn.Identity() if fc_norm else nn.LayerNorm(embed_dim, eps=norm_eps)
         self.fc_norm = nn.LayerNorm(embed_dim, eps=norm_eps) if fc_norm else nn.Identity()
@@ -164,8 +181,13 @@ class VisionTransformer(nn.Module):
             return
         if self.pos_embed_type == "sincos":
             self.pos_embed = nn.Parameter(
-                torch.zeros(1, self.num_prefix_tokens + self.patch_embed.num_patches, self.embed_dim,
-                            device=self.pos_embed.device, dtype=self.pos_embed.dtype),
+                torch.zeros(
+                    1,
+                    self.num_prefix_tokens + self.patch_embed.num_patches,
+                    self.embed_dim,
+                    device=self.pos_embed.device,
+                    dtype=self.pos_embed.dtype,
+                ),
                 requires_grad=False,
             )
             self._init_pos_embed()
@@ -255,8 +277,15 @@ def _cfg(img_size: int, in_chans: int = 3, **extra: Any) -> dict[str, Any]:
 def _add_variant(size: str, patch: int, img: int, in_chans: int = 3, num_classes: int = 1000) -> None:
     dim, depth, heads = _SIZES[size]
     name = f"vit_{size}_patch{patch}_{img}"
-    kwargs = {"img_size": img, "patch_size": patch, "in_chans": in_chans, "num_classes": num_classes,
-              "embed_dim": dim, "depth": depth, "num_heads": heads}
+    kwargs = {
+        "img_size": img,
+        "patch_size": patch,
+        "in_chans": in_chans,
+        "num_classes": num_classes,
+        "embed_dim": dim,
+        "depth": depth,
+        "num_heads": heads,
+    }
     cfg = _cfg(img, in_chans, num_classes=num_classes)
 
     def variant() -> tuple[type[nn.Module], dict[str, Any], dict[str, Any]]:
