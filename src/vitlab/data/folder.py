@@ -1,0 +1,273 @@
+"""Image-folder datasets: ``PATH/<class>/*.png`` or ``PATH/{train,val[,test]}/<class>/*.png``.
+
+Files are decoded lazily by DataLoader workers, so the dataset can be larger than memory. A worker never raises on a
+bad file: it hands back a marker that the main process turns into a one-line `VitlabError`, because an exception
+re-raised from a worker carries the worker's whole traceback in its message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from vitlab.data.base import (
+    DatasetSplits,
+    channel_histograms,
+    count_batches,
+    epoch_batches,
+    stats_from_histograms,
+    stratified_split,
+)
+from vitlab.errors import VitlabError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+DEFAULT_IMG_SIZE = (224, 224)
+STATS_IMAGES = 500  # train images decoded to estimate mean / std
+TEST_SPLIT_SEED = 0  # the test split is the same for every run seed, so runs are compared on the same images
+
+_MODES = {1: "L", 3: "RGB"}
+# What Pillow raises on a file it cannot decode: unknown format and truncation are OSError, some plugins raise
+# SyntaxError or ValueError on a broken header, and an absurdly large image raises DecompressionBombError.
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+def load_image(path: str | Path, *, in_chans: int = 3, img_size: tuple[int, int] = DEFAULT_IMG_SIZE) -> Tensor:
+    """Decode one image file to uint8 [in_chans, H, W] (bicubic resize); `VitlabError` if it cannot be read."""
+    H, W = img_size
+    try:
+        with Image.open(path) as img:
+            # A JPEG can decode at 1/2, 1/4 or 1/8 scale directly, much faster for large photos. Asking for
+            # max(H, W) on both sides keeps the draft at least as large as the target in either orientation.
+            img.draft(None, (max(H, W), max(H, W)))
+            img = ImageOps.exif_transpose(img)  # phone photos store their rotation in EXIF
+            img = img.convert(_MODES[in_chans])
+            if img.size != (W, H):
+                img = img.resize((W, H), Image.Resampling.BICUBIC)
+            array = np.array(img, dtype=np.uint8)
+    except _DECODE_ERRORS as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise VitlabError(
+            f"cannot read image {path}: {reason}. Fix or delete it, or pass --skip-bad-images to leave out unreadable"
+            " images"
+        ) from e
+    image = torch.from_numpy(array)
+    return image[None] if image.ndim == 2 else image.permute(2, 0, 1).contiguous()  # (H, W, C) -> (C, H, W)
+
+
+class _Unreadable(NamedTuple):
+    message: str
+
+
+def _collate(items: list[tuple[Tensor, int] | _Unreadable]) -> tuple[Tensor, Tensor] | _Unreadable:
+    for item in items:
+        if isinstance(item, _Unreadable):
+            return item
+    images = torch.stack([image for image, _ in items])  # (b, C, H, W)
+    labels = torch.tensor([label for _, label in items], dtype=torch.int64)
+    return images, labels
+
+
+class FolderDataset(torch.utils.data.Dataset):
+    """Image files decoded on demand to uint8 [in_chans, *img_size]; `loader` batches them with a DataLoader."""
+
+    def __init__(
+        self,
+        samples: Sequence[tuple[str | Path, int]],
+        *,
+        in_chans: int = 3,
+        img_size: tuple[int, int] = DEFAULT_IMG_SIZE,
+    ) -> None:
+        if in_chans not in _MODES:
+            raise VitlabError(f"images can be loaded with 1 or 3 channels, not {in_chans}")
+        self.samples = [(str(path), int(label)) for path, label in samples]
+        self.labels = _labels(self.samples)
+        self.in_chans = in_chans
+        self.img_size = (int(img_size[0]), int(img_size[1]))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int] | _Unreadable:
+        path, label = self.samples[i]
+        try:
+            return load_image(path, in_chans=self.in_chans, img_size=self.img_size), label
+        except VitlabError as e:
+            return _Unreadable(str(e))
+
+    def loader(
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        seed: int = 0,
+        epoch: int = 0,
+        start_batch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+        num_workers: int = 0,
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yield ``(images uint8 [b, C, H, W], labels int64 [b])`` in the order of `epoch_batches`."""
+        batches = epoch_batches(
+            len(self),
+            batch_size,
+            shuffle=shuffle,
+            seed=seed,
+            epoch=epoch,
+            start_batch=start_batch,
+            rank=rank,
+            world_size=world_size,
+            drop_last=drop_last,
+        )
+        # A list of index lists is a valid batch sampler: the DataLoader only iterates it.
+        batch_sampler = [batch.tolist() for batch in batches]
+        loader = DataLoader(self, batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=_collate)
+        return self._raise_unreadable(loader)
+
+    @staticmethod
+    def _raise_unreadable(loader: DataLoader) -> Iterator[tuple[Tensor, Tensor]]:
+        for batch in loader:
+            if isinstance(batch, _Unreadable):
+                raise VitlabError(batch.message)
+            yield batch
+
+    def num_batches(self, batch_size: int, *, world_size: int = 1, drop_last: bool = False, rank: int = 0) -> int:
+        return count_batches(len(self), batch_size, world_size=world_size, drop_last=drop_last, rank=rank)
+
+
+def _list_images(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (any depth, hidden files and folders left out), sorted."""
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS
+        and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
+def _class_folders(root: Path) -> dict[str, list[Path]]:
+    """``{class name: image files}`` for the class folders directly under ``root``, sorted by name."""
+    classes = {d.name: _list_images(d) for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")}
+    for name, files in classes.items():
+        if not files:
+            raise VitlabError(
+                f"class folder {root / name} has no images ({' '.join(IMAGE_EXTENSIONS)}); add some or remove it"
+            )
+    return classes
+
+
+def _samples(classes: dict[str, list[Path]], class_names: list[str], root: Path) -> list[tuple[Path, int]]:
+    index = {name: i for i, name in enumerate(class_names)}
+    samples = []
+    for name, files in classes.items():
+        if name not in index:
+            raise VitlabError(f"{root / name} is a class that {root.parent / 'train'} does not have")
+        samples += [(path, index[name]) for path in files]
+    return samples
+
+
+def _drop_unreadable(samples: list[tuple[Path, int]], in_chans: int) -> tuple[list[tuple[Path, int]], list[str]]:
+    """Fully decode every file (``Image.verify`` misses truncated data) and leave out the ones that fail."""
+    good, bad = [], []
+    for path, label in samples:
+        try:
+            load_image(path, in_chans=in_chans, img_size=(8, 8))  # decoding is the test; the size does not matter
+            good.append((path, label))
+        except VitlabError:
+            bad.append(str(path))
+    return good, bad
+
+
+def _labels(samples: list[tuple[Path, int]]) -> Tensor:
+    return torch.tensor([label for _, label in samples], dtype=torch.int64)
+
+
+def _subset(samples: list[tuple[Path, int]], idx: Tensor) -> list[tuple[Path, int]]:
+    return [samples[i] for i in idx.tolist()]
+
+
+def build_folder_dataset(
+    path: str,
+    *,
+    img_size: tuple[int, int] | None,
+    in_chans: int | None,
+    seed: int,
+    val_fraction: float,
+    skip_bad_images: bool,
+) -> DatasetSplits:
+    """Build the splits of an image folder (see `vitlab.data.build_dataset`).
+
+    With ``PATH/train`` the splits are the folders (a missing ``val/`` is carved from train by ``val_fraction``; a
+    missing ``test/`` gives no test split). Otherwise ``PATH/<class>`` is split per class: ``val_fraction`` for
+    test with a fixed seed, the same fraction for val with ``seed``. Mean / std are measured on up to 500 train
+    images at the stored size.
+    """
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise VitlabError(f"folder dataset {path!r} is not a directory")
+    in_chans = 3 if in_chans is None else in_chans
+    img_size = DEFAULT_IMG_SIZE if img_size is None else (int(img_size[0]), int(img_size[1]))
+    if in_chans not in _MODES:
+        raise VitlabError(f"images can be loaded with 1 or 3 channels, not {in_chans}")
+
+    if (root / "train").is_dir():
+        split_roots = {s: root / s for s in ("train", "val", "test") if (root / s).is_dir()}
+    else:
+        split_roots = {"all": root}
+    folders = {s: _class_folders(folder) for s, folder in split_roots.items()}
+    class_names = list(folders["train"] if "train" in folders else folders["all"])
+    splits = {s: _samples(folders[s], class_names, folder) for s, folder in split_roots.items()}
+    if not class_names:
+        raise VitlabError(
+            f"no class folders in {root}: expected {root}/<class>/<image> or {root}/train/<class>/<image> with"
+            f" {root}/val/<class>/<image>"
+        )
+
+    skipped: list[str] = []
+    if skip_bad_images:  # before splitting, so that the splits only ever see readable files
+        for s, samples in splits.items():
+            splits[s], bad = _drop_unreadable(samples, in_chans)
+            skipped += bad
+
+    if "all" in splits:
+        samples = splits.pop("all")
+        labels = _labels(samples)
+        rest, test = stratified_split(labels, val_fraction, TEST_SPLIT_SEED)
+        train, val = stratified_split(labels[rest], val_fraction / (1 - val_fraction), seed)
+        splits = {"train": _subset(samples, rest[train]), "val": _subset(samples, rest[val])}
+        splits["test"] = _subset(samples, test)
+    elif "val" not in splits:
+        samples = splits["train"]
+        train, val = stratified_split(_labels(samples), val_fraction, seed)
+        splits["train"], splits["val"] = _subset(samples, train), _subset(samples, val)
+    if not splits["train"]:
+        raise VitlabError(f"folder dataset {root} has no readable training images")
+
+    datasets = {s: FolderDataset(samples, in_chans=in_chans, img_size=img_size) for s, samples in splits.items()}
+    train = datasets["train"]
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:STATS_IMAGES]
+    hist = sum(
+        channel_histograms(load_image(train.samples[i][0], in_chans=in_chans, img_size=img_size)[None])
+        for i in pick.tolist()
+    )
+    mean, std = stats_from_histograms(hist)
+    return DatasetSplits(
+        name=f"folder:{path}",
+        train=train,
+        val=datasets["val"],
+        test=datasets.get("test"),
+        class_names=class_names,
+        mean=mean,
+        std=std,
+        in_chans=in_chans,
+        img_size=img_size,
+        skipped=skipped,
+    )
