@@ -8,7 +8,7 @@ from vitlab.layers.attention import (
     record_attention,
     set_fused_attn,
 )
-from vitlab.layers.block import Block, get_act_layer
+from vitlab.layers.block import Block, get_act_layer, low_precision_inference
 from vitlab.layers.drop import DropPath, drop_path
 from vitlab.layers.layer_scale import LayerScale
 from vitlab.layers.mlp import Mlp
@@ -27,6 +27,7 @@ __all__ = [
     "drop_path",
     "explicit_attention",
     "get_act_layer",
+    "low_precision_inference",
     "record_attention",
     "resample_pos_embed",
     "set_fused_attn",

@@ -11,6 +11,7 @@ Every attention module has two paths that compute the same function:
   kernel and never materialises the N x N probabilities;
 * explicit: softmax(QK^T / sqrt(d)) V written out, with the probabilities passed through the submodule
   ``attn_probs`` (an identity). A forward hook on ``attn_probs`` sees every attention map ``[B, heads, N, M]``.
+  The fused path also takes this route where it is faster: low-precision training on CPU.
 
 Analysis tools call `explicit_attention(model)` so they never record from the fused path, where the maps do not
 exist (a trap in libraries whose hooks silently return nothing when the fused kernel is on).
@@ -24,6 +25,13 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def _composed_is_faster(q: torch.Tensor) -> bool:
+    """On CPU, PyTorch's flash-attention backward in bf16/fp16 is 2.5-6x slower than the same attention composed
+    of two batched matmuls and a softmax (B=128, 3 heads, N=50: 85 ms vs 14 ms; see docs/benchmarks.md), so
+    low-precision CPU training takes the composed path. fp32, inference and CUDA keep the fused kernel."""
+    return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and q.requires_grad
 
 
 class _MultiHeadAttentionBase(nn.Module):
@@ -61,7 +69,7 @@ class _MultiHeadAttentionBase(nn.Module):
         """q: (B, h, N, hd), k and v: (B, h, M, hd) -> (B, N, h * hd) projected."""
         B, _, N, _ = q.shape
         q, k = self.q_norm(q), self.k_norm(k)
-        if self.fused_attn:
+        if self.fused_attn and not _composed_is_faster(q):
             x = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop_p if self.training else 0.0
             )
@@ -71,7 +79,9 @@ class _MultiHeadAttentionBase(nn.Module):
                 attn = (
                     attn.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else attn + attn_mask
                 )
-            attn = self.attn_probs(attn.softmax(dim=-1))
+            # softmax in fp32 even under bf16 autocast: exp() in bf16 keeps ~3 digits, too few for the
+            # probabilities of a long sequence
+            attn = self.attn_probs(attn.softmax(dim=-1, dtype=torch.float32).to(v.dtype))
             x = self.attn_drop(attn) @ v  # (B, h, N, hd)
         x = x.transpose(1, 2).reshape(B, N, -1)  # (B, N, h * hd)
         return self.proj_drop(self.proj(x))

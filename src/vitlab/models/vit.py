@@ -25,7 +25,14 @@ from torch import nn
 
 from vitlab._registry import register_architecture, register_model
 from vitlab.errors import VitlabError
-from vitlab.layers import Block, PatchEmbed, resample_pos_embed, sincos_pos_embed_2d, to_2tuple
+from vitlab.layers import (
+    Block,
+    PatchEmbed,
+    low_precision_inference,
+    resample_pos_embed,
+    sincos_pos_embed_2d,
+    to_2tuple,
+)
 
 IMAGENET_INCEPTION_MEAN = (0.5, 0.5, 0.5)
 IMAGENET_INCEPTION_STD = (0.5, 0.5, 0.5)
@@ -219,7 +226,7 @@ class VisionTransformer(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images [B, C, H, W] -> output tokens [B, prefix + N, D] (after the final LN of eq. 4)."""
         x = self._pos_embed(self.patch_embed(x))
-        x = self.blocks(x)
+        x = self.blocks(low_precision_inference(x))
         return self.norm(x)
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
