@@ -31,13 +31,21 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, **metadata: 
     """Write ``model`` to ``directory`` atomically as model.safetensors + config.json.
 
     ``metadata`` goes into config.json; ``class_names``, ``mean`` and ``std`` are the ones `from_pretrained` and
-    `vitlab predict` read back (they default to the model's default_cfg).
+    `vitlab predict` read back (they default to the model's own).
     """
+    with atomic_directory(directory) as tmp:
+        write_pretrained(model, tmp, **metadata)
+    return Path(directory)
+
+
+def write_pretrained(model: nn.Module, directory: Path, **metadata: Any) -> None:
+    """Write the checkpoint files into an existing directory (callers make it atomic, see `save_pretrained`)."""
     from safetensors.torch import save_file
 
     if not hasattr(model, "init_kwargs"):
         raise VitlabError("save_pretrained needs a model built by vitlab.create_model or vitlab.from_pretrained")
     cfg = dict(model.default_cfg)
+    pcfg = getattr(model, "pretrained_cfg", {})
     config = {
         "vitlab_version": _version(),
         "architecture": model.arch,
@@ -45,16 +53,14 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, **metadata: 
         "model_args": to_jsonable(model.init_kwargs),
         "num_classes": getattr(model, "num_classes", cfg.get("num_classes")),
         "input_size": cfg.get("input_size"),
-        "mean": cfg.get("mean"),
-        "std": cfg.get("std"),
-        "class_names": getattr(model, "pretrained_cfg", {}).get("class_names"),
+        "mean": pcfg.get("mean", cfg.get("mean")),
+        "std": pcfg.get("std", cfg.get("std")),
+        "class_names": pcfg.get("class_names"),
     }
     config.update(metadata)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    with atomic_directory(directory) as tmp:
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        write_json(tmp / CONFIG_NAME, config)
-    return Path(directory)
+    save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    write_json(directory / CONFIG_NAME, config)
 
 
 def _version() -> str:

@@ -67,6 +67,132 @@ def info(name: str) -> None:
     click.echo("  arguments  : " + ", ".join(f"{k}={v}" for k, v in s["kwargs"].items()))
 
 
+def _parse_set(values: tuple[str, ...]) -> dict:
+    import yaml
+
+    out = {}
+    for item in values:
+        if "=" not in item:
+            raise VitlabError(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return out
+
+
+@cli.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML recipe (see configs/).")
+@click.option("--model", help="Model name (vitlab models lists them).")
+@click.option("--data", help="digits | fashion-mnist | cifar10 | cifar100 | folder:PATH")
+@click.option("--data-dir", help="Where dataset files are (or are downloaded to).")
+@click.option("--epochs", type=int)
+@click.option("--batch-size", type=int, help="Images per step per process.")
+@click.option("--lr", type=float, help="Peak learning rate.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]))
+@click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the model.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--seed", type=int)
+@click.option("--out", help="Run directory (default runs/DATA-MODEL-TIME).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from checkpoints/last.")
+@click.option("--skip-bad-images", is_flag=True, default=None, help="Skip unreadable images in folder datasets.")
+@click.option("--max-steps", type=int, help="Stop after this many optimizer steps.")
+@click.option("--time-budget", "time_budget_s", type=float, help="Stop after this many seconds of training.")
+@click.option(
+    "--set",
+    "sets",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Any other option of the recipe, e.g. --set ema_decay=0.999 --set model_args='{depth: 6}'.",
+)
+def train(config_file, resume, sets, compile_, **flags) -> None:
+    """Train a model; writes metrics, curves, checkpoints and a summary into the run directory."""
+    from vitlab.train import TrainConfig
+    from vitlab.train import train as run_training
+    from vitlab.train.config import load_yaml
+
+    overrides = {**{k: v for k, v in flags.items() if v is not None}, **_parse_set(sets)}
+    if compile_ is not None:
+        overrides["compile"] = compile_
+    if resume:
+        if not overrides.get("out"):
+            raise VitlabError("--resume needs --out RUN_DIR, the run to continue")
+        from pathlib import Path
+
+        saved = Path(overrides["out"]) / "config.yaml"
+        if not saved.exists():
+            raise VitlabError(f"nothing to resume: {saved} does not exist")
+        # the run's own recipe, so that the resumed steps are the ones it would have taken; flags may extend it
+        cfg = TrainConfig.from_dict({**load_yaml(saved), **overrides})
+    else:
+        cfg = TrainConfig.from_sources(config_file, **overrides)
+    summary = run_training(cfg, resume=resume)
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        _print_summary(summary)
+
+
+def _print_summary(s: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="run summary", title_justify="left", show_header=False)
+    rows = [
+        ("model", f"{s['model']} ({s['params']:,} parameters)"),
+        ("data", f"{s['data']}"),
+        (f"test accuracy ({s['test_split']})", f"{s['test_accuracy']:.4f} on {s['test_count']} images"),
+        ("best val accuracy", f"{s['best_val_accuracy']:.4f} (step {s['best_step']})"),
+        ("epochs", f"{s['epochs']}"),
+        ("training time", f"{s['train_time_s']:.1f} s at {s['images_per_s'] or 0:,.0f} images/s ({s['precision']})"),
+        ("run directory", s["run_dir"]),
+        ("curves", f"{s['run_dir']}/curves.png"),
+        ("best checkpoint", f"{s['run_dir']}/checkpoints/best"),
+    ]
+    for k, v in rows:
+        table.add_row(k, v)
+    Console(width=120 if not sys.stdout.isatty() else None).print(table)
+
+
+@cli.command("eval")
+@click.argument("checkpoint", type=click.Path())
+@click.option("--data", required=True, help="Dataset to evaluate on (as for train).")
+@click.option("--data-dir")
+@click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True)
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
+@click.option("--out", help="Where to write confusion_matrix.png/.json (default: CHECKPOINT/eval-SPLIT).")
+def eval_(checkpoint, data, data_dir, split, batch_size, precision, out) -> None:
+    """Accuracy, per-class accuracy and a confusion matrix of a checkpoint on a dataset split."""
+    from vitlab.predict import evaluate_checkpoint
+
+    r = evaluate_checkpoint(
+        checkpoint, data, data_dir=data_dir, split=split, batch_size=batch_size, precision=precision, out=out
+    )
+    click.echo(f"{r['data']} {split}: accuracy {r['accuracy']:.4f} on {r['count']} images (loss {r['loss']:.4f})")
+    width = max(len(c) for c in r["class_names"])
+    for name, acc in zip(r["class_names"], r["per_class_accuracy"]):
+        click.echo(f"  {name:<{width}}  {acc:.4f}")
+    click.echo(f"confusion matrix: {r['png']} and {r['json']}")
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path())
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--top-k", type=int, default=5, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def predict(checkpoint, images, top_k, as_json) -> None:
+    """Top-k classes with probabilities for each image."""
+    import json
+
+    from vitlab.predict import predict_files
+
+    results = predict_files(checkpoint, list(images), top_k=top_k)
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+        return
+    for r in results:
+        click.echo(r["image"])
+        for p in r["top"]:
+            click.echo(f"  {p['probability']:.4f}  {p['class']}")
+
+
 def main() -> None:
     cli(prog_name="vitlab")
 

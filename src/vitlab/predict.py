@@ -1,0 +1,116 @@
+"""Using a trained checkpoint: evaluation on a dataset split and top-k prediction on image files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vitlab._io import write_json
+from vitlab.checkpoint import from_pretrained
+from vitlab.data import build_dataset, to_model_input
+from vitlab.errors import VitlabError
+
+
+def _norm_stats(model) -> tuple[list[float], list[float]]:
+    cfg = getattr(model, "pretrained_cfg", {})
+    return list(cfg.get("mean", model.default_cfg["mean"])), list(cfg.get("std", model.default_cfg["std"]))
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    data: str,
+    *,
+    data_dir: str | None = None,
+    split: str = "test",
+    batch_size: int = 256,
+    precision: str = "fp32",
+    out: str | Path | None = None,
+) -> dict[str, Any]:
+    """Evaluate a checkpoint on a split of a dataset, writing confusion_matrix.png and .json into ``out``."""
+    from vitlab.train.evaluate import evaluate
+    from vitlab.train.report import plot_confusion
+
+    checkpoint = Path(checkpoint)
+    model = from_pretrained(checkpoint)
+    in_chans, h, w = model.default_cfg["input_size"]
+    import json
+
+    train_cfg = (
+        json.loads((checkpoint / "config.json").read_text()).get("train_config", {}) if checkpoint.is_dir() else {}
+    )
+    # the run's seed and validation fraction give back the same split the model was selected on
+    splits = build_dataset(
+        data,
+        data_dir=data_dir,
+        img_size=(h, w),
+        in_chans=in_chans,
+        seed=train_cfg.get("seed", 0),
+        val_fraction=train_cfg.get("val_fraction", 0.1),
+    )
+    dataset = splits.test if split == "test" else splits.val
+    if dataset is None:
+        raise VitlabError(f"{splits.name} has no test split; use --split val")
+    names = model.pretrained_cfg.get("class_names") or splits.class_names
+    if len(names) != model.num_classes or splits.num_classes != model.num_classes:
+        raise VitlabError(f"the checkpoint has {model.num_classes} classes but {splits.name} has {splits.num_classes}")
+    mean, std = _norm_stats(model)
+    r = evaluate(
+        model, dataset, num_classes=model.num_classes, mean=mean, std=std, batch_size=batch_size, precision=precision
+    )
+    out = Path(out) if out else (checkpoint if checkpoint.is_dir() else checkpoint.parent) / f"eval-{split}"
+    out.mkdir(parents=True, exist_ok=True)
+    png, js = out / "confusion_matrix.png", out / "confusion_matrix.json"
+    plot_confusion(r["confusion"], names, png, title=f"{splits.name} {split}: accuracy {r['accuracy']:.4f}")
+    write_json(
+        js,
+        {
+            "data": splits.name,
+            "split": split,
+            "accuracy": r["accuracy"],
+            "count": r["count"],
+            "class_names": names,
+            "per_class_accuracy": r["per_class_accuracy"],
+            "confusion": r["confusion"].tolist(),
+        },
+    )
+    return {**r, "data": splits.name, "class_names": names, "png": str(png), "json": str(js)}
+
+
+def load_image(path: str | Path, in_chans: int) -> torch.Tensor:
+    """An image file as uint8 [C, H, W] with the model's number of channels."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if in_chans == 1 else "RGB")
+            arr = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+            t = arr.view(im.height, im.width, -1).permute(2, 0, 1)  # (C, H, W)
+    except FileNotFoundError:
+        raise VitlabError(f"image {str(path)!r} does not exist") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise VitlabError(f"cannot read image {str(path)!r}: {e}") from None
+    if in_chans not in (1, 3):
+        t = t[:1].expand(in_chans, -1, -1)
+    return t
+
+
+@torch.no_grad()
+def predict_files(checkpoint: str | Path, images: list[str], *, top_k: int = 5) -> list[dict[str, Any]]:
+    model = from_pretrained(checkpoint)
+    in_chans, h, w = model.default_cfg["input_size"]
+    names = model.pretrained_cfg.get("class_names") or [str(i) for i in range(model.num_classes)]
+    mean, std = _norm_stats(model)
+    results = []
+    for path in images:
+        x = to_model_input(load_image(path, in_chans)[None], in_chans=in_chans, img_size=(h, w), mean=mean, std=std)
+        probs = model(x).softmax(-1)[0]
+        p, idx = probs.topk(min(top_k, probs.numel()))
+        results.append(
+            {
+                "image": str(path),
+                "top": [{"class": names[i], "probability": round(v, 6)} for v, i in zip(p.tolist(), idx.tolist())],
+            }
+        )
+    return results

@@ -1,0 +1,117 @@
+"""Training configuration: one flat dataclass, filled from defaults < YAML recipe < command-line flags.
+
+The configuration stops here: the trainer reads it and passes plain keyword arguments to the model builder,
+the datasets and the optimizer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vitlab.errors import VitlabError, closest
+
+
+@dataclass
+class TrainConfig:
+    # what to train on what
+    model: str = "vit_tiny_patch7_28"
+    model_args: dict[str, Any] = field(default_factory=dict)  # overrides for create_model (depth, embed_dim, ...)
+    data: str = "fashion-mnist"
+    data_dir: str | None = None
+    val_fraction: float = 0.1
+    skip_bad_images: bool = False
+    num_workers: int = 2  # folder datasets only; in-memory datasets are batched by indexing
+    # schedule
+    epochs: int = 10
+    batch_size: int = 128  # per process
+    accum_steps: int = 1
+    lr: float = 1e-3  # peak learning rate for the whole batch (batch_size * accum_steps * processes)
+    min_lr: float = 1e-5
+    warmup_epochs: float = 1.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    clip_grad: float | None = 1.0
+    ema_decay: float | None = None  # e.g. 0.999; evaluation and the best checkpoint then use the EMA weights
+    drop_path_rate: float = 0.0
+    # augmentation (all off by default: short CPU runs do better without)
+    random_resized_crop: float | None = None  # minimum crop scale, e.g. 0.35
+    hflip: bool = False
+    randaugment: tuple[int, int] | None = None  # (number of ops, magnitude)
+    random_erasing: float = 0.0
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    label_smoothing: float = 0.0
+    # execution
+    precision: str = "bf16"  # fp32 | bf16 (autocast on CPU and CUDA)
+    compile: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int | None = None  # torch CPU threads; default: torch's choice
+    seed: int = 0
+    # run directory and bookkeeping
+    out: str | None = None
+    eval_every: int | None = None  # steps; default once per epoch
+    checkpoint_every: int | None = None  # steps; default at every evaluation
+    log_every: int | None = None  # steps between plain progress lines when not on a terminal
+    max_steps: int | None = None  # stop early (for tests and time budgets)
+    time_budget_s: float | None = None  # stop training after this many seconds
+
+    @classmethod
+    def from_sources(cls, yaml_file: str | Path | None = None, **overrides: Any) -> TrainConfig:
+        values: dict[str, Any] = {}
+        if yaml_file is not None:
+            values.update(load_yaml(yaml_file))
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(values)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key in values:
+            if key not in names:
+                raise VitlabError(f"unknown training option {key!r}.{closest(key, names)}")
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if self.precision not in ("fp32", "bf16"):
+            raise VitlabError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise VitlabError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        for name in ("epochs", "batch_size", "accum_steps"):
+            if getattr(self, name) < 1:
+                raise VitlabError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise VitlabError(f"lr must be positive, got {self.lr}")
+        if self.betas is not None:
+            self.betas = tuple(self.betas)  # type: ignore[assignment]
+        if self.randaugment is not None:
+            self.randaugment = tuple(self.randaugment)  # type: ignore[assignment]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise VitlabError(f"config file {str(path)!r} does not exist") from None
+    except yaml.YAMLError as e:
+        raise VitlabError(f"config file {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise VitlabError(f"config file {str(path)!r} must hold a mapping of option: value")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def save_yaml(cfg: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,415 @@
+"""The training loop, top to bottom: data -> model -> optimizer -> (resume) -> steps with periodic evaluation and
+atomic checkpoints -> test report.
+
+Exact resume: the sample order of an epoch depends only on (seed, epoch), every other random draw (augmentation,
+dropout, stochastic depth, mixup) comes from torch's global generator whose state is checkpointed, and the
+learning rate is a function of the step. So a run resumed from ``checkpoints/last`` takes bit-identical steps to
+one that never stopped (on CPU, with the same thread count).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from contextlib import nullcontext
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vitlab._io import atomic_directory, write_json
+from vitlab._registry import create_model, get_variant
+from vitlab.checkpoint import write_pretrained
+from vitlab.data import build_augment, build_dataset, mixup_cutmix, normalize, to_float
+from vitlab.errors import VitlabError
+from vitlab.stats import count_params
+from vitlab.train.config import TrainConfig, save_yaml
+from vitlab.train.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
+from vitlab.train.evaluate import autocast, evaluate
+from vitlab.train.optim import ModelEma, build_optimizer, lr_at
+from vitlab.train.report import Progress, plot_curves, read_metrics
+
+STATE_NAME = "trainer_state.pt"
+TIMING_KEYS = ("images_per_s", "time_s")  # the only metrics that differ between identical runs
+
+
+def default_run_dir(cfg: TrainConfig) -> Path:
+    data = cfg.data.replace("folder:", "").rstrip("/").split("/")[-1].replace(":", "_")
+    return Path("runs") / f"{data}-{cfg.model}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def pick_device(pref: str, info: DistInfo) -> torch.device:
+    if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise VitlabError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+        return torch.device("cuda", info.local_rank)
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
+    """Run (or resume) a training run; returns the summary that is also written to ``summary.json``."""
+    info = init_distributed("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
+    try:
+        return _train(cfg, resume, info)
+    finally:
+        cleanup(info)
+
+
+def _train(cfg: TrainConfig, resume: bool, info: DistInfo) -> dict[str, Any]:
+    device = pick_device(cfg.device, info)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
+    last_dir, best_dir = run_dir / "checkpoints" / "last", run_dir / "checkpoints" / "best"
+    if not resume and (last_dir / STATE_NAME).exists():
+        raise VitlabError(f"{run_dir} already holds a run; add --resume to continue it, or choose another --out")
+    if resume and not (last_dir / STATE_NAME).exists():
+        raise VitlabError(f"nothing to resume in {run_dir}: {last_dir / STATE_NAME} does not exist")
+    log = Progress(0, enabled=info.is_main)
+
+    # --- data ---------------------------------------------------------------------------------------------
+    _, model_kwargs, model_cfg = get_variant(cfg.model)
+    in_chans = cfg.model_args.get("in_chans", model_kwargs.get("in_chans", model_cfg["input_size"][0]))
+    img = cfg.model_args.get("img_size", model_kwargs.get("img_size", model_cfg["input_size"][1:]))
+    img_size = (img, img) if isinstance(img, int) else tuple(img)
+    splits = build_dataset(
+        cfg.data,
+        data_dir=cfg.data_dir,
+        img_size=img_size,
+        in_chans=in_chans,
+        seed=cfg.seed,
+        val_fraction=cfg.val_fraction,
+        skip_bad_images=cfg.skip_bad_images,
+    )
+    if splits.skipped:
+        log.message(f"skipped {len(splits.skipped)} unreadable images (--skip-bad-images)")
+    mean, std = splits.mean, splits.std
+    num_classes = splits.num_classes
+
+    # --- model, optimizer ---------------------------------------------------------------------------------
+    seed_everything(cfg.seed)
+    model = create_model(cfg.model, num_classes=num_classes, drop_path_rate=cfg.drop_path_rate, **cfg.model_args)
+    model.pretrained_cfg = {"class_names": splits.class_names, "mean": list(mean), "std": list(std)}
+    model.to(device)
+    ema = ModelEma(model, cfg.ema_decay) if cfg.ema_decay else None
+    optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
+    params = count_params(model)
+    train_model: torch.nn.Module = model
+    if info.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+    augment = build_augment(
+        img_size=img_size,
+        in_chans=in_chans,
+        random_resized_crop=cfg.random_resized_crop or False,
+        hflip=cfg.hflip,
+        randaugment=cfg.randaugment,
+        random_erasing=cfg.random_erasing,
+    )
+    mixing = cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0
+
+    micro_per_epoch = splits.train.num_batches(
+        cfg.batch_size, world_size=info.world_size, drop_last=True, rank=info.rank
+    )
+    steps_per_epoch = micro_per_epoch // cfg.accum_steps
+    if steps_per_epoch == 0:
+        raise VitlabError(
+            f"the training split has {len(splits.train)} images, fewer than one step needs "
+            f"({cfg.batch_size} x {cfg.accum_steps} accumulation x {info.world_size} processes); lower --batch-size"
+        )
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    eval_every = cfg.eval_every or steps_per_epoch
+    ckpt_every = cfg.checkpoint_every or eval_every
+    global_batch = cfg.batch_size * cfg.accum_steps * info.world_size
+
+    # --- state (fresh or resumed) -------------------------------------------------------------------------
+    step, best_acc, best_step, train_time = 0, -1.0, 0, 0.0
+    running = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count since the last evaluation
+    metrics_path = run_dir / "metrics.jsonl"
+    if resume:
+        state = torch.load(last_dir / STATE_NAME, map_location="cpu", weights_only=False)
+        from vitlab.checkpoint import load_checkpoint_state, read_state_dict
+
+        load_checkpoint_state(model, read_state_dict(last_dir / "model.safetensors", device), source=str(last_dir))
+        optimizer.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        step, best_acc, best_step = state["step"], state["best_acc"], state["best_step"]
+        train_time, running = state["train_time_s"], state["running"]
+        set_rng_state(state["rng"])
+        if info.is_main:  # drop evaluations logged after this checkpoint: they will be recomputed identically
+            kept = [m for m in read_metrics(metrics_path) if m["step"] <= step]
+            metrics_path.write_text("".join(_json_line(m) for m in kept))
+        log.message(f"resumed {run_dir} at step {step}/{total_steps} (epoch {step / steps_per_epoch:.2f})")
+    elif info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, run_dir / "config.yaml")
+        metrics_path.write_text("")
+    barrier(info)
+
+    def save_last() -> None:
+        if not info.is_main:
+            return
+        state = {
+            "optimizer": optimizer.state_dict(),
+            "ema": ema.state_dict() if ema else None,
+            "step": step,
+            "best_acc": best_acc,
+            "best_step": best_step,
+            "train_time_s": train_time,
+            "running": running,
+            "rng": rng_state(),
+            "config": cfg.to_dict(),
+        }
+        with atomic_directory(last_dir) as tmp:
+            write_pretrained(model, tmp, train_config=cfg.to_dict(), step=step, dataset=splits.name)
+            torch.save(state, tmp / STATE_NAME)
+
+    # --- the loop ----------------------------------------------------------------------------------------------
+    progress = Progress(total_steps, enabled=info.is_main, log_every=cfg.log_every)
+    if info.is_main:
+        progress.message(
+            f"training {cfg.model} ({params:,} parameters) on {splits.name}: {len(splits.train)} train / "
+            f"{len(splits.val)} val images, {total_steps} steps of {global_batch} images, {cfg.precision}, {device}"
+        )
+    progress.start(step)
+    amp = autocast(device, cfg.precision)
+    eval_model = ema.module if ema else model
+    stop_reason = None
+    window_t, window_images = time.perf_counter(), 0
+    while step < total_steps and stop_reason is None:
+        epoch = step // steps_per_epoch
+        first = (step % steps_per_epoch) * cfg.accum_steps
+        batches = splits.train.loader(
+            cfg.batch_size,
+            shuffle=True,
+            seed=cfg.seed,
+            epoch=epoch,
+            start_batch=first,
+            rank=info.rank,
+            world_size=info.world_size,
+            drop_last=True,
+            num_workers=cfg.num_workers,
+        )
+        train_model.train()
+        t_step = time.perf_counter()
+        for micro, (images, labels) in enumerate(batches, start=first):
+            if micro >= steps_per_epoch * cfg.accum_steps:
+                break
+            x = to_float(images.to(device, non_blocking=True), in_chans, img_size)
+            if augment is not None:
+                x = augment(x)
+            x = normalize(x, mean, std)
+            y = labels.to(device, non_blocking=True)
+            if mixing or cfg.label_smoothing:
+                x, target = mixup_cutmix(
+                    x,
+                    y,
+                    num_classes=num_classes,
+                    mixup_alpha=cfg.mixup_alpha,
+                    cutmix_alpha=cfg.cutmix_alpha,
+                    label_smoothing=cfg.label_smoothing,
+                )
+            else:
+                target = y
+            last_micro = (micro + 1) % cfg.accum_steps == 0
+            sync = train_model.no_sync() if info.enabled and not last_micro else nullcontext()
+            with sync:
+                with amp:
+                    logits = train_model(x)
+                loss = F.cross_entropy(logits.float(), target)
+                (loss / cfg.accum_steps).backward()
+            running += torch.tensor(
+                [loss.item() * len(y), (logits.argmax(-1) == y).sum().item(), len(y)], dtype=torch.float64
+            )
+            if not last_micro:
+                continue
+
+            # one optimizer step
+            lr = lr_at(step, total_steps=total_steps, warmup_steps=warmup_steps, lr=cfg.lr, min_lr=cfg.min_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad or math.inf)
+            if not (math.isfinite(loss.item()) and torch.isfinite(grad_norm)):
+                progress.close()
+                raise VitlabError(
+                    f"the loss became {loss.item()} at step {step + 1} (epoch {epoch}); stopped. The last good "
+                    f"checkpoint is kept in {last_dir}. Lower --lr, use --precision fp32 or set clip_grad"
+                )
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(model)
+            step += 1
+            now = time.perf_counter()
+            train_time += now - t_step
+            t_step = now
+            window_images += global_batch
+            rate = window_images / max(now - window_t, 1e-9)
+            progress.update(
+                step,
+                epoch=step / steps_per_epoch,
+                loss=running[0].item() / max(running[2].item(), 1),
+                acc=running[1].item() / max(running[2].item(), 1),
+                images_per_s=rate,
+                lr=lr,
+            )
+            if cfg.time_budget_s is not None and train_time >= cfg.time_budget_s:
+                stop_reason = f"time budget of {cfg.time_budget_s:.0f}s reached"
+            if cfg.max_steps and step >= cfg.max_steps and step < cfg.epochs * steps_per_epoch:
+                stop_reason = stop_reason or f"max_steps={cfg.max_steps} reached"
+            finished = step == total_steps or stop_reason is not None
+
+            if step % eval_every == 0 or finished:
+                val = evaluate(
+                    eval_model,
+                    splits.val,
+                    num_classes=num_classes,
+                    mean=mean,
+                    std=std,
+                    batch_size=max(cfg.batch_size, 256),
+                    device=device,
+                    precision=cfg.precision,
+                    dist_info=info,
+                    num_workers=cfg.num_workers,
+                )
+                totals = all_reduce_sum(running.clone(), info)
+                record = {
+                    "step": step,
+                    "epoch": round(step / steps_per_epoch, 4),
+                    "train_loss": totals[0].item() / max(totals[2].item(), 1),
+                    "train_acc": None if mixing else totals[1].item() / max(totals[2].item(), 1),
+                    "val_loss": val["loss"],
+                    "val_acc": val["accuracy"],
+                    "lr": lr,
+                    "images_per_s": round(rate, 1),
+                    "time_s": round(train_time, 2),
+                }
+                running.zero_()
+                window_t, window_images = time.perf_counter(), 0
+                if info.is_main:
+                    with metrics_path.open("a") as f:
+                        f.write(_json_line(record))
+                    progress.message(
+                        f"eval step {step}: val_acc {val['accuracy']:.4f} val_loss {val['loss']:.4f} "
+                        f"train_loss {record['train_loss']:.4f}"
+                    )
+                if val["accuracy"] > best_acc:
+                    best_acc, best_step = val["accuracy"], step
+                    if info.is_main:
+                        with atomic_directory(best_dir) as tmp:
+                            write_pretrained(
+                                eval_model,
+                                tmp,
+                                train_config=cfg.to_dict(),
+                                step=step,
+                                val_accuracy=best_acc,
+                                dataset=splits.name,
+                            )
+            if step % ckpt_every == 0 or step % eval_every == 0 or finished:
+                save_last()
+            barrier(info)
+            t_step = time.perf_counter()  # evaluation and checkpointing are not training time
+            if finished:
+                break
+    progress.close()
+    if stop_reason:
+        log.message(f"stopped early: {stop_reason}")
+
+    # --- final report on the test split, with the best checkpoint -------------------------------------------
+    summary = final_report(
+        run_dir,
+        splits,
+        device,
+        cfg,
+        info,
+        params=params,
+        train_time=train_time,
+        step=step,
+        steps_per_epoch=steps_per_epoch,
+        best_acc=best_acc,
+        best_step=best_step,
+    )
+    return summary
+
+
+def final_report(run_dir: Path, splits, device, cfg: TrainConfig, info: DistInfo, **facts: Any) -> dict[str, Any]:
+    from vitlab.checkpoint import from_pretrained
+
+    best = from_pretrained(run_dir / "checkpoints" / "best").to(device)
+    split = splits.test if splits.test is not None else splits.val
+    result = evaluate(
+        best,
+        split,
+        num_classes=splits.num_classes,
+        mean=splits.mean,
+        std=splits.std,
+        batch_size=max(cfg.batch_size, 256),
+        device=device,
+        precision=cfg.precision,
+        dist_info=info,
+    )
+    metrics = read_metrics(run_dir / "metrics.jsonl") if info.is_main else []
+    rates = [m["images_per_s"] for m in metrics if m.get("images_per_s")]
+    summary = {
+        "model": cfg.model,
+        "data": splits.name,
+        "test_split": "test" if splits.test is not None else "val (no test split)",
+        "test_accuracy": result["accuracy"],
+        "test_loss": result["loss"],
+        "test_count": result["count"],
+        "per_class_accuracy": dict(zip(splits.class_names, result["per_class_accuracy"])),
+        "best_val_accuracy": facts["best_acc"],
+        "best_step": facts["best_step"],
+        "steps": facts["step"],
+        "epochs": round(facts["step"] / facts["steps_per_epoch"], 4),
+        "train_time_s": round(facts["train_time"], 2),
+        "images_per_s": round(sum(rates) / len(rates), 1) if rates else None,
+        "params": facts["params"],
+        "precision": cfg.precision,
+        "processes": info.world_size,
+        "run_dir": str(run_dir),
+    }
+    if info.is_main:
+        write_json(run_dir / "summary.json", summary)
+        plot_curves(metrics, run_dir / "curves.png")
+    return summary
+
+
+def _json_line(record: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(record) + "\n"
