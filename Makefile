@@ -24,8 +24,7 @@ data:
 	fi
 
 demo: setup data
-	$(BIN)/vitlab models 'vit_*_28'
-	$(BIN)/vitlab info vit_tiny_patch4_28
+	$(BIN)/vitlab train --config configs/demo.yaml
 
 test: setup
 	$(BIN)/pytest -q

@@ -273,3 +273,21 @@ def test_user_errors_are_one_line(args, message) -> None:
     assert r.exit_code == 2, r.output
     lines = r.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
+
+
+def test_fallback_dataset_is_used_and_announced(tmp_path, capsys) -> None:
+    s = train(tiny_cfg(tmp_path / "run", data="folder:/nonexistent/images", fallback_data="digits", max_steps=2))
+    assert s["data"] == "digits"
+    assert "folder:/nonexistent/images is not available here" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path) -> None:
+    """--compile runs the same optimisation (inductor's fused kernels round differently, hence the tolerance)."""
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    args = {"max_steps": 2, "warmup_epochs": 0, "model_args": {"depth": 1, "embed_dim": 32, "num_heads": 2}}
+    train(tiny_cfg(eager, **args))
+    train(tiny_cfg(compiled, compile=True, **args))
+    a, b = weights(eager), weights(compiled)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-4, rtol=1e-3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,6 @@ def evaluate_checkpoint(
     checkpoint = Path(checkpoint)
     model = from_pretrained(checkpoint)
     in_chans, h, w = model.default_cfg["input_size"]
-    import json
-
     train_cfg = (
         json.loads((checkpoint / "config.json").read_text()).get("train_config", {}) if checkpoint.is_dir() else {}
     )

@@ -23,6 +23,7 @@ class TrainConfig:
     model_args: dict[str, Any] = field(default_factory=dict)  # overrides for create_model (depth, embed_dim, ...)
     data: str = "fashion-mnist"
     data_dir: str | None = None
+    fallback_data: str | None = None  # trained on instead, saying so, when `data` cannot be had (e.g. offline)
     val_fraction: float = 0.1
     skip_bad_images: bool = False
     num_workers: int = 2  # folder datasets only; in-memory datasets are batched by indexing

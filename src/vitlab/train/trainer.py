@@ -9,9 +9,11 @@ one that never stopped (on CPU, with the same thread count).
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
@@ -23,7 +25,7 @@ import torch.nn.functional as F
 
 from vitlab._io import atomic_directory, write_json
 from vitlab._registry import create_model, get_variant
-from vitlab.checkpoint import write_pretrained
+from vitlab.checkpoint import from_pretrained, load_checkpoint_state, read_state_dict, write_pretrained
 from vitlab.data import build_augment, build_dataset, mixup_cutmix, normalize, to_float
 from vitlab.errors import VitlabError
 from vitlab.stats import count_params
@@ -34,6 +36,7 @@ from vitlab.train.optim import ModelEma, build_optimizer, lr_at
 from vitlab.train.report import Progress, plot_curves, read_metrics
 
 STATE_NAME = "trainer_state.pt"
+OnEval = Callable[[torch.nn.Module, Any, dict[str, Any]], "dict[str, Any] | None"]
 TIMING_KEYS = ("images_per_s", "time_s")  # the only metrics that differ between identical runs
 
 
@@ -71,16 +74,20 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
-    """Run (or resume) a training run; returns the summary that is also written to ``summary.json``."""
+def train(cfg: TrainConfig, *, resume: bool = False, on_eval: OnEval | None = None) -> dict[str, Any]:
+    """Run (or resume) a training run; returns the summary that is also written to ``summary.json``.
+
+    ``on_eval(model, splits, record)`` runs after each validation and may return extra fields for that
+    metrics.jsonl line (benchmarks use it to follow test accuracy; model selection never sees them).
+    """
     info = init_distributed("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
     try:
-        return _train(cfg, resume, info)
+        return _train(cfg, resume, info, on_eval)
     finally:
         cleanup(info)
 
 
-def _train(cfg: TrainConfig, resume: bool, info: DistInfo) -> dict[str, Any]:
+def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | None) -> dict[str, Any]:
     device = pick_device(cfg.device, info)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -99,15 +106,20 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo) -> dict[str, Any]:
     in_chans = cfg.model_args.get("in_chans", model_kwargs.get("in_chans", model_cfg["input_size"][0]))
     img = cfg.model_args.get("img_size", model_kwargs.get("img_size", model_cfg["input_size"][1:]))
     img_size = (img, img) if isinstance(img, int) else tuple(img)
-    splits = build_dataset(
-        cfg.data,
-        data_dir=cfg.data_dir,
+    data_args = dict(
         img_size=img_size,
         in_chans=in_chans,
         seed=cfg.seed,
         val_fraction=cfg.val_fraction,
         skip_bad_images=cfg.skip_bad_images,
     )
+    try:
+        splits = build_dataset(cfg.data, data_dir=cfg.data_dir, **data_args)
+    except VitlabError as e:
+        if not cfg.fallback_data:
+            raise
+        log.message(f"{cfg.data} is not available here ({e}); training on {cfg.fallback_data} instead")
+        splits = build_dataset(cfg.fallback_data, **data_args)
     if splits.skipped:
         log.message(f"skipped {len(splits.skipped)} unreadable images (--skip-bad-images)")
     mean, std = splits.mean, splits.std
@@ -161,8 +173,6 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo) -> dict[str, Any]:
     metrics_path = run_dir / "metrics.jsonl"
     if resume:
         state = torch.load(last_dir / STATE_NAME, map_location="cpu", weights_only=False)
-        from vitlab.checkpoint import load_checkpoint_state, read_state_dict
-
         load_checkpoint_state(model, read_state_dict(last_dir / "model.safetensors", device), source=str(last_dir))
         optimizer.load_state_dict(state["optimizer"])
         if ema is not None:
@@ -318,6 +328,8 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo) -> dict[str, Any]:
                     "images_per_s": round(rate, 1),
                     "time_s": round(train_time, 2),
                 }
+                if on_eval is not None:
+                    record.update(on_eval(eval_model, splits, record) or {})
                 running.zero_()
                 window_t, window_images = time.perf_counter(), 0
                 if info.is_main:
@@ -367,8 +379,6 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo) -> dict[str, Any]:
 
 
 def final_report(run_dir: Path, splits, device, cfg: TrainConfig, info: DistInfo, **facts: Any) -> dict[str, Any]:
-    from vitlab.checkpoint import from_pretrained
-
     best = from_pretrained(run_dir / "checkpoints" / "best").to(device)
     split = splits.test if splits.test is not None else splits.val
     result = evaluate(
@@ -410,6 +420,4 @@ def final_report(run_dir: Path, splits, device, cfg: TrainConfig, info: DistInfo
 
 
 def _json_line(record: dict[str, Any]) -> str:
-    import json
-
     return json.dumps(record) + "\n"
