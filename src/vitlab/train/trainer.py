@@ -186,8 +186,9 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
         log.message(f"resumed {run_dir} at step {step}/{total_steps} (epoch {step / steps_per_epoch:.2f})")
     elif info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, run_dir / "config.yaml")
         metrics_path.write_text("")
+    if info.is_main:  # on resume too: flags may have extended the run (--epochs)
+        save_yaml(cfg, run_dir / "config.yaml")
     barrier(info)
 
     def save_last() -> None:
