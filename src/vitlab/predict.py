@@ -11,6 +11,7 @@ import torch
 from vitlab._io import write_json
 from vitlab.checkpoint import from_pretrained
 from vitlab.data import build_dataset, to_model_input
+from vitlab.data.folder import load_image
 from vitlab.errors import VitlabError
 
 
@@ -77,24 +78,6 @@ def evaluate_checkpoint(
     return {**r, "data": splits.name, "class_names": names, "png": str(png), "json": str(js)}
 
 
-def load_image(path: str | Path, in_chans: int) -> torch.Tensor:
-    """An image file as uint8 [C, H, W] with the model's number of channels."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            im = im.convert("L" if in_chans == 1 else "RGB")
-            arr = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
-            t = arr.view(im.height, im.width, -1).permute(2, 0, 1)  # (C, H, W)
-    except FileNotFoundError:
-        raise VitlabError(f"image {str(path)!r} does not exist") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise VitlabError(f"cannot read image {str(path)!r}: {e}") from None
-    if in_chans not in (1, 3):
-        t = t[:1].expand(in_chans, -1, -1)
-    return t
-
-
 @torch.no_grad()
 def predict_files(checkpoint: str | Path, images: list[str], *, top_k: int = 5) -> list[dict[str, Any]]:
     model = from_pretrained(checkpoint)
@@ -103,7 +86,8 @@ def predict_files(checkpoint: str | Path, images: list[str], *, top_k: int = 5) 
     mean, std = _norm_stats(model)
     results = []
     for path in images:
-        x = to_model_input(load_image(path, in_chans)[None], in_chans=in_chans, img_size=(h, w), mean=mean, std=std)
+        image = load_image(path, in_chans=in_chans, img_size=(h, w))  # the reader that training uses
+        x = to_model_input(image[None], in_chans=in_chans, img_size=(h, w), mean=mean, std=std)
         probs = model(x).softmax(-1)[0]
         p, idx = probs.topk(min(top_k, probs.numel()))
         results.append(

@@ -13,34 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 from torch import Tensor
-
-
-class Dataset(Protocol):
-    """What the trainer uses of a dataset: `InMemoryDataset` and `FolderDataset` both implement it."""
-
-    labels: Tensor  # int64 [N]
-
-    def __len__(self) -> int: ...
-
-    def loader(
-        self,
-        batch_size: int,
-        *,
-        shuffle: bool,
-        seed: int = 0,
-        epoch: int = 0,
-        start_batch: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        drop_last: bool = False,
-        num_workers: int = 0,
-    ) -> Iterator[tuple[Tensor, Tensor]]: ...
-
-    def num_batches(self, batch_size: int, *, world_size: int = 1, drop_last: bool = False, rank: int = 0) -> int: ...
 
 
 def epoch_order(n: int, *, shuffle: bool, seed: int = 0, epoch: int = 0) -> Tensor:
@@ -96,19 +71,17 @@ def count_batches(n: int, batch_size: int, *, world_size: int = 1, drop_last: bo
     return full + int(not drop_last and rest > rank * batch_size)
 
 
-class InMemoryDataset:
-    """Images held in one uint8 tensor; a batch is a single tensor index (no per-sample Python, no DataLoader)."""
+class Dataset:
+    """Base of every dataset kind. The batch order (see the module docstring) lives here, once; a subclass only
+    turns index batches into ``(images uint8 [b, C, H, W], labels int64 [b])``."""
 
-    def __init__(self, images: Tensor, labels: Tensor) -> None:
-        if images.dtype != torch.uint8 or images.ndim != 4:
-            raise ValueError(f"images must be uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
-        if labels.shape != (images.shape[0],):
-            raise ValueError(f"labels must be [N={images.shape[0]}], got {tuple(labels.shape)}")
-        self.images = images
-        self.labels = labels.long()
+    labels: Tensor  # int64 [N]
 
     def __len__(self) -> int:
-        return self.images.shape[0]
+        raise NotImplementedError
+
+    def _load_batches(self, batches: list[Tensor], num_workers: int) -> Iterator[tuple[Tensor, Tensor]]:
+        raise NotImplementedError
 
     def loader(
         self,
@@ -123,7 +96,7 @@ class InMemoryDataset:
         drop_last: bool = False,
         num_workers: int = 0,
     ) -> Iterator[tuple[Tensor, Tensor]]:
-        """Yield ``(images uint8 [b, C, H, W], labels int64 [b])``; ``num_workers`` is accepted and ignored."""
+        """Yield this rank's batches of one epoch, from batch ``start_batch`` on."""
         batches = epoch_batches(
             len(self),
             batch_size,
@@ -135,10 +108,28 @@ class InMemoryDataset:
             world_size=world_size,
             drop_last=drop_last,
         )
-        return ((self.images[idx], self.labels[idx]) for idx in batches)
+        return self._load_batches(batches, num_workers)
 
     def num_batches(self, batch_size: int, *, world_size: int = 1, drop_last: bool = False, rank: int = 0) -> int:
         return count_batches(len(self), batch_size, world_size=world_size, drop_last=drop_last, rank=rank)
+
+
+class InMemoryDataset(Dataset):
+    """Images held in one uint8 tensor; a batch is a single tensor index (no per-sample Python, no DataLoader)."""
+
+    def __init__(self, images: Tensor, labels: Tensor) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"images must be uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"labels must be [N={images.shape[0]}], got {tuple(labels.shape)}")
+        self.images = images
+        self.labels = labels.long()
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def _load_batches(self, batches: list[Tensor], num_workers: int) -> Iterator[tuple[Tensor, Tensor]]:
+        return ((self.images[idx], self.labels[idx]) for idx in batches)  # num_workers: nothing to parallelise
 
 
 def channel_histograms(images: Tensor) -> Tensor:

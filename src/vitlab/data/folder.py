@@ -18,10 +18,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from vitlab.data.base import (
+    Dataset,
     DatasetSplits,
     channel_histograms,
-    count_batches,
-    epoch_batches,
     stats_from_histograms,
     stratified_split,
 )
@@ -74,7 +73,7 @@ def _collate(items: list[tuple[Tensor, int] | _Unreadable]) -> tuple[Tensor, Ten
     return images, labels
 
 
-class FolderDataset(torch.utils.data.Dataset):
+class FolderDataset(Dataset, torch.utils.data.Dataset):
     """Image files decoded on demand to uint8 [in_chans, *img_size]; `loader` batches them with a DataLoader."""
 
     def __init__(
@@ -101,31 +100,7 @@ class FolderDataset(torch.utils.data.Dataset):
         except VitlabError as e:
             return _Unreadable(str(e))
 
-    def loader(
-        self,
-        batch_size: int,
-        *,
-        shuffle: bool,
-        seed: int = 0,
-        epoch: int = 0,
-        start_batch: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        drop_last: bool = False,
-        num_workers: int = 0,
-    ) -> Iterator[tuple[Tensor, Tensor]]:
-        """Yield ``(images uint8 [b, C, H, W], labels int64 [b])`` in the order of `epoch_batches`."""
-        batches = epoch_batches(
-            len(self),
-            batch_size,
-            shuffle=shuffle,
-            seed=seed,
-            epoch=epoch,
-            start_batch=start_batch,
-            rank=rank,
-            world_size=world_size,
-            drop_last=drop_last,
-        )
+    def _load_batches(self, batches: list[Tensor], num_workers: int) -> Iterator[tuple[Tensor, Tensor]]:
         # A list of index lists is a valid batch sampler: the DataLoader only iterates it.
         batch_sampler = [batch.tolist() for batch in batches]
         loader = DataLoader(self, batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=_collate)
@@ -137,9 +112,6 @@ class FolderDataset(torch.utils.data.Dataset):
             if isinstance(batch, _Unreadable):
                 raise VitlabError(batch.message)
             yield batch
-
-    def num_batches(self, batch_size: int, *, world_size: int = 1, drop_last: bool = False, rank: int = 0) -> int:
-        return count_batches(len(self), batch_size, world_size=world_size, drop_last=drop_last, rank=rank)
 
 
 def _list_images(folder: Path) -> list[Path]:
