@@ -11,7 +11,7 @@ Every attention module has two paths that compute the same function:
   kernel and never materialises the N x N probabilities;
 * explicit: softmax(QK^T / sqrt(d)) V written out, with the probabilities passed through the submodule
   ``attn_probs`` (an identity). A forward hook on ``attn_probs`` sees every attention map ``[B, heads, N, M]``.
-  The fused path also takes this route where it is faster on CPU: low-precision training, short sequences.
+  The fused path also takes this route where it is faster: low-precision training on CPU.
 
 Analysis tools call `explicit_attention(model)` so they never record from the fused path, where the maps do not
 exist (a trap in libraries whose hooks silently return nothing when the fused kernel is on).
@@ -27,20 +27,12 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _composed_is_faster(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Where PyTorch's fused CPU kernel loses to the same attention composed of two batched matmuls and a softmax
-    (measured in docs/benchmarks.md; CUDA always keeps the fused kernel):
-
-    * low-precision training: the flash-attention backward in bf16/fp16 is 2.5-6x slower (B=128, 3 heads, N=50:
-      85 ms against 14 ms);
-    * inference on short sequences (N, M <= 64): the kernel's tiling overhead outweighs its memory savings
-      (N=50: 6.0 ms against 4.7 ms in fp32); from N=197 on the fused kernel wins.
-    """
-    if q.device.type != "cpu":
-        return False
-    if q.requires_grad:
-        return q.dtype in (torch.bfloat16, torch.float16)
-    return q.shape[-2] <= 64 and k.shape[-2] <= 64
+def _composed_is_faster(q: torch.Tensor) -> bool:
+    """On CPU, PyTorch's flash-attention backward in bf16/fp16 is 2.5-6x slower than the same attention composed
+    of two batched matmuls and a softmax (B=128, 3 heads, N=50: 85 ms against 14 ms; docs/benchmarks.md), so
+    low-precision CPU training takes the composed path. fp32, inference and CUDA keep the fused kernel (composed
+    inference on short sequences was measured too: slower at model level, 145 against 163 images/s)."""
+    return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and q.requires_grad
 
 
 class _MultiHeadAttentionBase(nn.Module):
@@ -78,7 +70,7 @@ class _MultiHeadAttentionBase(nn.Module):
         """q: (B, h, N, hd), k and v: (B, h, M, hd) -> (B, N, h * hd) projected."""
         B, _, N, _ = q.shape
         q, k = self.q_norm(q), self.k_norm(k)
-        if self.fused_attn and not _composed_is_faster(q, k):
+        if self.fused_attn and not _composed_is_faster(q):
             x = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop_p if self.training else 0.0
             )
