@@ -28,10 +28,9 @@ from torch import nn
 
 
 def _composed_is_faster(q: torch.Tensor) -> bool:
-    """On CPU, PyTorch's flash-attention backward in bf16/fp16 is 2.5-6x slower than the same attention composed
-    of two batched matmuls and a softmax (B=128, 3 heads, N=50: 85 ms against 14 ms; docs/benchmarks.md), so
-    low-precision CPU training takes the composed path. fp32, inference and CUDA keep the fused kernel (composed
-    inference on short sequences was measured too: slower at model level, 145 against 163 images/s)."""
+    """On CPU, PyTorch's fused attention backward in bf16/fp16 is 1.3-4x slower than the same attention composed
+    of two batched matmuls and a softmax (`python benchmarks/cpu_kernels.py`), so low-precision CPU training
+    takes the composed path. fp32 (0.9-1.1x either way), inference and CUDA keep the fused kernel."""
     return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and q.requires_grad
 
 
