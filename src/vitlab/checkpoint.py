@@ -384,10 +384,7 @@ def infer_vit_args(state: dict[str, torch.Tensor]) -> dict[str, Any]:
 
 
 def _default_cfg_for(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The default_cfg of a ViT built from foreign arguments (build_model fills in input size and classes)."""
     from vitlab.models.vit import _cfg
 
-    img = kwargs["img_size"]
-    h, w = (img, img) if isinstance(img, int) else img
-    cfg = _cfg(h, kwargs.get("in_chans", 3), num_classes=kwargs.get("num_classes", 0))
-    cfg["input_size"] = (kwargs.get("in_chans", 3), h, w)
-    return cfg
+    return _cfg(224, kwargs.get("in_chans", 3))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -125,7 +126,7 @@ def train(config_file, resume, sets, compile_, **flags) -> None:
     else:
         cfg = TrainConfig.from_sources(config_file, **overrides)
     summary = run_training(cfg, resume=resume)
-    if int(__import__("os").environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 prints
         _print_summary(summary)
 
 

@@ -15,11 +15,6 @@ from vitlab.data.folder import load_image
 from vitlab.errors import VitlabError
 
 
-def _norm_stats(model) -> tuple[list[float], list[float]]:
-    cfg = getattr(model, "pretrained_cfg", {})
-    return list(cfg.get("mean", model.default_cfg["mean"])), list(cfg.get("std", model.default_cfg["std"]))
-
-
 def evaluate_checkpoint(
     checkpoint: str | Path,
     data: str,
@@ -55,7 +50,7 @@ def evaluate_checkpoint(
     names = model.pretrained_cfg.get("class_names") or splits.class_names
     if len(names) != model.num_classes or splits.num_classes != model.num_classes:
         raise VitlabError(f"the checkpoint has {model.num_classes} classes but {splits.name} has {splits.num_classes}")
-    mean, std = _norm_stats(model)
+    mean, std = model.default_cfg["mean"], model.default_cfg["std"]  # the checkpoint's, set by from_pretrained
     r = evaluate(
         model, dataset, num_classes=model.num_classes, mean=mean, std=std, batch_size=batch_size, precision=precision
     )
@@ -83,7 +78,7 @@ def predict_files(checkpoint: str | Path, images: list[str], *, top_k: int = 5) 
     model = from_pretrained(checkpoint)
     in_chans, h, w = model.default_cfg["input_size"]
     names = model.pretrained_cfg.get("class_names") or [str(i) for i in range(model.num_classes)]
-    mean, std = _norm_stats(model)
+    mean, std = model.default_cfg["mean"], model.default_cfg["std"]  # the checkpoint's, set by from_pretrained
     results = []
     for path in images:
         image = load_image(path, in_chans=in_chans, img_size=(h, w))  # the reader that training uses

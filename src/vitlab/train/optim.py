@@ -50,16 +50,21 @@ class ModelEma:
         self.decay = decay
         for p in self.module.parameters():
             p.requires_grad_(False)
+        # Pair the tensors once: the update runs after every optimizer step. Parameters and buffers keep their
+        # identity through training and in-place loads, so the pairs stay valid.
+        pairs = list(zip(self.module.state_dict().values(), model.state_dict().values()))
+        self._source = model
+        self._float_ema = [e for e, _ in pairs if e.is_floating_point()]
+        self._float_new = [n for e, n in pairs if e.is_floating_point()]
+        self._other = [(e, n) for e, n in pairs if not e.is_floating_point()]
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        ema = list(self.module.state_dict().values())
-        new = list(model.state_dict().values())
-        floats = [(e, n) for e, n in zip(ema, new) if e.is_floating_point()]
-        torch._foreach_lerp_([e for e, _ in floats], [n for _, n in floats], 1.0 - self.decay)
-        for e, n in zip(ema, new):
-            if not e.is_floating_point():
-                e.copy_(n)
+        if model is not self._source:
+            raise ValueError("ModelEma.update must be given the model it was created from")
+        torch._foreach_lerp_(self._float_ema, self._float_new, 1.0 - self.decay)
+        for e, n in self._other:
+            e.copy_(n)
 
     def state_dict(self) -> dict:
         return self.module.state_dict()
