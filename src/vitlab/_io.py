@@ -12,19 +12,27 @@ from pathlib import Path
 from typing import Any
 
 
+def recover_directory(path: str | os.PathLike) -> None:
+    """Finish a swap that `atomic_directory` was killed in the middle of (between its two renames): the old
+    directory is then only at ``<path>.old``; put it back. Readers that must not miss a checkpoint call this first."""
+    path = Path(path)
+    backup = path.with_name(path.name + ".old")
+    if backup.exists() and not path.exists():
+        backup.rename(path)
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory beside ``path``; on success it replaces ``path`` in one rename.
 
     A crash at any point leaves either the old directory or the new one, never a half-written one: the swap is
-    rename(old -> backup), rename(tmp -> path), then the backup is deleted. A leftover backup from a crash between
-    the two renames is restored by the next call.
+    rename(old -> backup), rename(tmp -> path), then the backup is deleted. A crash between the two renames
+    leaves only the backup, which `recover_directory` (run by the next write and by --resume) puts back.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     backup = path.with_name(path.name + ".old")
-    if backup.exists() and not path.exists():
-        backup.rename(path)  # a previous swap died between its two renames
+    recover_directory(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         yield tmp

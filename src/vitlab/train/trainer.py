@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vitlab._io import atomic_directory, write_json
+from vitlab._io import atomic_directory, recover_directory, write_json
 from vitlab._registry import create_model, get_variant
 from vitlab.checkpoint import from_pretrained, load_checkpoint_state, read_state_dict, write_pretrained
 from vitlab.data import build_augment, build_dataset, mixup_cutmix, normalize, to_float
@@ -95,6 +95,8 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
         torch.set_num_threads(cfg.threads)
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
     last_dir, best_dir = run_dir / "checkpoints" / "last", run_dir / "checkpoints" / "best"
+    for d in (last_dir, best_dir):  # a run killed inside a checkpoint swap left the previous one at <dir>.old
+        recover_directory(d)
     if not resume and (last_dir / STATE_NAME).exists():
         raise VitlabError(f"{run_dir} already holds a run; add --resume to continue it, or choose another --out")
     if resume and not (last_dir / STATE_NAME).exists():
@@ -263,8 +265,9 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
                     logits = train_model(x)
                 loss = F.cross_entropy(logits.float(), target)
                 (loss / cfg.accum_steps).backward()
+            loss_value = loss.item()  # one host sync per micro-step, shared by the metrics and the NaN check
             running += torch.tensor(
-                [loss.item() * len(y), (logits.argmax(-1) == y).sum().item(), len(y)], dtype=torch.float64
+                [loss_value * len(y), (logits.argmax(-1) == y).sum().item(), len(y)], dtype=torch.float64
             )
             if not last_micro:
                 continue
@@ -274,10 +277,10 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
             for group in optimizer.param_groups:
                 group["lr"] = lr
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad or math.inf)
-            if not (math.isfinite(loss.item()) and torch.isfinite(grad_norm)):
+            if not (math.isfinite(loss_value) and torch.isfinite(grad_norm)):
                 progress.close()
                 raise VitlabError(
-                    f"the loss became {loss.item()} at step {step + 1} (epoch {epoch}); stopped. The last good "
+                    f"the loss became {loss_value} at step {step + 1} (epoch {epoch}); stopped. The last good "
                     f"checkpoint is kept in {last_dir}. Lower --lr, use --precision fp32 or set clip_grad"
                 )
             optimizer.step()
