@@ -1,4 +1,6 @@
-"""Model registry: `@register_model` on variant functions, `create_model(name, **overrides)`, `list_models(pattern)`.
+"""Model registry: `@register_model` on variant functions, `create_model(name, **overrides)`, `list_models(pattern)`,
+and the checkpoint converters each family registers next to its model (`register_hf_converter`,
+`register_timm_converter`), so that `vitlab.checkpoint` dispatches without a branch per family.
 
 A variant function returns ``(model_class, kwargs, default_cfg)``; `create_model` merges the caller's overrides into
 the kwargs, builds the model and records on it what is needed to rebuild it from a checkpoint:
@@ -9,8 +11,9 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
+import torch
 from torch import nn
 
 from vitlab.errors import VitlabError, closest
@@ -32,6 +35,64 @@ def register_architecture(cls: type[nn.Module]) -> type[nn.Module]:
     """Register a model class under its ``arch`` name, so a checkpoint with custom arguments can be rebuilt."""
     _architectures[cls.arch] = cls  # type: ignore[attr-defined]
     return cls
+
+
+class Converted(NamedTuple):
+    """A foreign checkpoint in vitlab's terms: the state dict under our parameter names, the constructor arguments
+    of the registered architecture ``arch`` that it fits, and the default_cfg of a model built from it."""
+
+    arch: str
+    state: dict[str, torch.Tensor]
+    kwargs: dict[str, Any]
+    default_cfg: dict[str, Any]
+
+
+HFConverter = Callable[[dict[str, Any], dict[str, torch.Tensor]], Converted]
+TimmConverter = Callable[[dict[str, torch.Tensor]], Converted]
+_hf_converters: dict[str, HFConverter] = {}
+_timm_converters: list[tuple[int, Callable[[dict[str, torch.Tensor]], bool], TimmConverter]] = []
+
+
+def register_hf_converter(*model_types: str) -> Callable[[HFConverter], HFConverter]:
+    """Register ``fn(config_json, raw_state) -> Converted`` for HF transformers directories whose config.json has
+    one of these ``model_type`` values."""
+
+    def wrap(fn: HFConverter) -> HFConverter:
+        for t in model_types:
+            _hf_converters[t] = fn
+        return fn
+
+    return wrap
+
+
+def register_timm_converter(
+    matches: Callable[[dict[str, torch.Tensor]], bool], *, priority: int = 0
+) -> Callable[[TimmConverter], TimmConverter]:
+    """Register ``fn(state) -> Converted`` for timm state dicts that ``matches(state)`` recognises. When several
+    families match, the highest ``priority`` wins (a family whose state dict extends another's, such as DeiT's
+    distillation token over ViT, registers a higher one)."""
+
+    def wrap(fn: TimmConverter) -> TimmConverter:
+        _timm_converters.append((priority, matches, fn))
+        return fn
+
+    return wrap
+
+
+def hf_converter(model_type: str | None) -> HFConverter | None:
+    _import_models()
+    return _hf_converters.get(model_type or "")
+
+
+def hf_model_types() -> list[str]:
+    _import_models()
+    return sorted(_hf_converters)
+
+
+def timm_converter(state: dict[str, torch.Tensor]) -> TimmConverter | None:
+    _import_models()
+    found = [(p, fn) for p, match, fn in _timm_converters if match(state)]
+    return max(found, key=lambda t: t[0])[1] if found else None
 
 
 def list_models(pattern: str = "*") -> list[str]:

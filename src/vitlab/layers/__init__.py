@@ -2,6 +2,7 @@
 
 from vitlab.layers.attention import (
     Attention,
+    AttentionBase,
     CrossAttention,
     attention_modules,
     explicit_attention,
@@ -17,6 +18,7 @@ from vitlab.layers.pos_embed import resample_pos_embed, sincos_pos_embed_1d, sin
 
 __all__ = [
     "Attention",
+    "AttentionBase",
     "Block",
     "CrossAttention",
     "DropPath",

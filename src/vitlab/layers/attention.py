@@ -34,8 +34,14 @@ def _composed_is_faster(q: torch.Tensor) -> bool:
     return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and q.requires_grad
 
 
-class _MultiHeadAttentionBase(nn.Module):
-    """Shared core of self- and cross-attention: the attention itself and the output projection."""
+class AttentionBase(nn.Module):
+    """Shared core of every attention module: the attention itself (both paths) and the output projection.
+
+    Family-specific attention (window attention with a relative position bias, class attention, convolutional
+    projections, non-local and axial attention) subclasses this and calls `attend`, so that `attention_modules`,
+    `set_fused_attn` and `record_attention` find it and its maps pass through ``attn_probs``. An additive float
+    ``attn_mask`` carries position biases and shift masks; a boolean one marks the keys each query may see.
+    """
 
     def __init__(
         self,
@@ -63,10 +69,11 @@ class _MultiHeadAttentionBase(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def _attend(
+    def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None
     ) -> torch.Tensor:
-        """q: (B, h, N, hd), k and v: (B, h, M, hd) -> (B, N, h * hd) projected."""
+        """q: (B, h, N, hd), k and v: (B, h, M, hd), attn_mask broadcastable to (B, h, N, M) -> (B, N, h * hd)
+        after the output projection."""
         B, _, N, _ = q.shape
         q, k = self.q_norm(q), self.k_norm(k)
         if self.fused_attn and not _composed_is_faster(q):
@@ -86,12 +93,12 @@ class _MultiHeadAttentionBase(nn.Module):
         x = x.transpose(1, 2).reshape(B, N, -1)  # (B, N, h * hd)
         return self.proj_drop(self.proj(x))
 
-    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         B, N, _ = x.shape
         return x.view(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # (B, h, N, hd)
 
 
-class Attention(_MultiHeadAttentionBase):
+class Attention(AttentionBase):
     """Multi-head self-attention with one fused qkv projection (W^Q, W^K, W^V stacked in ``qkv``)."""
 
     def __init__(self, dim: int, *, num_heads: int = 8, qkv_bias: bool = True, **kwargs) -> None:
@@ -102,10 +109,10 @@ class Attention(_MultiHeadAttentionBase):
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, h, N, hd)
         q, k, v = qkv.unbind(0)
-        return self._attend(q, k, v, attn_mask)
+        return self.attend(q, k, v, attn_mask)
 
 
-class CrossAttention(_MultiHeadAttentionBase):
+class CrossAttention(AttentionBase):
     """Multi-head cross-attention: queries from ``x`` [B, N, dim], keys and values from ``context``
     [B, M, context_dim] (the encoder-decoder attention of Vaswani et al., section 3.2.3)."""
 
@@ -118,15 +125,15 @@ class CrossAttention(_MultiHeadAttentionBase):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, M, _ = context.shape
-        q = self._split_heads(self.q(x))
+        q = self.split_heads(self.q(x))
         kv = self.kv(context).reshape(B, M, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (2, B, h, M, hd)
         k, v = kv.unbind(0)
-        return self._attend(q, k, v, attn_mask)
+        return self.attend(q, k, v, attn_mask)
 
 
-def attention_modules(model: nn.Module) -> list[tuple[str, _MultiHeadAttentionBase]]:
+def attention_modules(model: nn.Module) -> list[tuple[str, AttentionBase]]:
     """All attention modules of ``model`` with their qualified names, in forward order of registration."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, _MultiHeadAttentionBase)]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, AttentionBase)]
 
 
 def set_fused_attn(model: nn.Module, fused: bool) -> None:
@@ -135,7 +142,7 @@ def set_fused_attn(model: nn.Module, fused: bool) -> None:
 
 
 @contextlib.contextmanager
-def explicit_attention(model: nn.Module) -> Iterator[list[tuple[str, _MultiHeadAttentionBase]]]:
+def explicit_attention(model: nn.Module) -> Iterator[list[tuple[str, AttentionBase]]]:
     """Run ``model``'s attention on the explicit path inside the block, restoring each module's setting after."""
     mods = attention_modules(model)
     saved = [m.fused_attn for _, m in mods]

@@ -18,13 +18,23 @@ Tiny (192, 3 heads) and Small (384, 6 heads) are DeiT's (Touvron et al., 2021).
 
 from __future__ import annotations
 
+import math
+import re
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from vitlab._registry import register_architecture, register_model
+from vitlab._registry import (
+    Converted,
+    register_architecture,
+    register_hf_converter,
+    register_model,
+    register_timm_converter,
+)
 from vitlab.errors import VitlabError
+from vitlab.models._features import take_indices
 from vitlab.layers import (
     Block,
     PatchEmbed,
@@ -42,6 +52,7 @@ PAPER = "Dosovitskiy et al., An Image is Worth 16x16 Words, ICLR 2021 (arXiv:201
 @register_architecture
 class VisionTransformer(nn.Module):
     arch = "vit"
+    head_names = ("head",)  # the classifier: replaced, not loaded, when a checkpoint has other classes
 
     def __init__(
         self,
@@ -229,6 +240,26 @@ class VisionTransformer(nn.Module):
         x = self.blocks(low_precision_inference(x))
         return self.norm(x)
 
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        *,
+        norm: bool = False,
+        intermediates_only: bool = False,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]] | list[torch.Tensor]:
+        """The output tokens [B, prefix + N, D] of the chosen blocks (see `vitlab.models._features`)."""
+        take = take_indices(len(self.blocks), indices)
+        x = low_precision_inference(self._pos_embed(self.patch_embed(x)))
+        out = []
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i in take:
+                out.append(self.norm(x) if norm else x)
+            if intermediates_only and i == take[-1]:
+                return out  # the blocks after the last one asked for need not run
+        return self.norm(x), out
+
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         if self.global_pool == "avg":
             return x[:, self.num_prefix_tokens :].mean(dim=1)
@@ -256,6 +287,173 @@ class VisionTransformer(nn.Module):
             self.default_cfg["num_classes"] = num_classes
         if hasattr(self, "init_kwargs"):
             self.init_kwargs["num_classes"] = num_classes
+
+
+# --- checkpoint converters: HF transformers and timm names -> ours ---------------------------------------------
+HF_ACT = {
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "relu": "relu",
+    "silu": "silu",
+    "swish": "silu",
+}
+
+
+def hf_act(config: dict[str, Any]) -> str:
+    """vitlab's name for a HF config's ``hidden_act``, with a one-line error for one vitlab lacks."""
+    act = config.get("hidden_act", "gelu")
+    if act not in HF_ACT:
+        raise VitlabError(f"hidden_act {act!r} is not supported; vitlab knows {sorted(HF_ACT)}")
+    return HF_ACT[act]
+
+
+@register_hf_converter("vit")
+def convert_hf_vit(config: dict[str, Any], raw: dict[str, torch.Tensor]) -> Converted:
+    """HF ``ViTModel`` / ``ViTForImageClassification`` directory -> VisionTransformer arguments and state."""
+    state = convert_hf_vit_state(raw)
+    hidden = config["hidden_size"]
+    img = config.get("image_size", 224)
+    patch = config.get("patch_size", 16)
+    kwargs = {
+        "img_size": list(img) if isinstance(img, (list, tuple)) else img,
+        "patch_size": list(patch) if isinstance(patch, (list, tuple)) else patch,
+        "in_chans": config.get("num_channels", 3),
+        "num_classes": state["head.weight"].shape[0] if "head.weight" in state else 0,
+        "embed_dim": hidden,
+        "depth": config["num_hidden_layers"],
+        "num_heads": config["num_attention_heads"],
+        "mlp_ratio": config.get("intermediate_size", 4 * hidden) / hidden,
+        "qkv_bias": config.get("qkv_bias", True),
+        "norm_eps": config.get("layer_norm_eps", 1e-12),
+        "act": hf_act(config),
+        "head_hidden_dim": state["pre_logits.fc.weight"].shape[0] if "pre_logits.fc.weight" in state else None,
+        "pos_drop_rate": config.get("hidden_dropout_prob", 0.0),
+        "proj_drop_rate": config.get("hidden_dropout_prob", 0.0),
+        "attn_drop_rate": config.get("attention_probs_dropout_prob", 0.0),
+    }
+    return Converted("vit", state, kwargs, _cfg(224, kwargs["in_chans"]))
+
+
+# per-layer names in saved files (all transformers versions) and in transformers 5's in-memory modules; shared by
+# every family whose HF encoder layer is ViT's (DeiT)
+HF_LAYER_NAMES = {
+    "attention.output.dense": "attn.proj",
+    "attention.o_proj": "attn.proj",
+    "intermediate.dense": "mlp.fc1",
+    "output.dense": "mlp.fc2",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+    "layernorm_before": "norm1",
+    "layernorm_after": "norm2",
+}
+HF_QKV_NAMES = {
+    "attention.attention.query": "q",
+    "attention.attention.key": "k",
+    "attention.attention.value": "v",
+    "attention.q_proj": "q",
+    "attention.k_proj": "k",
+    "attention.v_proj": "v",
+}
+
+
+def convert_hf_encoder_layers(
+    sd: dict[str, torch.Tensor], simple: dict[str, str], skip: tuple[str, ...] = ()
+) -> dict[str, torch.Tensor]:
+    """Map a HF ViT-style encoder to vitlab names: ``simple`` renames whole keys; ``encoder.layer.i.*`` go to
+    ``blocks.i.*``. HF keeps separate query / key / value projections; vitlab's fused ``qkv`` is their
+    concatenation along the output dimension, in that order."""
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    layer_re = re.compile(r"(?:encoder\.layer|layers)\.(\d+)\.(.+)\.(weight|bias)$")
+    for k, v in sd.items():
+        if k in simple:
+            out[simple[k]] = v
+            continue
+        if k in skip:
+            continue
+        m = layer_re.match(k)
+        if not m:
+            raise VitlabError(f"HF checkpoint parameter {k!r} has no vitlab counterpart")
+        i, mod, kind = int(m.group(1)), m.group(2), m.group(3)
+        if mod in HF_QKV_NAMES:
+            qkv.setdefault((i, kind), {})[HF_QKV_NAMES[mod]] = v
+        elif mod in HF_LAYER_NAMES:
+            out[f"blocks.{i}.{HF_LAYER_NAMES[mod]}.{kind}"] = v
+        else:
+            raise VitlabError(f"HF checkpoint parameter {k!r} has no vitlab counterpart")
+    for (i, kind), parts in qkv.items():
+        out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    return out
+
+
+def convert_hf_vit_state(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map HF ``ViTModel`` / ``ViTForImageClassification`` parameter names to vitlab's."""
+    sd = {k.removeprefix("vit."): v for k, v in raw.items()}
+    simple = {
+        "embeddings.cls_token": "cls_token",
+        "embeddings.position_embeddings": "pos_embed",
+        "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+        "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+        "layernorm.weight": "norm.weight",
+        "layernorm.bias": "norm.bias",
+        "pooler.dense.weight": "pre_logits.fc.weight",
+        "pooler.dense.bias": "pre_logits.fc.bias",
+        "classifier.weight": "head.weight",
+        "classifier.bias": "head.bias",
+    }
+    # the mask token is only used by masked-image-modelling heads
+    return convert_hf_encoder_layers(sd, simple, skip=("embeddings.mask_token",))
+
+
+def _is_timm_vit(state: dict[str, torch.Tensor]) -> bool:
+    return "patch_embed.proj.weight" in state and "blocks.0.attn.qkv.weight" in state
+
+
+@register_timm_converter(_is_timm_vit)
+def convert_timm_vit(state: dict[str, torch.Tensor]) -> Converted:
+    """timm's ViT names are vitlab's: only the constructor arguments are read off the tensor shapes."""
+    for key in ("reg_token", "norm_pre.weight", "blocks.0.attn.proj.weight_g"):
+        if key in state:
+            raise VitlabError(f"timm ViT option with parameter {key!r} is not supported by vitlab yet")
+    kwargs = infer_vit_args(state)
+    return Converted("vit", dict(state), kwargs, _cfg(224, kwargs["in_chans"]))
+
+
+def infer_vit_args(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Read ViT constructor arguments off a timm-named state dict's tensor shapes (64-dimensional heads assumed)."""
+    w = state["patch_embed.proj.weight"]  # (D, C, P, P)
+    D, C, ph, pw = w.shape
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    class_token = "cls_token" in state
+    prefix = 1 if class_token else 0
+    if "pos_embed" in state:
+        n = state["pos_embed"].shape[1] - prefix
+        side = math.isqrt(n)
+        if side * side != n:
+            raise VitlabError(f"cannot infer the image size from {n} position embeddings; pass model_name=")
+        img = [side * ph, side * pw]
+    else:
+        img = [224, 224]
+    fc_norm = "fc_norm.weight" in state
+    return {
+        "img_size": img,
+        "patch_size": [ph, pw],
+        "in_chans": C,
+        "num_classes": state["head.weight"].shape[0] if "head.weight" in state else 0,
+        "global_pool": "avg" if fc_norm or not class_token else "token",
+        "embed_dim": D,
+        "depth": depth,
+        "num_heads": max(D // 64, 1),
+        "mlp_ratio": state["blocks.0.mlp.fc1.weight"].shape[0] / D,
+        "qkv_bias": "blocks.0.attn.qkv.bias" in state,
+        "qk_norm": "blocks.0.attn.q_norm.weight" in state,
+        "init_values": 1e-5 if "blocks.0.ls1.gamma" in state else None,
+        "class_token": class_token,
+        "pos_embed": "learn" if "pos_embed" in state else "none",
+        "fc_norm": fc_norm,
+        "head_hidden_dim": state["pre_logits.fc.weight"].shape[0] if "pre_logits.fc.weight" in state else None,
+    }
 
 
 # --- registered variants -------------------------------------------------------------------------------------

@@ -1,0 +1,36 @@
+"""`forward_intermediates`, the part of the model contract that inspection tools and dense heads build on.
+
+Every model answers ``forward_intermediates(x, indices=None, *, norm=False, intermediates_only=False)``:
+
+* ``indices`` picks the blocks (token models) or stages (hierarchical and convolutional models) whose outputs are
+  returned: ``None`` all of them, an int ``n`` the last ``n``, a sequence the listed ones (negative counts from
+  the end), always in depth order;
+* token models return tokens ``[B, N, D]`` (prefix tokens included), staged models maps ``[B, C, H, W]``;
+* ``norm=True`` applies the model's final norm to each (token models), as timm does;
+* the result is ``(final_features, [intermediates])``, where ``final_features`` equals `forward_features(x)`,
+  or the list alone with ``intermediates_only=True``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from vitlab.errors import VitlabError
+
+
+def take_indices(num_blocks: int, indices: int | Sequence[int] | None) -> list[int]:
+    """Normalise ``indices`` to sorted non-negative block indices, with a one-line error for an index that does
+    not exist."""
+    if indices is None:
+        return list(range(num_blocks))
+    if isinstance(indices, int):
+        if not 0 < indices <= num_blocks:
+            raise VitlabError(f"asked for the last {indices} of {num_blocks} blocks")
+        return list(range(num_blocks - indices, num_blocks))
+    out = []
+    for i in indices:
+        j = i + num_blocks if i < 0 else i
+        if not 0 <= j < num_blocks:
+            raise VitlabError(f"block index {i} is out of range for {num_blocks} blocks")
+        out.append(j)
+    return sorted(set(out))
