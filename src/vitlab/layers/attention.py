@@ -69,9 +69,7 @@ class AttentionBase(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None
-    ) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
         """q: (B, h, N, hd), k and v: (B, h, M, hd), attn_mask broadcastable to (B, h, N, M) -> (B, N, h * hd)
         after the output projection."""
         B, _, N, _ = q.shape

@@ -34,7 +34,6 @@ from vitlab._registry import (
     register_timm_converter,
 )
 from vitlab.errors import VitlabError
-from vitlab.models._features import take_indices
 from vitlab.layers import (
     Block,
     PatchEmbed,
@@ -43,6 +42,7 @@ from vitlab.layers import (
     sincos_pos_embed_2d,
     to_2tuple,
 )
+from vitlab.models._features import take_indices
 
 IMAGENET_INCEPTION_MEAN = (0.5, 0.5, 0.5)
 IMAGENET_INCEPTION_STD = (0.5, 0.5, 0.5)
