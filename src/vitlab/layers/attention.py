@@ -129,9 +129,17 @@ class CrossAttention(AttentionBase):
         return self.attend(q, k, v, attn_mask)
 
 
-def attention_modules(model: nn.Module) -> list[tuple[str, AttentionBase]]:
-    """All attention modules of ``model`` with their qualified names, in forward order of registration."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, AttentionBase)]
+def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """All attention modules of ``model`` with their qualified names, in order of registration.
+
+    An attention module is one with a boolean ``fused_attn`` switch and an ``attn_probs`` submodule that its
+    explicit path sends every map through: `AttentionBase` and its subclasses, and attention that cannot share
+    its core (talking heads, the non-local block's pairwise functions) but keeps the same two attributes."""
+    return [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(getattr(m, "fused_attn", None), bool) and isinstance(getattr(m, "attn_probs", None), nn.Module)
+    ]
 
 
 def set_fused_attn(model: nn.Module, fused: bool) -> None:
@@ -140,7 +148,7 @@ def set_fused_attn(model: nn.Module, fused: bool) -> None:
 
 
 @contextlib.contextmanager
-def explicit_attention(model: nn.Module) -> Iterator[list[tuple[str, AttentionBase]]]:
+def explicit_attention(model: nn.Module) -> Iterator[list[tuple[str, nn.Module]]]:
     """Run ``model``'s attention on the explicit path inside the block, restoring each module's setting after."""
     mods = attention_modules(model)
     saved = [m.fused_attn for _, m in mods]
