@@ -19,6 +19,16 @@ def _tiny_vit(kwargs: dict[str, Any]) -> dict[str, Any]:
 # channels, pooling). Keyed by architecture: a new family adds one entry, a function of the variant's kwargs.
 TINY: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "vit": _tiny_vit,
+    # 16 pixels: the last stage's 4x4 map sub-samples to 2x2 keys (a single key would leave theta and phi no gradient)
+    "nonlocal_cnn": lambda kw: {"widths": (8, 16, 16), "depths": (1, 2, 2), "img_size": 16, "num_classes": 5},
+    "grid_vit": lambda kw: {
+        "embed_dim": 16,
+        "depth": 2,
+        "num_heads": 2,
+        "img_size": 4 * kw["patch_size"],  # a 4x4 grid: a 3x3 neighbourhood meets the border everywhere but one
+        "kernel_size": 3,
+        "num_classes": 5,
+    },
 }
 
 

@@ -9,21 +9,28 @@ from vitlab.layers.attention import (
     record_attention,
     set_fused_attn,
 )
+from vitlab.layers.axial import AxialAttention, AxialAttention2d
 from vitlab.layers.block import Block, get_act_layer, low_precision_inference
 from vitlab.layers.drop import DropPath, drop_path
 from vitlab.layers.layer_scale import LayerScale
+from vitlab.layers.local_attention import LocalSelfAttention
 from vitlab.layers.mlp import Mlp
+from vitlab.layers.non_local import NonLocalBlock
 from vitlab.layers.patch_embed import PatchEmbed, to_2tuple
 from vitlab.layers.pos_embed import resample_pos_embed, sincos_pos_embed_1d, sincos_pos_embed_2d
 
 __all__ = [
     "Attention",
     "AttentionBase",
+    "AxialAttention",
+    "AxialAttention2d",
     "Block",
     "CrossAttention",
     "DropPath",
     "LayerScale",
+    "LocalSelfAttention",
     "Mlp",
+    "NonLocalBlock",
     "PatchEmbed",
     "attention_modules",
     "drop_path",
