@@ -6,7 +6,6 @@ the last block of res4, five after every other block of res3 and res4, ten after
 network keeps that placement on a plain stack of 3x3 conv-BN-ReLU layers sized for Fashion-MNIST and CIFAR: a
 block after every ``nl_every``-th conv layer of the stages in ``nl_stages``. The stages halve the resolution
 (28 -> 14 -> 7), so the blocks see 196 and 49 positions, and sub-sampling shrinks the keys a further 4x.
-Since each block starts as the identity, a trained network of the same widths loads into one with blocks added.
 """
 
 from __future__ import annotations
@@ -165,8 +164,8 @@ def _add_variant(img: int, in_chans: int) -> None:
 
     variant.__name__ = name
     variant.__doc__ = (
-        f"Six 3x3 conv layers (32-64-128 channels) at {img}x{img}, {in_chans}-channel input, with embedded-gaussian "
-        "non-local blocks (sub-sampled) after the second layer of the last two stages."
+        f"A 3x3 stem and six 3x3 conv layers (32-64-128 channels) at {img}x{img}, {in_chans}-channel input, with "
+        "embedded-gaussian non-local blocks (sub-sampled) after the second layer of the last two stages."
     )
     register_model(variant)
 
