@@ -78,11 +78,14 @@ def test_axial_2d_is_height_then_width_and_reaches_everywhere() -> None:
 
 @pytest.mark.parametrize(("H", "W", "kernel_size"), [(5, 6, 3), (4, 4, 5), (3, 7, 7)])
 @pytest.mark.parametrize("rel_pos", [True, False])
-def test_local_attention_is_full_attention_with_a_neighbourhood_mask(H, W, kernel_size, rel_pos) -> None:
+@pytest.mark.parametrize("block_size", [2, 8])
+def test_local_attention_is_full_attention_with_a_neighbourhood_mask(H, W, kernel_size, rel_pos, block_size) -> None:
     """SASA eq. 3: every pixel attends to the pixels of its k x k neighbourhood inside the image, with logit
-    q_ij^T r_{a-i,b-j}, r the concatenation of a row-offset and a column-offset embedding (per head)."""
+    q_ij^T r_{a-i,b-j}, r the concatenation of a row-offset and a column-offset embedding (per head); the query
+    blocks the work is cut into (here 2x2 or one padded 8x8) do not change it."""
     C, heads = 16, 2
-    attn = move_off_init(LocalSelfAttention(C, num_heads=heads, kernel_size=kernel_size, rel_pos=rel_pos), std=0.3)
+    attn = LocalSelfAttention(C, num_heads=heads, kernel_size=kernel_size, block_size=block_size, rel_pos=rel_pos)
+    attn = move_off_init(attn, std=0.3)
     x = torch.randn(2, H, W, C)
     rows, cols = grid(H, W)
     dr, dc = rows[None, :] - rows[:, None], cols[None, :] - cols[:, None]  # a - i, b - j for every (o, p)
@@ -114,12 +117,14 @@ def test_recorded_maps_and_masked_borders() -> None:
         net(x)
     assert maps["0.height"][0].shape == (2 * 5, 2, 4, 4)  # every column a sequence of 4
     assert maps["0.width"][0].shape == (2 * 4, 2, 5, 5)  # every row a sequence of 5
-    local = maps["1"][0]
-    assert local.shape == (2 * 20, 2, 1, 49)  # every pixel, its 7x7 neighbourhood
-    torch.testing.assert_close(local.sum(-1), torch.ones(40, 2, 1))
-    seen = (local[:20] > 0).view(4, 5, 2, 7, 7)  # pixel (i, j) sees (i + a - 3, j + b - 3) for a, b < 7
-    assert seen[0, 0, :, 3:, 3:].all() and not seen[0, 0, :, :3].any() and not seen[0, 0, :, :, :3].any()
-    assert seen[3, 4, :, :4, :4].all() and not seen[3, 4, :, 4:].any() and not seen[3, 4, :, :, 4:].any()
+    local = maps["1"][0]  # one 8x8 query block (the 4x5 grid padded), its 14x14 halo of keys
+    assert local.shape == (2, 2, 64, 14 * 14)
+    torch.testing.assert_close(local.sum(-1), torch.ones(2, 2, 64))
+    for (i, j), rows, cols in [((0, 0), slice(3, 7), slice(3, 7)), ((3, 4), slice(3, 7), slice(4, 8))]:
+        # pixel (i, j) sees image rows max(i-3, 0) .. min(i+3, 3) and columns max(j-3, 0) .. min(j+3, 4): 16
+        # pixels; halo position = image position + 3
+        seen = local[:, :, i * 8 + j].view(2, 2, 14, 14) > 0
+        assert seen[:, :, rows, cols].all() and seen.sum() == 2 * 2 * 16
 
 
 def test_gradients_reach_the_relative_embeddings() -> None:
