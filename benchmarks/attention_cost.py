@@ -63,7 +63,8 @@ def build(kind: str, dim: int, heads: int, grid: tuple[int, int], kernel: int) -
 
 
 def pairs(kind: str, h: int, w: int, kernel: int) -> int:
-    """Query-key pairs the attention scores (local: including the masked ones past the border)."""
+    """Query-key pairs of the attention's function (local: counting the masked ones past the border; its blocked
+    implementation also scores the rest of each block's halo, (8 + k - 1)^2 keys per query)."""
     n = h * w
     return {"full": n * n, "axial": n * (h + w), "local": n * kernel * kernel}[kind]
 

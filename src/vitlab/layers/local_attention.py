@@ -14,10 +14,11 @@ Parameter Efficient Visual Backbones", CVPR 2021, arXiv:2103.12731): the grid is
 block's keys and values are unfolded once from its (b + k - 1)^2 surrounding window of the zero-padded grid and
 shared by its b^2 queries, and an additive mask keeps, for every query, exactly its own k x k neighbourhood inside
 the image (-inf elsewhere, the padded border included, which thus gets no weight; the paper is silent on borders)
-and carries the q^T r term. The function is eq. 3's; per-pixel unfolding would copy every key and value k^2 = 49
-times (and ran 8x slower than full attention over 32 x 32 tokens on CPU), the halo (b + k - 1)^2 / b^2 = 3 times
-for b = 8, k = 7, at the price of scoring the masked pairs. Maps are recorded per block as
-[B * blocks, heads, b * b, (b + k - 1)^2] (queries and keys row-major; zero outside each query's neighbourhood).
+and carries the q^T r term. The function is eq. 3's. Per-pixel unfolding would copy every key and value
+k^2 = 49 times (it ran 8x slower than full attention over 32 x 32 tokens in a CPU measurement); the halo copies
+them (b + k - 1)^2 / b^2 = 3 times for b = 8, k = 7, at the price of scoring the masked pairs. Maps are recorded
+per block as [B * blocks, heads, b * b, (b + k - 1)^2] (queries and keys row-major; zero outside each query's
+neighbourhood).
 
 As everywhere in vitlab the logits carry the 1/sqrt(d) of Vaswani et al., which eq. 3 leaves out (a constant a
 learned W_Q absorbs). The paper's heads read disjoint slices of the input (block-diagonal W_Q, W_K, W_V); here
@@ -53,6 +54,8 @@ class LocalSelfAttention(AttentionBase):
         super().__init__(dim, num_heads=num_heads, **kwargs)
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise VitlabError(f"local attention needs an odd kernel_size to centre on each pixel, got {kernel_size}")
+        if block_size < 1:
+            raise VitlabError(f"local attention block_size must be at least 1, got {block_size}")
         if rel_pos and self.head_dim % 2:
             raise VitlabError(f"relative embeddings split each head in row and column halves; head dim {self.head_dim}")
         self.kernel_size = kernel_size

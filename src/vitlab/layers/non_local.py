@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitlab.errors import VitlabError
+from vitlab.layers.attention import _composed_is_faster
 from vitlab.layers.drop import DropPath
 
 PairwiseFn = Literal["gaussian", "embedded_gaussian", "dot_product", "concatenation"]
@@ -140,7 +141,7 @@ class NonLocalBlock(nn.Module):
         n_keys = k.shape[2]
         softmax = self.mode in ("gaussian", "embedded_gaussian")
         scale = q.shape[-1] ** -0.5 if self.use_scale else 1.0
-        if self.fused_attn and softmax:
+        if self.fused_attn and softmax and not _composed_is_faster(q):
             return F.scaled_dot_product_attention(q, k, v, scale=scale)  # scale=1: no 1/sqrt(d) unless asked
         if self.fused_attn and self.mode == "dot_product":
             return q @ (k.transpose(-2, -1) @ v) / n_keys  # (B, 1, N, d) @ (B, 1, d, C/2)
