@@ -102,7 +102,7 @@ class NonLocalBlock(nn.Module):
     def reset_parameters(self) -> None:
         """N(0, 0.01) weights and zero biases (the authors' code), then the identity at insertion.
 
-        The identity comes from the BatchNorm scale alone (section 3.3): gamma = 0 and beta = 0 make the branch
+        The identity comes from the BatchNorm scale alone, as the paper has it: gamma = 0 and beta = 0 make the branch
         exactly zero while d(loss)/d(gamma) = sum(dL/dz * BN-normalised W_z y) is not, so gamma learns first and
         W_z after it. Zeroing W_z as well would leave both without a gradient (the normalised W_z y is then 0),
         and the block would stay the identity for good. Without BatchNorm W_z itself is zeroed, as the authors'
