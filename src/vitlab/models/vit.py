@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -52,7 +52,11 @@ PAPER = "Dosovitskiy et al., An Image is Worth 16x16 Words, ICLR 2021 (arXiv:201
 @register_architecture
 class VisionTransformer(nn.Module):
     arch = "vit"
-    head_names = ("head",)  # the classifier: replaced, not loaded, when a checkpoint has other classes
+    # the classifier layers: each is started afresh, not loaded, when a checkpoint's differs in shape or presence
+    head_names = ("head", "pre_logits")
+    # fine-tuning removes the whole pre-training head and attaches a single zero-initialised linear layer (paper,
+    # section 3.1 "Fine-tuning and higher resolution")
+    finetune_overrides: ClassVar[dict[str, Any]] = {"head_hidden_dim": None}
 
     def __init__(
         self,
@@ -479,6 +483,21 @@ def _cfg(img_size: int, in_chans: int = 3, **extra: Any) -> dict[str, Any]:
     }
 
 
+# Published weights of the same architecture (timm's Hub repositories, ImageNet-21k pre-trained, fine-tuned on
+# ImageNet-1k; Steiner et al., "How to train your ViT?", 2021), for create_model(name, pretrained=True).
+_HUB_TAGS = {
+    "vit_tiny_patch16_224": "augreg_in21k_ft_in1k",
+    "vit_small_patch16_224": "augreg_in21k_ft_in1k",
+    "vit_small_patch32_224": "augreg_in21k_ft_in1k",
+    "vit_base_patch16_224": "augreg2_in21k_ft_in1k",
+    "vit_base_patch32_224": "augreg_in21k_ft_in1k",
+    "vit_large_patch16_224": "augreg_in21k_ft_in1k",
+    "vit_base_patch16_384": "augreg_in21k_ft_in1k",
+    "vit_large_patch16_384": "augreg_in21k_ft_in1k",
+    "vit_huge_patch14_224": "orig_in21k",
+}
+
+
 def _add_variant(size: str, patch: int, img: int, in_chans: int = 3, num_classes: int = 1000) -> None:
     dim, depth, heads = _SIZES[size]
     name = f"vit_{size}_patch{patch}_{img}"
@@ -492,6 +511,8 @@ def _add_variant(size: str, patch: int, img: int, in_chans: int = 3, num_classes
         "num_heads": heads,
     }
     cfg = _cfg(img, in_chans, num_classes=num_classes)
+    if name in _HUB_TAGS:
+        cfg["hf_hub_id"] = f"timm/{name}.{_HUB_TAGS[name]}"
 
     def variant() -> tuple[type[nn.Module], dict[str, Any], dict[str, Any]]:
         return VisionTransformer, kwargs, cfg
