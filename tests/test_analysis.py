@@ -155,3 +155,84 @@ def test_few_shot_probe_on_digits_features() -> None:
     assert res["all"]["accuracy"] > res["1"]["accuracy"] and res["all"]["accuracy"] > 0.5
     inter = extract_features(model, splits.test, layer=0, limit=50)
     assert inter[0].shape == (50, 32)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny ViT trained on digits for one epoch through the CLI, as a user would make one."""
+    import json
+
+    from click.testing import CliRunner
+
+    from vitlab.cli import cli
+
+    run = tmp_path_factory.mktemp("run")
+    args = [
+        "train",
+        "--data",
+        "digits",
+        "--model",
+        "vit_tiny_patch7_28",
+        "--epochs",
+        "1",
+        "--precision",
+        "fp32",
+        "--set",
+        "model_args=" + json.dumps({"depth": 2, "embed_dim": 32, "num_heads": 2}),
+        "--out",
+        str(run),
+    ]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    return run / "checkpoints" / "best"
+
+
+def test_cli_commands_write_their_pictures(trained, tmp_path) -> None:
+    import json
+
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from vitlab.cli import cli
+
+    runner = CliRunner()
+    img = tmp_path / "seven.png"
+    Image.new("L", (28, 28), 0).save(img)
+    r = runner.invoke(cli, ["explain", str(trained), str(img), "--out", str(tmp_path / "ex")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "ex" / "seven_rollout.png").stat().st_size > 1000
+    assert (tmp_path / "ex" / "seven_heads.png").stat().st_size > 1000
+
+    r = runner.invoke(
+        cli, ["inspect", str(trained), "--data", "digits", "--images", "16", "--out", str(tmp_path / "in")]
+    )
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "in" / "inspect.json").read_text())
+    assert len(res["mean_attention_distance"]) == 2 and len(res["mean_attention_distance"][0]) == 2
+    assert (tmp_path / "in" / "distance.png").exists() and (tmp_path / "in" / "pos_embed.png").exists()
+
+    r = runner.invoke(
+        cli,
+        [
+            "erf",
+            "--checkpoint",
+            str(trained),
+            "--compare",
+            str(trained),
+            "--inits",
+            "1",
+            "--out",
+            str(tmp_path / "erf"),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    for name in ("erf_depth.png", "erf_training.png", "erf_compare.png", "erf.json"):
+        assert (tmp_path / "erf" / name).exists(), name
+    depth = json.loads((tmp_path / "erf" / "erf.json").read_text())["depth"]
+    assert depth["1"]["theoretical_radius"] < depth["16"]["theoretical_radius"]
+
+    r = runner.invoke(cli, ["probe", str(trained), "--data", "digits", "--draws", "2", "--out", str(tmp_path / "pr")])
+    assert r.exit_code == 0, r.output
+    shots = json.loads((tmp_path / "pr" / "probe.json").read_text())["shots"]
+    assert set(shots) == {"1", "2", "4", "8", "16", "all"}
+    assert (tmp_path / "pr" / "probe.png").exists()
