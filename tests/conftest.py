@@ -19,6 +19,8 @@ def _tiny_vit(kwargs: dict[str, Any]) -> dict[str, Any]:
 # channels, pooling). Keyed by architecture: a new family adds one entry, a function of the variant's kwargs.
 TINY: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "vit": _tiny_vit,
+    "cait": _tiny_vit,  # plus its 2 class-attention layers
+    "cpvt": lambda kw: {**_tiny_vit(kw), "img_size": 3 * kw["patch_size"]},  # a 3x3 grid: PEG sees a centre
 }
 
 

@@ -14,9 +14,11 @@ from vitlab.layers.drop import DropPath, drop_path
 from vitlab.layers.layer_scale import LayerScale
 from vitlab.layers.mlp import Mlp
 from vitlab.layers.patch_embed import PatchEmbed, to_2tuple
+from vitlab.layers.peg import PEG
 from vitlab.layers.pos_embed import resample_pos_embed, sincos_pos_embed_1d, sincos_pos_embed_2d
 
 __all__ = [
+    "PEG",
     "Attention",
     "AttentionBase",
     "Block",

@@ -65,10 +65,12 @@ class Block(nn.Module):
         init_values: float | None = None,
         norm_eps: float = 1e-6,
         act: str = "gelu",
+        attn_layer: Callable[..., nn.Module] = Attention,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = Attention(
+        # attn_layer: any AttentionBase subclass taking these arguments (CaiT's talking heads and class attention)
+        self.attn = attn_layer(
             dim,
             num_heads=num_heads,
             qkv_bias=qkv_bias,

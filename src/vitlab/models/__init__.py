@@ -1,5 +1,7 @@
 """Model families; importing this module registers every variant."""
 
+from vitlab.models.cait import CaiT
+from vitlab.models.cpvt import CPVT
 from vitlab.models.vit import VisionTransformer
 
-__all__ = ["VisionTransformer"]
+__all__ = ["CPVT", "CaiT", "VisionTransformer"]
