@@ -15,12 +15,20 @@ def _tiny_vit(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {"embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": 2 * p, "num_classes": 5}
 
 
+def _tiny_swin(kwargs: dict[str, Any]) -> dict[str, Any]:
+    # two stages of a W-MSA and an SW-MSA block; a first map of 2 windows + 1 patch is padded, shifted and masked in
+    # both stages (the second map is window + 1)
+    size = kwargs["patch_size"] * (2 * kwargs["window_size"] + 1)
+    return {"embed_dim": 8, "depths": (2, 2), "num_heads": (1, 2), "img_size": size, "num_classes": 5}
+
+
 # Overrides that shrink any registered model to a few thousand parameters, keeping its structure (patch size,
 # channels, pooling). Keyed by architecture: a new family adds one entry, a function of the variant's kwargs.
 TINY: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "vit": _tiny_vit,
     "cait": _tiny_vit,  # plus its 2 class-attention layers
     "cpvt": lambda kw: {**_tiny_vit(kw), "img_size": 3 * kw["patch_size"]},  # a 3x3 grid: PEG sees a centre
+    "swin": _tiny_swin,
 }
 
 

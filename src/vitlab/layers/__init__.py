@@ -16,6 +16,13 @@ from vitlab.layers.mlp import Mlp
 from vitlab.layers.patch_embed import PatchEmbed, to_2tuple
 from vitlab.layers.peg import PEG
 from vitlab.layers.pos_embed import resample_pos_embed, sincos_pos_embed_1d, sincos_pos_embed_2d
+from vitlab.layers.window import (
+    WindowAttention,
+    relative_position_index,
+    shifted_window_mask,
+    window_partition,
+    window_reverse,
+)
 
 __all__ = [
     "PEG",
@@ -27,15 +34,20 @@ __all__ = [
     "LayerScale",
     "Mlp",
     "PatchEmbed",
+    "WindowAttention",
     "attention_modules",
     "drop_path",
     "explicit_attention",
     "get_act_layer",
     "low_precision_inference",
     "record_attention",
+    "relative_position_index",
     "resample_pos_embed",
     "set_fused_attn",
+    "shifted_window_mask",
     "sincos_pos_embed_1d",
     "sincos_pos_embed_2d",
     "to_2tuple",
+    "window_partition",
+    "window_reverse",
 ]

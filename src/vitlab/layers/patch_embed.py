@@ -7,6 +7,8 @@ E in R^{(P^2 C) x D}. A P x P convolution with stride P is exactly that linear m
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -32,6 +34,7 @@ class PatchEmbed(nn.Module):
         bias: bool = True,
         flatten: bool = True,
         strict_img_size: bool = True,
+        norm_layer: Callable[[int], nn.Module] | None = None,
     ) -> None:
         super().__init__()
         self.patch_size = to_2tuple(patch_size)
@@ -40,6 +43,8 @@ class PatchEmbed(nn.Module):
         self.strict_img_size = strict_img_size
         self.set_img_size(img_size)
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias)
+        # a norm over the embedding (Swin's "patch_norm"); Identity holds no state, so ViT checkpoints are unchanged
+        self.norm = norm_layer(embed_dim) if norm_layer else nn.Identity()
 
     def set_img_size(self, img_size: int | tuple[int, int]) -> None:
         self.img_size = to_2tuple(img_size)
@@ -62,5 +67,5 @@ class PatchEmbed(nn.Module):
             raise VitlabError(f"input size ({H}, {W}) is not divisible by patch size {self.patch_size}")
         x = self.proj(x)  # (B, D, H/P, W/P)
         if self.flatten:
-            return x.flatten(2).transpose(1, 2)  # (B, N, D)
-        return x.permute(0, 2, 3, 1)  # (B, H/P, W/P, D)
+            return self.norm(x.flatten(2).transpose(1, 2))  # (B, N, D)
+        return self.norm(x.permute(0, 2, 3, 1))  # (B, H/P, W/P, D)

@@ -2,6 +2,7 @@
 
 from vitlab.models.cait import CaiT
 from vitlab.models.cpvt import CPVT
+from vitlab.models.swin import SwinTransformer
 from vitlab.models.vit import VisionTransformer
 
-__all__ = ["CPVT", "CaiT", "VisionTransformer"]
+__all__ = ["CPVT", "CaiT", "SwinTransformer", "VisionTransformer"]
