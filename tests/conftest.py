@@ -19,6 +19,7 @@ def _tiny_vit(kwargs: dict[str, Any]) -> dict[str, Any]:
 # channels, pooling). Keyed by architecture: a new family adds one entry, a function of the variant's kwargs.
 TINY: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "vit": _tiny_vit,
+    "deit": _tiny_vit,
 }
 
 

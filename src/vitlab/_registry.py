@@ -31,6 +31,19 @@ def register_model(fn: VariantFn) -> VariantFn:
     return fn
 
 
+def register_variant(
+    name: str, cls: type[nn.Module], kwargs: dict[str, Any], default_cfg: dict[str, Any], doc: str = ""
+) -> None:
+    """Register a variant from a table of sizes: ``create_model(name)`` builds ``cls(**kwargs)``."""
+
+    def variant() -> tuple[type[nn.Module], dict[str, Any], dict[str, Any]]:
+        return cls, kwargs, default_cfg
+
+    variant.__name__ = name
+    variant.__doc__ = doc
+    register_model(variant)
+
+
 def register_architecture(cls: type[nn.Module]) -> type[nn.Module]:
     """Register a model class under its ``arch`` name, so a checkpoint with custom arguments can be rebuilt."""
     _architectures[cls.arch] = cls  # type: ignore[attr-defined]
