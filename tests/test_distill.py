@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 import vitlab
 from conftest import move_off_init
-from test_train import TINY, metrics, weights
+from test_train import TINY, cli_args, metrics, weights
 from vitlab.cli import cli
 from vitlab.train import TrainConfig, train
 from vitlab.train.tasks import (
@@ -148,24 +148,7 @@ def teacher_dir(tmp_path_factory):
 
 
 def distill_args(out, teacher, *extra: str, model: str = STUDENT) -> list[str]:
-    return [
-        "train",
-        "--data",
-        "digits",
-        "--model",
-        model,
-        "--set",
-        f"model_args={json.dumps(TINY)}",
-        "--precision",
-        "fp32",
-        "--set",
-        "threads=1",
-        "--teacher",
-        str(teacher),
-        "--out",
-        str(out),
-        *extra,
-    ]
+    return cli_args(out, "--model", model, "--teacher", str(teacher), *extra)  # the later --model wins
 
 
 @pytest.mark.parametrize("kind", ["hard", "soft"])

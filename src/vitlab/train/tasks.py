@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitlab.errors import VitlabError
+from vitlab.train.config import TrainConfig
 
 
 class TaskOutput(NamedTuple):
@@ -249,7 +250,7 @@ def load_teacher(
 
 
 def build_task(
-    cfg: Any,
+    cfg: TrainConfig,
     *,
     num_classes: int,
     in_chans: int,
