@@ -29,6 +29,7 @@ TINY: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "cait": _tiny_vit,  # plus its 2 class-attention layers
     "cpvt": lambda kw: {**_tiny_vit(kw), "img_size": 3 * kw["patch_size"]},  # a 3x3 grid: PEG sees a centre
     "swin": _tiny_swin,
+    "deit": _tiny_vit,
 }
 
 

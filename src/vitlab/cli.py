@@ -95,6 +95,10 @@ def _parse_set(values: tuple[str, ...]) -> dict:
 @click.option("--out", help="Run directory (default runs/DATA-MODEL-TIME).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from checkpoints/last.")
 @click.option("--skip-bad-images", is_flag=True, default=None, help="Skip unreadable images in folder datasets.")
+@click.option("--teacher", help="Distil from this checkpoint (vitlab, HF or timm; any architecture).")
+@click.option("--distill", type=click.Choice(["hard", "soft"]), help="Distillation kind (default hard).")
+@click.option("--distill-tau", type=float, help="Soft distillation temperature (default 3.0).")
+@click.option("--distill-alpha", type=float, help="Soft distillation weight of the teacher (default 0.1).")
 @click.option("--max-steps", type=int, help="Stop after this many optimizer steps.")
 @click.option("--time-budget", "time_budget_s", type=float, help="Stop after this many seconds of training.")
 @click.option(

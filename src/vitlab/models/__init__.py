@@ -2,7 +2,8 @@
 
 from vitlab.models.cait import CaiT
 from vitlab.models.cpvt import CPVT
+from vitlab.models.deit import VisionTransformerDistilled
 from vitlab.models.swin import SwinTransformer
 from vitlab.models.vit import VisionTransformer
 
-__all__ = ["CPVT", "CaiT", "SwinTransformer", "VisionTransformer"]
+__all__ = ["CPVT", "CaiT", "SwinTransformer", "VisionTransformer", "VisionTransformerDistilled"]
