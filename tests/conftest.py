@@ -15,10 +15,20 @@ def _tiny_vit(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {"embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": 2 * p, "num_classes": 5}
 
 
+def _tiny_resnet(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {"layers": (1, 1), "channels": (4, 8), "stem_width": 8, "num_classes": 5}
+
+
+def _tiny_convnext(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {"depths": (1, 1), "dims": (8, 16), "num_classes": 5}
+
+
 # Overrides that shrink any registered model to a few thousand parameters, keeping its structure (patch size,
 # channels, pooling). Keyed by architecture: a new family adds one entry, a function of the variant's kwargs.
 TINY: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "vit": _tiny_vit,
+    "resnet": _tiny_resnet,
+    "convnext": _tiny_convnext,
 }
 
 
