@@ -4,14 +4,15 @@ Liu, Mao, Wu, Feichtenhofer, Darrell and Xie, "A ConvNet for the 2020s", CVPR 20
 
 A ResNet modernised step by step towards a Swin Transformer (section 2, Fig. 2):
 
-* "patchify" stem: a 4x4 stride-4 convolution (non-overlapping patches, as a ViT patch embedding) + LayerNorm;
+* "patchify" stem (section 2.2): a 4x4 stride-4 convolution (non-overlapping patches, as a ViT patch embedding)
+  + LayerNorm;
 * stages of blocks (Fig. 4), each on a map x [B, C, H, W]:
 
       y = x + DropPath( gamma * Linear_{4C->C}( GELU( Linear_{C->4C}( LN( DWConv7x7(x) ) ) ) ) )
 
-  a 7x7 depthwise convolution mixes space (section 2.4, the window size of Swin), one LayerNorm over channels
-  (2.6), an inverted bottleneck 4x wide with a single GELU (2.3, 2.6), a LayerScale gamma initialised to 1e-6
-  (Touvron et al., 2021) and stochastic depth;
+  a depthwise convolution mixes space (section 2.3) with a 7x7 kernel (2.5, Swin's window size), one LayerNorm
+  over channels (2.6), an inverted bottleneck 4x wide (2.4) with a single GELU (2.6), a LayerScale gamma
+  initialised to 1e-6 (Touvron et al., 2021) and stochastic depth;
 * separate downsampling layers between stages: LayerNorm + 2x2 stride-2 convolution (section 2.6);
 * global average pooling, a final LayerNorm and the linear classifier.
 
@@ -19,14 +20,17 @@ The 1x1 convolutions of the inverted bottleneck are linear maps over channels: t
 channels-last (B, H, W, C) once and uses the shared `Mlp` and `nn.LayerNorm` there, as the official code. timm's
 ``conv_mlp`` variants (atto ... nano) hold the same numbers in 1x1-convolution shape; their converter reshapes.
 
-Variants: Tiny / Small / Base are the paper's (Table 9 of the appendix); atto, femto, pico and nano are timm's
-smaller ones. ``convnext_atto_28`` / ``convnext_atto_32`` take 28x28 grayscale or 32x32 RGB images with a 1x1
-"stem" (patch size 1): the three downsamplings then leave a 3x3 (28) or 4x4 (32) map for the last stage, where a
-4x4 stem would leave 1x1 and reduce the 7x7 depthwise convolution to its centre tap. The stage resolutions at 28
-(28, 14, 7, 3) mirror ImageNet's at 224 (56, 28, 14, 7).
+Variants: Tiny / Small / Base are the paper's (section 3: channels C and blocks B per stage); atto, femto, pico
+and nano are timm's smaller ones. ``convnext_atto_28`` / ``convnext_atto_32`` take 28x28 grayscale or 32x32 RGB
+images with a 1x1 "stem" (patch size 1): the three downsamplings then leave a 3x3 (28) or 4x4 (32) map for the
+last stage, where a 4x4 stem would leave 1x1 and reduce the 7x7 depthwise convolution to its centre tap. The
+stage resolutions at 28 (28, 14, 7, 3) mirror ImageNet's at 224 (56, 28, 14, 7).
 
 Parameter names are timm's (``stem.0``, ``stages.1.downsample.1``, ``stages.0.blocks.0.conv_dw``, ``head.norm``,
 ``head.fc``) except LayerScale's, the shared module ``ls.gamma`` where timm has ``gamma``.
+
+Channels-last: with ``model.to(memory_format=torch.channels_last)`` and channels-last inputs the block's permutes
+to (B, H, W, C) and back are free views, and the layout holds to the last map (tested).
 """
 
 from __future__ import annotations

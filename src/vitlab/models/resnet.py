@@ -19,7 +19,7 @@ Choices, each documented where it is made:
   its stride on the 3x3 convolution; the paper's v1 puts it on the first 1x1 (``stride_in_1x1=True``, HF's
   ``downsample_in_bottleneck``).
 * **zero_init_last=True** (timm's default): the last BN of every residual branch starts with gamma = 0, so each
-  block starts as the identity (plus ReLU) and the deep network as a shallow one (Goyal et al., 2017, section 5.1).
+  block starts as the identity (plus ReLU) and the deep network as a shallow one (Goyal et al., 2017).
 * **Small images**: ``stem_type="cifar"`` replaces the 7x7/2 convolution and max-pool by one 3x3 stride-1
   convolution (the CIFAR stem of section 4.2, at ImageNet widths), so a 28x28 or 32x32 image keeps its resolution
   into ``layer1`` and ends as a 4x4 map instead of 1x1: ``resnet18_28`` (grayscale) and ``resnet18_32`` (RGB).
@@ -28,11 +28,16 @@ Choices, each documented where it is made:
   ``insert_after`` lists, per stage, the blocks after which one is inserted. It becomes a child ``extra<j>`` of
   the stage's nn.Sequential, so block names, hence timm weights, are unchanged. A ``resnet50_nonlocal`` is then
   ``INSERT_LAYERS["nonlocal"] = NonLocalBlock`` plus a variant with ``insert_layer="nonlocal",
-  insert_after=[[], [0, 2], [0, 2, 4], []]`` (5 blocks, every other residual block of res3 and res4, Wang et al.
-  section 4.1). Inserted modules keep their own initialisation.
+  insert_after=[[], [0, 2], [0, 2, 4], []]`` (Wang et al.'s 5 blocks: every other residual block of res3 and
+  res4). Inserted modules keep their own initialisation.
 
 Parameter names are timm's (``conv1``, ``bn1``, ``layer1.0.conv1``, ``layer1.0.downsample.0``, ``fc``), so timm
 ResNet state dicts load as they are.
+
+Channels-last: ``model.to(memory_format=torch.channels_last)`` with channels-last inputs keeps that layout from
+the stem to the pooled features (tested), the layout cuDNN and oneDNN convolutions prefer; whether it pays is for
+benchmarks/throughput.py to say. (torch 2.13's oneDNN CPU backward of a channels-last 1x1 stride-2 convolution with
+2-7 input channels corrupts memory; only toy widths reach it.)
 """
 
 from __future__ import annotations
@@ -247,8 +252,8 @@ class ResNet(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, zero_init_last: bool = True) -> None:
-        """He-normal convolutions (fan-out, as the paper's reference [13]), unit BN and, if asked, a zero gamma in
-        the last BN of each residual branch. The classifier is zero from `zero_classifier`."""
+        """He-normal convolutions (the paper's reference [13]; fan-out as torchvision / timm), unit BN and, if
+        asked, a zero gamma in the last BN of each residual branch. The classifier is zero (`zero_classifier`)."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
