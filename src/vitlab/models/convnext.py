@@ -29,8 +29,9 @@ stage resolutions at 28 (28, 14, 7, 3) mirror ImageNet's at 224 (56, 28, 14, 7).
 Parameter names are timm's (``stem.0``, ``stages.1.downsample.1``, ``stages.0.blocks.0.conv_dw``, ``head.norm``,
 ``head.fc``) except LayerScale's, the shared module ``ls.gamma`` where timm has ``gamma``.
 
-Channels-last: with ``model.to(memory_format=torch.channels_last)`` and channels-last inputs the block's permutes
-to (B, H, W, C) and back are free views, and the layout holds to the last map (tested).
+Channels-last: with ``model.to(memory_format=torch.channels_last)`` and channels-last inputs the block's permute
+to (B, H, W, C) yields a contiguous tensor, so LayerNorm and the linear maps copy nothing, and the layout holds to
+the last map (tested).
 """
 
 from __future__ import annotations
