@@ -22,6 +22,14 @@ def _tiny_swin(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {"embed_dim": 8, "depths": (2, 2), "num_heads": (1, 2), "img_size": size, "num_classes": 5}
 
 
+def _tiny_resnet(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {"layers": (1, 1), "channels": (4, 8), "stem_width": 8, "num_classes": 5}
+
+
+def _tiny_convnext(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {"depths": (1, 1), "dims": (8, 16), "num_classes": 5}
+
+
 # Overrides that shrink any registered model to a few thousand parameters, keeping its structure (patch size,
 # channels, pooling). Keyed by architecture: a new family adds one entry, a function of the variant's kwargs.
 TINY: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
@@ -30,6 +38,8 @@ TINY: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "cpvt": lambda kw: {**_tiny_vit(kw), "img_size": 3 * kw["patch_size"]},  # a 3x3 grid: PEG sees a centre
     "swin": _tiny_swin,
     "deit": _tiny_vit,
+    "resnet": _tiny_resnet,
+    "convnext": _tiny_convnext,
 }
 
 

@@ -13,6 +13,7 @@ from vitlab.layers.block import Block, get_act_layer, low_precision_inference
 from vitlab.layers.drop import DropPath, drop_path
 from vitlab.layers.layer_scale import LayerScale
 from vitlab.layers.mlp import Mlp
+from vitlab.layers.norm import LayerNorm2d
 from vitlab.layers.patch_embed import PatchEmbed, to_2tuple
 from vitlab.layers.peg import PEG
 from vitlab.layers.pos_embed import resample_pos_embed, sincos_pos_embed_1d, sincos_pos_embed_2d
@@ -31,6 +32,7 @@ __all__ = [
     "Block",
     "CrossAttention",
     "DropPath",
+    "LayerNorm2d",
     "LayerScale",
     "Mlp",
     "PatchEmbed",
