@@ -13,8 +13,10 @@ from vitlab.layers.block import Block, get_act_layer, low_precision_inference
 from vitlab.layers.drop import DropPath, drop_path
 from vitlab.layers.layer_scale import LayerScale
 from vitlab.layers.mlp import Mlp
-from vitlab.layers.patch_embed import PatchEmbed, to_2tuple
+from vitlab.layers.padding import MaxPool2dSame, pad_same
+from vitlab.layers.patch_embed import PatchEmbed, check_image, map_to_tokens, to_2tuple
 from vitlab.layers.pos_embed import resample_pos_embed, sincos_pos_embed_1d, sincos_pos_embed_2d
+from vitlab.layers.std_conv import StdConv2d
 
 __all__ = [
     "Attention",
@@ -23,13 +25,18 @@ __all__ = [
     "CrossAttention",
     "DropPath",
     "LayerScale",
+    "MaxPool2dSame",
     "Mlp",
     "PatchEmbed",
+    "StdConv2d",
     "attention_modules",
+    "check_image",
     "drop_path",
     "explicit_attention",
     "get_act_layer",
     "low_precision_inference",
+    "map_to_tokens",
+    "pad_same",
     "record_attention",
     "resample_pos_embed",
     "set_fused_attn",
