@@ -38,6 +38,14 @@ from vitlab.models.vit import VisionTransformer, _cfg, infer_vit_args
 CONV_EPS = 1e-8  # the weight-standardisation epsilon of the official hybrid (timm's and HF's ports keep it)
 
 
+def bottleneck_width(out_chs: int) -> int:
+    """A bottleneck's inner width: a quarter of its output, rounded to a multiple of 8 (at least 8) as timm's and
+    HF's ports of BiT do (never below 90% of the quarter). R50's widths (64, 128, 256) are exact quarters."""
+    quarter = out_chs / 4
+    width = max(8, int(quarter + 4) // 8 * 8)
+    return width + 8 if width < 0.9 * quarter else width
+
+
 def _conv(c_in: int, c_out: int, kernel_size: int, stride: int = 1) -> StdConv2d:
     return StdConv2d(c_in, c_out, kernel_size, stride=stride, padding="same", eps=CONV_EPS)
 
@@ -55,12 +63,12 @@ class Downsample(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """1x1 (C -> C/4) -> 3x3 (stride) -> 1x1 (-> C), each followed by GroupNorm, ReLU after the first two; the
+    """1x1 (C -> ~C/4) -> 3x3 (stride) -> 1x1 (-> C), each followed by GroupNorm, ReLU after the first two; the
     residual sum is activated (He et al. 2016's block with the stride on the 3x3 convolution, "ResNet v1.5")."""
 
     def __init__(self, in_chs: int, out_chs: int, *, stride: int = 1, first: bool = False, num_groups: int = 32):
         super().__init__()
-        mid = out_chs // 4
+        mid = bottleneck_width(out_chs)
         self.downsample = Downsample(in_chs, out_chs, stride=stride, num_groups=num_groups) if first else None
         self.conv1 = _conv(in_chs, mid, 1)
         self.norm1 = nn.GroupNorm(num_groups, mid)
@@ -128,7 +136,7 @@ class ResNetBackbone(nn.Module):
         super().__init__()
         if not layers or len(layers) != len(widths):
             raise VitlabError(f"the ResNet backbone needs one width per stage, got layers={layers} widths={widths}")
-        for c in (stem_width, *widths, *(w // 4 for w in widths)):
+        for c in (stem_width, *widths, *map(bottleneck_width, widths)):
             if c % num_groups:
                 raise VitlabError(f"GroupNorm with {num_groups} groups cannot split {c} channels; change the widths")
         self.stem = ResNetStem(in_chans, stem_width, num_groups=num_groups)
