@@ -278,6 +278,9 @@ class CCT(nn.Module):
 
     # --- forward --------------------------------------------------------------------------------------------
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        # the residual stream in the parameters' precision: autocast leaves the tokenizer's output in bf16, and
+        # without a learned fp32 table to promote it, training would otherwise run the stream in bf16
+        x = x.to(self.norm.weight.dtype)
         pos = self.pos_embed
         if self.dynamic_img_size:
             B, H, W, D = x.shape

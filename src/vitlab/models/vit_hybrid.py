@@ -8,12 +8,12 @@ patches can have spatial size 1x1", i.e. the map is flattened and each position 
     z_0 = [x_class; f^1 E; ...; f^N E] + E_pos,   f = ResNet(x) in R^{H/16 x W/16 x C},   E: a 1x1 convolution C -> D
 
 then eqs. 2-4 of ViT unchanged (`VisionTransformer`, reused whole: `HybridEmbed` takes the place of its patch
-embedding). The R50 of the paper's hybrids (section 4.1 and appendix D.4) is BiT's ResNet (Kolesnikov et al.,
+embedding). The R50 of the paper's hybrids (section 4.1) is BiT's ResNet (Kolesnikov et al.,
 "Big Transfer", ECCV 2020): GroupNorm (32 groups) in place of BatchNorm and weight-standardised convolutions
-(`StdConv2d`), stem 7x7 / 2 + 3x3 / 2 max-pool, bottleneck blocks with the stride on the 3x3 convolution; ViT drops
-stage 4 and puts stage 3's 9 blocks in its place ("layers (3, 4, 9)"), so the map has stride 16 and 1024 channels.
-As in the official JAX code and timm, the blocks are post-activation (conv -> GN -> ReLU, GN on the sum's branch,
-ReLU after the residual addition) and every padding is TF "SAME".
+(`StdConv2d`), stem 7x7 / 2 + 3x3 / 2 max-pool, bottleneck blocks with the stride on the 3x3 convolution. ViT
+removes stage 4 and puts its layers into stage 3, keeping the total (6 + 3 = 9 blocks: "layers (3, 4, 9)"), so the
+map has stride 16 and 1024 channels. As in the official JAX code and timm, the blocks are post-activation (conv ->
+GN -> ReLU, GN on the sum's branch, ReLU after the residual addition) and every padding is TF "SAME".
 
 Parameter names follow timm's ``vit_base_r50_s16_384`` (``patch_embed.backbone.stem.conv``,
 ``patch_embed.backbone.stages.{i}.blocks.{j}.conv1``, ``patch_embed.proj``, ...), so its state dicts load as they are.
