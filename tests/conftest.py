@@ -30,6 +30,26 @@ def _tiny_convnext(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {"depths": (1, 1), "dims": (8, 16), "num_classes": 5}
 
 
+def _tiny_cct(kwargs: dict[str, Any]) -> dict[str, Any]:
+    reduction = (kwargs["stride"] * 2) ** kwargs["n_conv_layers"]  # each tokenizer layer: conv, then 3x3 / 2 max-pool
+    return {"embed_dim": 32, "depth": 2, "num_heads": 2, "conv_width": 8, "img_size": 4 * reduction, "num_classes": 5}
+
+
+def _tiny_vit_hybrid(kwargs: dict[str, Any]) -> dict[str, Any]:
+    stages = len(kwargs["backbone_layers"])  # keep the number of stages, hence the stride
+    return {
+        "embed_dim": 32,
+        "depth": 2,
+        "num_heads": 2,
+        "backbone_layers": (1,) * stages,
+        "backbone_widths": tuple(16 * 2**i for i in range(stages)),
+        "backbone_stem_width": 8,
+        "backbone_groups": 4,
+        "img_size": 2 * 4 * 2 ** (stages - 1),
+        "num_classes": 5,
+    }
+
+
 # Overrides that shrink any registered model to a few thousand parameters, keeping its structure (patch size,
 # channels, pooling). Keyed by architecture: a new family adds one entry, a function of the variant's kwargs.
 TINY: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
@@ -40,6 +60,8 @@ TINY: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "deit": _tiny_vit,
     "resnet": _tiny_resnet,
     "convnext": _tiny_convnext,
+    "cct": _tiny_cct,
+    "vit_hybrid": _tiny_vit_hybrid,
 }
 
 

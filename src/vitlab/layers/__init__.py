@@ -14,9 +14,11 @@ from vitlab.layers.drop import DropPath, drop_path
 from vitlab.layers.layer_scale import LayerScale
 from vitlab.layers.mlp import Mlp
 from vitlab.layers.norm import LayerNorm2d
-from vitlab.layers.patch_embed import PatchEmbed, to_2tuple
+from vitlab.layers.padding import MaxPool2dSame, pad_same
+from vitlab.layers.patch_embed import PatchEmbed, check_image, map_to_tokens, to_2tuple
 from vitlab.layers.peg import PEG
 from vitlab.layers.pos_embed import resample_pos_embed, sincos_pos_embed_1d, sincos_pos_embed_2d
+from vitlab.layers.std_conv import StdConv2d
 from vitlab.layers.window import (
     WindowAttention,
     relative_position_index,
@@ -34,14 +36,19 @@ __all__ = [
     "DropPath",
     "LayerNorm2d",
     "LayerScale",
+    "MaxPool2dSame",
     "Mlp",
     "PatchEmbed",
+    "StdConv2d",
     "WindowAttention",
     "attention_modules",
+    "check_image",
     "drop_path",
     "explicit_attention",
     "get_act_layer",
     "low_precision_inference",
+    "map_to_tokens",
+    "pad_same",
     "record_attention",
     "relative_position_index",
     "resample_pos_embed",

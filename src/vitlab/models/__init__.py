@@ -1,11 +1,23 @@
 """Model families; importing this module registers every variant."""
 
 from vitlab.models.cait import CaiT
+from vitlab.models.cct import CCT
 from vitlab.models.convnext import ConvNeXt
 from vitlab.models.cpvt import CPVT
 from vitlab.models.deit import VisionTransformerDistilled
 from vitlab.models.resnet import ResNet
 from vitlab.models.swin import SwinTransformer
 from vitlab.models.vit import VisionTransformer
+from vitlab.models.vit_hybrid import HybridVisionTransformer
 
-__all__ = ["CPVT", "CaiT", "ConvNeXt", "ResNet", "SwinTransformer", "VisionTransformer", "VisionTransformerDistilled"]
+__all__ = [
+    "CCT",
+    "CPVT",
+    "CaiT",
+    "ConvNeXt",
+    "HybridVisionTransformer",
+    "ResNet",
+    "SwinTransformer",
+    "VisionTransformer",
+    "VisionTransformerDistilled",
+]

@@ -85,6 +85,7 @@ class VisionTransformer(nn.Module):
         norm_eps: float = 1e-6,
         act: str = "gelu",
         dynamic_img_size: bool = False,
+        embed_layer: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if global_pool not in ("token", "avg"):
@@ -99,15 +100,18 @@ class VisionTransformer(nn.Module):
         self.num_prefix_tokens = 1 if class_token else 0
         self.dynamic_img_size = dynamic_img_size
 
-        self.patch_embed = PatchEmbed(
-            img_size,
-            patch_size,
-            in_chans,
-            embed_dim,
-            bias=True,
-            strict_img_size=not dynamic_img_size,
-            flatten=not dynamic_img_size,
-        )
+        # embed_layer: a built patch embedding with PatchEmbed's interface (the hybrid's CNN stem + 1x1 projection)
+        if embed_layer is None:
+            embed_layer = PatchEmbed(
+                img_size,
+                patch_size,
+                in_chans,
+                embed_dim,
+                bias=True,
+                strict_img_size=not dynamic_img_size,
+                flatten=not dynamic_img_size,
+            )
+        self.patch_embed = embed_layer
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         if pos_embed == "none":
