@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -50,6 +51,20 @@ def _tiny_vit_hybrid(kwargs: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _tiny_cvt(kwargs: dict[str, Any]) -> dict[str, Any]:
+    stride = math.prod(kwargs.get("patch_stride", (4, 2, 2)))  # 2x2 tokens at the last stage
+    # With class-token pooling the last block's patch-token queries (its conv_proj_q) never reach the logits, in
+    # the paper's model as in HF's; average pooling of the patch tokens keeps every parameter on the gradient path.
+    return {
+        "embed_dim": (8, 16, 32),
+        "depth": (1, 1, 2),
+        "num_heads": (1, 2, 2),
+        "img_size": 2 * stride,
+        "num_classes": 5,
+        "global_pool": "avg",
+    }
+
+
 # Overrides that shrink any registered model to a few thousand parameters, keeping its structure (patch size,
 # channels, pooling). Keyed by architecture: a new family adds one entry, a function of the variant's kwargs.
 TINY: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
@@ -62,6 +77,7 @@ TINY: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "convnext": _tiny_convnext,
     "cct": _tiny_cct,
     "vit_hybrid": _tiny_vit_hybrid,
+    "cvt": _tiny_cvt,
 }
 
 

@@ -248,6 +248,10 @@ def _read_hf(path: Path, config: dict[str, Any], map_location: Any) -> tuple[Con
     prep = path / "preprocessor_config.json"
     pre = _read_json(prep) if prep.exists() else {}
     size = pre.get("crop_size") if pre.get("do_center_crop") else pre.get("size")
+    if isinstance(size, int) or (isinstance(size, dict) and set(size) == {"shortest_edge"}):
+        # ConvNeXt-style processors (CvT's published ones): one side, and the image comes out square
+        side = size if isinstance(size, int) else size["shortest_edge"]
+        size = {"height": side, "width": side}
     if isinstance(size, dict) and "height" in size and "width" in size:
         # the input size of a model without a fixed one (a fixed img_size argument wins in build_model)
         conv.default_cfg["input_size"] = (conv.default_cfg["input_size"][0], size["height"], size["width"])

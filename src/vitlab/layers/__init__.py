@@ -10,6 +10,8 @@ from vitlab.layers.attention import (
     set_fused_attn,
 )
 from vitlab.layers.block import Block, get_act_layer, low_precision_inference
+from vitlab.layers.conv_attention import ConvAttention, ConvProjection
+from vitlab.layers.conv_embed import ConvEmbed
 from vitlab.layers.drop import DropPath, drop_path
 from vitlab.layers.layer_scale import LayerScale
 from vitlab.layers.mlp import Mlp
@@ -32,6 +34,9 @@ __all__ = [
     "Attention",
     "AttentionBase",
     "Block",
+    "ConvAttention",
+    "ConvEmbed",
+    "ConvProjection",
     "CrossAttention",
     "DropPath",
     "LayerNorm2d",

@@ -4,6 +4,7 @@ from vitlab.models.cait import CaiT
 from vitlab.models.cct import CCT
 from vitlab.models.convnext import ConvNeXt
 from vitlab.models.cpvt import CPVT
+from vitlab.models.cvt import ConvolutionalVisionTransformer
 from vitlab.models.deit import VisionTransformerDistilled
 from vitlab.models.resnet import ResNet
 from vitlab.models.swin import SwinTransformer
@@ -15,6 +16,7 @@ __all__ = [
     "CPVT",
     "CaiT",
     "ConvNeXt",
+    "ConvolutionalVisionTransformer",
     "HybridVisionTransformer",
     "ResNet",
     "SwinTransformer",
