@@ -36,7 +36,10 @@ def explain_figure(image: Tensor, relevance: Tensor, title: str, out: Path) -> N
     """The image, and the image with the rollout relevance ``[gh, gw]`` overlaid as a heat map."""
     plt = _plt()
     rgb = _image(image)
-    heat = _upsample(relevance / relevance.max().clamp_min(1e-12), rgb.shape[:2])
+    # stretched from the least to the most relevant patch: rollout spreads relevance thinly, so max-scaling alone
+    # would paint the whole image in the top colours
+    lo, hi = relevance.min(), relevance.max()
+    heat = _upsample((relevance - lo) / (hi - lo).clamp_min(1e-12), rgb.shape[:2])
     fig, axes = plt.subplots(1, 2, figsize=(7, 3.8))
     axes[0].imshow(rgb)
     axes[0].set_title("input")
@@ -45,7 +48,7 @@ def explain_figure(image: Tensor, relevance: Tensor, title: str, out: Path) -> N
     axes[1].set_title("attention rollout")
     for ax in axes:
         ax.axis("off")
-    fig.colorbar(im, ax=axes[1], fraction=0.046, label="relevance (max = 1)")
+    fig.colorbar(im, ax=axes[1], fraction=0.046, label="relevance (least to most)")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
@@ -120,7 +123,7 @@ def erf_figure(panels: Sequence[tuple[str, Tensor]], out: Path, title: str) -> N
         ax.set_title(label, fontsize=8)
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.88))  # room for the title above the panels' own
     fig.savefig(out, dpi=110)
     plt.close(fig)
 
