@@ -225,3 +225,25 @@ def test_window_helpers() -> None:
     pairs = {(tuple(o.tolist()), int(i)) for o, i in zip(offsets, index.view(-1))}
     assert len({o for o, _ in pairs}) == len({i for _, i in pairs}) == len(pairs) == 5 * 7
     assert {i for _, i in pairs} == set(range(5 * 7))
+
+
+def test_window_maps_mapped_back_to_image_positions() -> None:
+    from vitlab.analysis import attention_maps
+
+    model = vitlab.create_model(
+        "swin_nano_patch2_window4_32", embed_dim=8, depths=(2, 2), num_heads=(1, 2), img_size=2 * 9, num_classes=5
+    ).eval()
+    x = torch.randn(2, 3, 18, 18)
+    per_window = attention_maps(model, x, image_positions=False)
+    maps = attention_maps(model, x)
+    assert len(maps) == len(per_window) == 4
+    # stage 1: a 9x9 map padded to 12x12, windows of 4x4; 9 windows per image
+    assert per_window[0].shape == (2 * 9, 1, 16, 16) and maps[0].shape == (2, 1, 144, 144)
+    for m in maps:
+        torch.testing.assert_close(m.sum(-1), torch.ones_like(m.sum(-1)), atol=1e-5, rtol=0)
+    # W-MSA: position (0, 0) attends only inside the top-left 4x4 window of the padded 12x12 grid
+    row = maps[0][0, 0, 0].view(12, 12)
+    assert row[:4, :4].gt(0).all() and row[4:].eq(0).all() and row[:, 4:].eq(0).all()
+    # SW-MSA (shift 2): position (2, 2) shares a window with (2..5, 2..5) of the unshifted grid
+    row = maps[1][0, 0, 2 * 12 + 2].view(12, 12)
+    assert row[2:6, 2:6].gt(0).all() and row.gt(0).sum() == 16

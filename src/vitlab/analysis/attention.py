@@ -19,9 +19,15 @@ from vitlab.layers import attention_modules, explicit_attention
 
 
 @torch.no_grad()
-def attention_maps(model: nn.Module, x: Tensor, *, return_output: bool = False) -> list[Tensor] | tuple:
+def attention_maps(
+    model: nn.Module, x: Tensor, *, image_positions: bool = True, return_output: bool = False
+) -> list[Tensor] | tuple:
     """Every attention map ``[B, heads, N_query, N_key]`` the model computes on ``x``, in the order they are
     computed (depth order), as fp32.
+
+    Attention that runs over windows (Swin) is mapped back to image positions with ``image_positions`` (the
+    default): one ``[B, heads, HW, HW]`` map per layer over the padded grid, zero across windows, instead of one
+    map per window.
 
     The model runs in eval mode on its explicit attention path, whatever path it uses by default (the fused
     kernel never forms the maps), and is left as it was: mode, attention paths and hooks. The explicit path
@@ -32,7 +38,12 @@ def attention_maps(model: nn.Module, x: Tensor, *, return_output: bool = False) 
     maps: list[Tensor] = []
     was_training = model.training
     with explicit_attention(model) as mods:
-        handles = [m.attn_probs.register_forward_hook(lambda _m, _i, out: maps.append(out.float())) for _, m in mods]
+
+        def hook(module: nn.Module):
+            to_image = getattr(module, "to_image_attention", None) if image_positions else None
+            return lambda _m, _i, out: maps.append(to_image(out.float()) if to_image else out.float())
+
+        handles = [m.attn_probs.register_forward_hook(hook(m)) for _, m in mods]
         try:
             model.eval()
             out = model(x)

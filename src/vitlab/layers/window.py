@@ -92,6 +92,31 @@ def shifted_window_mask(
     return torch.zeros(blocked.shape, device=device, dtype=dtype).masked_fill(blocked, float("-inf"))
 
 
+def window_attention_to_image(
+    probs: torch.Tensor, padded: tuple[int, int], window: tuple[int, int], shift: tuple[int, int] = (0, 0)
+) -> torch.Tensor:
+    """Window attention maps [B * nW, h, N, N] (windows of a map padded to ``padded`` and shifted by ``shift``)
+    -> attention over image positions [B, h, Hp * Wp, Hp * Wp], zero between positions in different windows.
+
+    Row-major positions of the padded, unshifted map: token (r, c) of the shifted map is position
+    ((r + s_h) mod Hp, (c + s_w) mod Wp) of the map before the shift. Rows still sum to 1.
+    """
+    Hp, Wp = padded
+    wh, ww = window
+    nW = (Hp // wh) * (Wp // ww)
+    B = probs.shape[0] // nW
+    heads, N = probs.shape[1], wh * ww
+    r = torch.arange(Hp, device=probs.device).view(Hp, 1).expand(Hp, Wp)
+    c = torch.arange(Wp, device=probs.device).view(1, Wp).expand(Hp, Wp)
+    pos = ((r + shift[0]) % Hp) * Wp + (c + shift[1]) % Wp  # (Hp, Wp): image position of each shifted token
+    pos = window_partition(pos[None, :, :, None], window).view(nW, N)  # (nW, N), in the windows' token order
+    rows = pos[:, :, None].expand(nW, N, N)
+    cols = pos[:, None, :].expand(nW, N, N)
+    dense = probs.new_zeros(B, heads, Hp * Wp, Hp * Wp)
+    dense[:, :, rows, cols] = probs.view(B, nW, heads, N, N).transpose(1, 2)  # (B, h, nW, N, N)
+    return dense
+
+
 class WindowAttention(AttentionBase):
     """Window multi-head self-attention (W-MSA / SW-MSA) with a learned relative position bias (eq. 4).
 
@@ -117,6 +142,14 @@ class WindowAttention(AttentionBase):
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * wh - 1) * (2 * ww - 1), num_heads))
         # derived from the window size alone, so not saved (timm and HF leave it out of checkpoints too)
         self.register_buffer("relative_position_index", relative_position_index(self.window_size), persistent=False)
+        # (padded map size, window, shift) of the last call, set by the block; what `to_image_attention` needs
+        self.layout: tuple[tuple[int, int], tuple[int, int], tuple[int, int]] | None = None
+
+    def to_image_attention(self, probs: torch.Tensor) -> torch.Tensor:
+        """This module's last recorded maps over image positions (see `window_attention_to_image`)."""
+        if self.layout is None:
+            return probs
+        return window_attention_to_image(probs, *self.layout)
 
     def relative_position_bias(self, window: tuple[int, int] | None = None) -> torch.Tensor:
         """B for every pair of tokens of a window [heads, N, N]; ``window`` may be smaller than the table's."""

@@ -122,6 +122,7 @@ class SwinTransformerBlock(nn.Module):
         Hp, Wp = x.shape[1], x.shape[2]
         if any(shift):
             x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))  # cyclic shift towards the top left
+        self.attn.layout = ((Hp, Wp), window, shift)  # for maps over image positions (analysis)
         windows = self.attn(window_partition(x, window), window=window, mask=mask)  # (B * nW, wh * ww, C)
         x = window_reverse(windows, window, Hp, Wp)  # (B, Hp, Wp, C)
         if any(shift):
