@@ -1,9 +1,11 @@
-"""The classifier part of the model contract, shared by the families: a zero-initialised linear head (or Identity
-for ``num_classes=0``, so that forward returns pre-logits) and the bookkeeping `reset_classifier` owes the
-checkpoint metadata that `vitlab.create_model` attached."""
+"""What every family shares around its classifier: a zero-initialised linear head (or Identity for
+``num_classes=0``, so that forward returns pre-logits), the bookkeeping `reset_classifier` owes the checkpoint
+metadata that `vitlab.create_model` attached, and the ``default_cfg`` of a registered variant (the input it expects,
+its normalisation, its paper)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -44,4 +46,24 @@ def imagenet_cfg(img_size: int, in_chans: int, paper: str, **extra: Any) -> dict
         "interpolation": "bicubic",
         "paper": paper,
         **extra,
+    }
+
+
+def image_cfg(
+    img_size: int,
+    in_chans: int,
+    *,
+    num_classes: int,
+    paper: str,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> dict[str, Any]:
+    """Without ``mean`` / ``std``, 0.5 for every channel (data scaled to [-1, 1]), as vitlab's small variants."""
+    return {
+        "input_size": (in_chans, img_size, img_size),
+        "mean": tuple(mean) if mean is not None else (0.5,) * in_chans,
+        "std": tuple(std) if std is not None else (0.5,) * in_chans,
+        "num_classes": num_classes,
+        "interpolation": "bicubic",
+        "paper": paper,
     }

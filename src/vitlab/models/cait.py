@@ -48,8 +48,14 @@ from vitlab.layers import (
     resample_pos_embed,
     to_2tuple,
 )
-from vitlab.models._cfg import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, image_cfg
 from vitlab.models._features import take_indices
+from vitlab.models._head import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    image_cfg,
+    record_num_classes,
+    zero_classifier,
+)
 
 PAPER = "Touvron et al., Going deeper with Image Transformers, ICCV 2021 (arXiv:2103.17239)"
 
@@ -282,20 +288,12 @@ class CaiT(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
         if global_pool is not None:
             if global_pool not in ("token", "avg"):
                 raise VitlabError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
             self.global_pool = global_pool
-        device = self.cls_token.device
-        self.head = nn.Linear(self.num_features, num_classes, device=device) if num_classes > 0 else nn.Identity()
-        if isinstance(self.head, nn.Linear):
-            nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
-        if hasattr(self, "default_cfg"):
-            self.default_cfg["num_classes"] = num_classes
-        if hasattr(self, "init_kwargs"):
-            self.init_kwargs["num_classes"] = num_classes
+        self.head = zero_classifier(self.num_features, num_classes, device=self.cls_token.device)
+        record_num_classes(self, num_classes)
 
 
 # --- timm checkpoints ----------------------------------------------------------------------------------------

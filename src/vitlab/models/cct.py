@@ -45,6 +45,7 @@ from vitlab.layers import (
     to_2tuple,
 )
 from vitlab.models._features import take_indices
+from vitlab.models._head import record_num_classes, zero_classifier
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -340,16 +341,8 @@ class CCT(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        device = self.norm.weight.device
-        self.head = nn.Linear(self.num_features, num_classes, device=device) if num_classes > 0 else nn.Identity()
-        if isinstance(self.head, nn.Linear):
-            nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
-        if hasattr(self, "default_cfg"):
-            self.default_cfg["num_classes"] = num_classes
-        if hasattr(self, "init_kwargs"):
-            self.init_kwargs["num_classes"] = num_classes
+        self.head = zero_classifier(self.num_features, num_classes, device=self.norm.weight.device)
+        record_num_classes(self, num_classes)
 
 
 # --- checkpoint converter: the official repository's names -> ours ---------------------------------------------

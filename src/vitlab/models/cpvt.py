@@ -29,8 +29,8 @@ from torch import nn
 from vitlab._registry import register_architecture, register_variant
 from vitlab.errors import VitlabError
 from vitlab.layers import PEG, low_precision_inference
-from vitlab.models._cfg import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, image_cfg
 from vitlab.models._features import take_indices
+from vitlab.models._head import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, image_cfg
 from vitlab.models.vit import VisionTransformer
 
 PAPER = "Chu et al., Conditional Positional Encodings for Vision Transformers, ICLR 2023 (arXiv:2102.10882)"

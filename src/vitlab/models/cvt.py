@@ -34,9 +34,8 @@ from vitlab._registry import Converted, register_architecture, register_hf_conve
 from vitlab.errors import VitlabError
 from vitlab.layers import ConvAttention, ConvEmbed, DropPath, Mlp, get_act_layer, low_precision_inference
 from vitlab.models._features import take_indices
+from vitlab.models._head import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, record_num_classes, zero_classifier
 
-IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 PAPER = "Wu et al., CvT: Introducing Convolutions to Vision Transformers, ICCV 2021 (arXiv:2103.15808)"
 
 
@@ -286,20 +285,14 @@ class ConvolutionalVisionTransformer(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
         if global_pool is not None:
             if global_pool == "token" and not self.num_prefix_tokens:
                 raise VitlabError("global_pool='token' needs a class token; this model has none")
             self.global_pool = global_pool
-        device = self.stages[-1].patch_embed.proj.weight.device
-        self.head = nn.Linear(self.num_features, num_classes, device=device) if num_classes > 0 else nn.Identity()
-        if isinstance(self.head, nn.Linear):
-            nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
-        if hasattr(self, "default_cfg"):
-            self.default_cfg["num_classes"] = num_classes
-        if hasattr(self, "init_kwargs"):
-            self.init_kwargs["num_classes"] = num_classes
+        self.head = zero_classifier(
+            self.num_features, num_classes, device=self.stages[-1].patch_embed.proj.weight.device
+        )
+        record_num_classes(self, num_classes)
 
 
 # --- checkpoint converter: HF transformers names -> ours --------------------------------------------------------

@@ -37,6 +37,7 @@ from vitlab._registry import (
     register_variant,
 )
 from vitlab.errors import VitlabError
+from vitlab.models._head import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from vitlab.models.vit import (
     HF_VIT_NAMES,
     VisionTransformer,
@@ -47,8 +48,6 @@ from vitlab.models.vit import (
     is_timm_vit,
 )
 
-IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 PAPER = (
     "Touvron et al., Training data-efficient image transformers & distillation through attention, "
     "ICML 2021 (arXiv:2012.12877)"

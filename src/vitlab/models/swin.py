@@ -60,10 +60,9 @@ from vitlab.layers import (
     window_reverse,
 )
 from vitlab.models._features import take_indices
+from vitlab.models._head import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, record_num_classes, zero_classifier
 from vitlab.models.vit import HF_LAYER_NAMES, HF_QKV_NAMES, hf_act
 
-IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 PAPER = (
     "Liu et al., Swin Transformer: Hierarchical Vision Transformer using Shifted Windows, ICCV 2021 (arXiv:2103.14030)"
 )
@@ -339,16 +338,8 @@ class SwinTransformer(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         if global_pool not in (None, "avg"):
             raise VitlabError(f"Swin pools by averaging; global_pool={global_pool!r} is not supported")
-        self.num_classes = num_classes
-        device = self.norm.weight.device
-        self.head = nn.Linear(self.num_features, num_classes, device=device) if num_classes > 0 else nn.Identity()
-        if isinstance(self.head, nn.Linear):
-            nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
-        if hasattr(self, "default_cfg"):
-            self.default_cfg["num_classes"] = num_classes
-        if hasattr(self, "init_kwargs"):
-            self.init_kwargs["num_classes"] = num_classes
+        self.head = zero_classifier(self.num_features, num_classes, device=self.norm.weight.device)
+        record_num_classes(self, num_classes)
 
 
 # --- checkpoint converters: HF transformers and timm names -> ours ---------------------------------------------

@@ -43,6 +43,7 @@ from vitlab.layers import (
     to_2tuple,
 )
 from vitlab.models._features import take_indices
+from vitlab.models._head import record_num_classes, zero_classifier
 
 IMAGENET_INCEPTION_MEAN = (0.5, 0.5, 0.5)
 IMAGENET_INCEPTION_STD = (0.5, 0.5, 0.5)
@@ -286,20 +287,14 @@ class VisionTransformer(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
         if global_pool is not None:
             if global_pool == "token" and self.cls_token is None:
                 raise VitlabError("global_pool='token' needs a class token; this model has none")
             self.global_pool = global_pool
-        device = self.pos_embed.device if self.pos_embed is not None else None
-        self.head = nn.Linear(self.num_features, num_classes, device=device) if num_classes > 0 else nn.Identity()
-        if isinstance(self.head, nn.Linear):
-            nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
-        if hasattr(self, "default_cfg"):
-            self.default_cfg["num_classes"] = num_classes
-        if hasattr(self, "init_kwargs"):
-            self.init_kwargs["num_classes"] = num_classes
+        self.head = zero_classifier(
+            self.num_features, num_classes, device=self.pos_embed.device if self.pos_embed is not None else None
+        )
+        record_num_classes(self, num_classes)
 
 
 # --- checkpoint converters: HF transformers and timm names -> ours ---------------------------------------------
