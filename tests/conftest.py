@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -15,10 +16,68 @@ def _tiny_vit(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {"embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": 2 * p, "num_classes": 5}
 
 
+def _tiny_swin(kwargs: dict[str, Any]) -> dict[str, Any]:
+    # two stages of a W-MSA and an SW-MSA block; a first map of 2 windows + 1 patch is padded, shifted and masked in
+    # both stages (the second map is window + 1)
+    size = kwargs["patch_size"] * (2 * kwargs["window_size"] + 1)
+    return {"embed_dim": 8, "depths": (2, 2), "num_heads": (1, 2), "img_size": size, "num_classes": 5}
+
+
+def _tiny_resnet(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {"layers": (1, 1), "channels": (4, 8), "stem_width": 8, "num_classes": 5}
+
+
+def _tiny_convnext(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {"depths": (1, 1), "dims": (8, 16), "num_classes": 5}
+
+
+def _tiny_cct(kwargs: dict[str, Any]) -> dict[str, Any]:
+    reduction = (kwargs["stride"] * 2) ** kwargs["n_conv_layers"]  # each tokenizer layer: conv, then 3x3 / 2 max-pool
+    return {"embed_dim": 32, "depth": 2, "num_heads": 2, "conv_width": 8, "img_size": 4 * reduction, "num_classes": 5}
+
+
+def _tiny_vit_hybrid(kwargs: dict[str, Any]) -> dict[str, Any]:
+    stages = len(kwargs["backbone_layers"])  # keep the number of stages, hence the stride
+    return {
+        "embed_dim": 32,
+        "depth": 2,
+        "num_heads": 2,
+        "backbone_layers": (1,) * stages,
+        "backbone_widths": tuple(16 * 2**i for i in range(stages)),
+        "backbone_stem_width": 8,
+        "backbone_groups": 4,
+        "img_size": 2 * 4 * 2 ** (stages - 1),
+        "num_classes": 5,
+    }
+
+
+def _tiny_cvt(kwargs: dict[str, Any]) -> dict[str, Any]:
+    stride = math.prod(kwargs.get("patch_stride", (4, 2, 2)))  # 2x2 tokens at the last stage
+    # With class-token pooling the last block's patch-token queries (its conv_proj_q) never reach the logits, in
+    # the paper's model as in HF's; average pooling of the patch tokens keeps every parameter on the gradient path.
+    return {
+        "embed_dim": (8, 16, 32),
+        "depth": (1, 1, 2),
+        "num_heads": (1, 2, 2),
+        "img_size": 2 * stride,
+        "num_classes": 5,
+        "global_pool": "avg",
+    }
+
+
 # Overrides that shrink any registered model to a few thousand parameters, keeping its structure (patch size,
 # channels, pooling). Keyed by architecture: a new family adds one entry, a function of the variant's kwargs.
 TINY: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "vit": _tiny_vit,
+    "cait": _tiny_vit,  # plus its 2 class-attention layers
+    "cpvt": lambda kw: {**_tiny_vit(kw), "img_size": 3 * kw["patch_size"]},  # a 3x3 grid: PEG sees a centre
+    "swin": _tiny_swin,
+    "deit": _tiny_vit,
+    "resnet": _tiny_resnet,
+    "convnext": _tiny_convnext,
+    "cct": _tiny_cct,
+    "vit_hybrid": _tiny_vit_hybrid,
+    "cvt": _tiny_cvt,
     # 16 pixels: the last stage's 4x4 map sub-samples to 2x2 keys (a single key would leave theta and phi no gradient)
     "nonlocal_cnn": lambda kw: {"widths": (8, 16, 16), "depths": (1, 2, 2), "img_size": 16, "num_classes": 5},
     "grid_vit": lambda kw: {

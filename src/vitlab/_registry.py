@@ -31,6 +31,20 @@ def register_model(fn: VariantFn) -> VariantFn:
     return fn
 
 
+def register_variant(
+    name: str, cls: type[nn.Module], kwargs: dict[str, Any], default_cfg: dict[str, Any], doc: str = ""
+) -> None:
+    """Register a variant given as data: ``create_model(name)`` builds ``cls(**kwargs)``. For families whose
+    variants are a table of sizes, in place of one decorated function each."""
+
+    def variant() -> tuple[type[nn.Module], dict[str, Any], dict[str, Any]]:
+        return cls, kwargs, default_cfg
+
+    variant.__name__ = name
+    variant.__doc__ = doc
+    register_model(variant)
+
+
 def register_architecture(cls: type[nn.Module]) -> type[nn.Module]:
     """Register a model class under its ``arch`` name, so a checkpoint with custom arguments can be rebuilt."""
     _architectures[cls.arch] = cls  # type: ignore[attr-defined]
@@ -45,6 +59,12 @@ class Converted(NamedTuple):
     state: dict[str, torch.Tensor]
     kwargs: dict[str, Any]
     default_cfg: dict[str, Any]
+    ckpt_img_size: Any = None  # the size the weights were trained at, when ``kwargs`` says another
+
+    @property
+    def source_img_size(self) -> Any:
+        """The input size the checkpoint's position embeddings were made for."""
+        return self.ckpt_img_size if self.ckpt_img_size is not None else self.kwargs.get("img_size")
 
 
 HFConverter = Callable[[dict[str, Any], dict[str, torch.Tensor]], Converted]
@@ -142,8 +162,21 @@ def build_model(cls: type[nn.Module], name: str, kwargs: dict[str, Any], default
     return model
 
 
-def create_model(name: str, **overrides: Any) -> nn.Module:
-    """Build a registered model, e.g. ``create_model("vit_tiny_patch4_28", num_classes=10, drop_path_rate=0.1)``."""
+def create_model(name: str, *, pretrained: bool = False, **overrides: Any) -> nn.Module:
+    """Build a registered model, e.g. ``create_model("vit_tiny_patch4_28", num_classes=10, drop_path_rate=0.1)``.
+
+    ``pretrained=True`` loads the variant's published weights (``default_cfg["hf_hub_id"]``, through
+    huggingface_hub's cache); ``num_classes``, ``img_size`` and ``in_chans`` then adapt them as for fine-tuning.
+    """
+    if pretrained:
+        from vitlab.checkpoint import load_for_finetuning
+
+        cls, kwargs, cfg = get_variant(name)
+        classes = overrides.pop("num_classes", kwargs.get("num_classes", cfg["num_classes"]))
+        size = {k: overrides.pop(k) for k in ("img_size", "in_chans") if k in overrides}
+        if overrides:
+            raise VitlabError(f"pretrained=True takes num_classes, img_size and in_chans, not {sorted(overrides)}")
+        return load_for_finetuning(name, num_classes=classes, **size)
     cls, kwargs, cfg = get_variant(name)
     kwargs.update(overrides)
     return build_model(cls, name, kwargs, cfg)

@@ -20,15 +20,16 @@ from vitlab._io import atomic_directory, to_jsonable, write_json
 from vitlab._registry import (
     Converted,
     build_model,
-    create_model,
+    check_model_name,
     get_architecture,
     get_variant,
     hf_converter,
     hf_model_types,
+    list_models,
     timm_converter,
 )
 from vitlab.errors import VitlabError
-from vitlab.layers import resample_pos_embed
+from vitlab.layers import resample_pos_embed, to_2tuple
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -78,6 +79,9 @@ def _version() -> str:
 
 
 # --- loading -------------------------------------------------------------------------------------------------
+HUB_PREFIX = "hf-hub:"
+
+
 def from_pretrained(
     path: str | os.PathLike,
     *,
@@ -86,22 +90,89 @@ def from_pretrained(
     **overrides: Any,
 ) -> nn.Module:
     """Build a model with weights from a vitlab checkpoint directory, a HF transformers ``save_pretrained``
-    directory, or a timm state dict file (.pth / .bin / .safetensors), of any family that registers a converter.
+    directory, a timm state dict file (.pth / .bin / .safetensors), or ``hf-hub:ORG/REPO`` (a HF transformers or
+    timm repository on the Hugging Face Hub, through huggingface_hub's cache), of any family that registers a
+    converter.
 
     ``overrides`` change constructor arguments: ``img_size=384`` resamples the position embeddings,
     ``num_classes=10`` keeps the backbone and starts a new classifier. ``model_name`` picks the variant for a bare
     state dict (otherwise its sizes are read off the tensor shapes).
     """
+    conv, name, meta = read_checkpoint(path, model_name=model_name, map_location=map_location)
+    model = build_model(
+        get_architecture(conv.arch), name or f"{conv.arch}_foreign", {**conv.kwargs, **overrides}, conv.default_cfg
+    )
+    load_checkpoint_state(model, conv.state, old_img_size=conv.source_img_size, source=str(path))
+    return _finish(model, meta)
+
+
+def load_for_finetuning(
+    source: str | os.PathLike,
+    *,
+    num_classes: int,
+    img_size: int | tuple[int, int] | None = None,
+    in_chans: int | None = None,
+    map_location: str | torch.device = "cpu",
+) -> nn.Module:
+    """Start a new task from a pretrained model, as the ViT paper fine-tunes (section 3.2 and appendix B.1.1).
+
+    ``source`` is anything `from_pretrained` reads, or a registered model name whose ``default_cfg`` names its
+    published weights (``hf_hub_id``). The classifier (a pre-training MLP head included: the family's
+    ``head_names``) is replaced by a fresh zero-initialised linear head for ``num_classes``; position embeddings
+    are resampled to ``img_size``; the stem adapts to ``in_chans`` (grayscale from RGB weights by summing the
+    filters over the input channels). The model's ``pretrained_cfg["init"]`` records where it came from.
+    """
+    conv, name, meta = read_checkpoint(_named_weights(source), map_location=map_location)
+    cls = get_architecture(conv.arch)
+    # arguments that fine-tuning resets, declared by the family (ViT: the pre-training MLP head goes)
+    kwargs = {**conv.kwargs, **getattr(cls, "finetune_overrides", {}), "num_classes": num_classes}
+    old_chans = conv.kwargs.get("in_chans", conv.default_cfg["input_size"][0])
+    if img_size is not None and "img_size" in conv.kwargs:
+        kwargs["img_size"] = list(to_2tuple(img_size))
+    if in_chans is not None:
+        kwargs["in_chans"] = in_chans
+    model = build_model(cls, name or f"{conv.arch}_foreign", kwargs, conv.default_cfg)
+    state = adapt_input_channels(model, conv.state, old_chans)
+    load_checkpoint_state(model, state, old_img_size=conv.source_img_size, source=str(source))
+    model.pretrained_cfg = {"init": str(source)}
+    if in_chans is None or in_chans == old_chans:  # the checkpoint's normalisation still describes the inputs
+        for k in ("mean", "std"):
+            if meta.get(k) is not None:
+                model.default_cfg[k] = tuple(meta[k])
+    return model
+
+
+def read_checkpoint(
+    path: str | os.PathLike, *, model_name: str | None = None, map_location: str | torch.device = "cpu"
+) -> tuple[Converted, str | None, dict[str, Any]]:
+    """Any checkpoint in vitlab's terms: (state and constructor arguments under our names, the variant name when
+    known, metadata: class names and normalisation)."""
+    if str(path).startswith(HUB_PREFIX):
+        path = hub_download(str(path)[len(HUB_PREFIX) :])
     path = Path(path)
     if not path.exists():
         raise VitlabError(f"checkpoint {str(path)!r} does not exist")
-    if path.is_dir():
-        config = _read_json(path / CONFIG_NAME)
-        if "architecture" in config and "model_args" in config:
-            return _load_vitlab(path, config, map_location, overrides)
-        return _load_hf(path, config, map_location, overrides)
-    state = _unwrap_state_dict(read_state_dict(path, map_location))
-    return _load_timm(state, model_name, overrides, source=str(path))
+    if model_name is not None:
+        check_model_name(model_name)
+    if not path.is_dir():
+        conv, meta = _read_timm(_unwrap_state_dict(read_state_dict(path, map_location)), str(path))
+        if model_name is not None:  # the variant's arguments, not those guessed from shapes (e.g. head count)
+            cls, kwargs, cfg = get_variant(model_name)
+            if cls.arch != conv.arch:
+                raise VitlabError(f"{path}: the checkpoint holds a {conv.arch!r} model, not a {model_name!r}")
+            conv = Converted(conv.arch, conv.state, kwargs, cfg, conv.kwargs.get("img_size"))
+        return conv, model_name, meta
+    config = _read_json(path / CONFIG_NAME)
+    if "architecture" in config and "model_args" in config:
+        return _read_vitlab(path, config, map_location)
+    if "model_type" in config or "architecture" not in config:
+        return _read_hf(path, config, map_location)
+    # a timm hub repository: config.json names the timm architecture beside the weights
+    weights = _find_weights(path, ("model.safetensors", "pytorch_model.bin"))
+    conv, _ = _read_timm(_unwrap_state_dict(read_state_dict(weights, map_location)), str(path))
+    name = model_name or (config["architecture"] if config["architecture"] in list_models() else None)
+    pre = config.get("pretrained_cfg", {})
+    return conv, name, {"mean": pre.get("mean"), "std": pre.get("std"), "class_names": config.get("label_names")}
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -135,9 +206,11 @@ def _find_weights(directory: Path, names: tuple[str, ...]) -> Path:
     raise VitlabError(f"no weights in {str(directory)!r}: expected one of {', '.join(names)}")
 
 
-def _finish(model: nn.Module, config: dict[str, Any]) -> nn.Module:
-    """Attach class names and normalisation from a checkpoint's config to the model."""
-    pcfg = {k: config[k] for k in ("class_names", "mean", "std") if config.get(k) is not None}
+def _finish(model: nn.Module, meta: dict[str, Any]) -> nn.Module:
+    """Attach class names and normalisation from a checkpoint's metadata to the model."""
+    pcfg = {k: meta[k] for k in ("class_names", "mean", "std") if meta.get(k) is not None}
+    if len(pcfg.get("class_names", ())) != getattr(model, "num_classes", None):
+        pcfg.pop("class_names", None)  # a new head: the old class names no longer apply
     model.pretrained_cfg = pcfg
     for k in ("mean", "std"):
         if k in pcfg:
@@ -145,37 +218,18 @@ def _finish(model: nn.Module, config: dict[str, Any]) -> nn.Module:
     return model.eval()
 
 
-def _load_vitlab(path: Path, config: dict[str, Any], map_location: Any, overrides: dict[str, Any]) -> nn.Module:
-    cls = get_architecture(config["architecture"])
+def _read_vitlab(path: Path, config: dict[str, Any], map_location: Any) -> tuple[Converted, str, dict[str, Any]]:
     name = config.get("model_name", config["architecture"])
     try:
         _, _, default_cfg = get_variant(name)
-    except VitlabError:
+    except VitlabError:  # saved from a model built from a foreign checkpoint: no registered variant
         default_cfg = {"input_size": config.get("input_size"), "mean": config.get("mean"), "std": config.get("std")}
-    kwargs = dict(config["model_args"])
-    ckpt_kwargs = dict(kwargs)
-    kwargs.update(overrides)
-    model = build_model(cls, name, kwargs, default_cfg)
     state = read_state_dict(_find_weights(path, (WEIGHTS_NAME,)), map_location)
-    load_checkpoint_state(model, state, old_img_size=ckpt_kwargs.get("img_size"), source=str(path))
-    classes = config.get("class_names")
-    if classes is not None and getattr(model, "num_classes", None) != len(classes):
-        config = {**config, "class_names": None}  # a new head: the old class names no longer apply
-    return _finish(model, config)
+    conv = Converted(config["architecture"], state, dict(config["model_args"]), default_cfg)
+    return conv, name, config
 
 
-def _build_converted(conv: Converted, overrides: dict[str, Any], model_name: str | None, source: str) -> nn.Module:
-    """Build the model a converted foreign checkpoint fits (or the named variant) and load its weights."""
-    if model_name is not None:
-        model = create_model(model_name, **overrides)
-    else:
-        kwargs = {**conv.kwargs, **overrides}
-        model = build_model(get_architecture(conv.arch), f"{conv.arch}_foreign", kwargs, conv.default_cfg)
-    load_checkpoint_state(model, conv.state, old_img_size=conv.kwargs.get("img_size"), source=source)
-    return model
-
-
-def _load_hf(path: Path, config: dict[str, Any], map_location: Any, overrides: dict[str, Any]) -> nn.Module:
+def _read_hf(path: Path, config: dict[str, Any], map_location: Any) -> tuple[Converted, None, dict[str, Any]]:
     """A HF transformers ``save_pretrained`` directory: the family's converter maps names and arguments; class
     names come from ``id2label``, normalisation and input size from ``preprocessor_config.json`` when present
     (every published checkpoint has one; DeiT's ImageNet statistics differ from ViT's 0.5)."""
@@ -194,17 +248,19 @@ def _load_hf(path: Path, config: dict[str, Any], map_location: Any, overrides: d
     prep = path / "preprocessor_config.json"
     pre = _read_json(prep) if prep.exists() else {}
     size = pre.get("crop_size") if pre.get("do_center_crop") else pre.get("size")
-    if isinstance(size, dict) and "height" in size and "width" in size and "img_size" not in overrides:
+    if isinstance(size, int) or (isinstance(size, dict) and set(size) == {"shortest_edge"}):
+        # ConvNeXt-style processors (CvT's published ones): one side, and the image comes out square
+        side = size if isinstance(size, int) else size["shortest_edge"]
+        size = {"height": side, "width": side}
+    if isinstance(size, dict) and "height" in size and "width" in size:
+        # the input size of a model without a fixed one (a fixed img_size argument wins in build_model)
         conv.default_cfg["input_size"] = (conv.default_cfg["input_size"][0], size["height"], size["width"])
-    model = _build_converted(conv, overrides, None, str(path))  # a fixed img_size argument wins over the above
-    num_classes = getattr(model, "num_classes", 0)
+    classes = conv.kwargs.get("num_classes") or 0
     id2label = config.get("id2label") or {}
-    names = [id2label[str(i)] for i in range(num_classes)] if num_classes and len(id2label) == num_classes else None
-    if num_classes and conv.kwargs.get("num_classes") != num_classes:
-        names = None  # a new head: the old class names no longer apply
+    names = [id2label[str(i)] for i in range(classes)] if classes and len(id2label) == classes else None
     mean = pre.get("image_mean", config.get("image_mean"))
     std = pre.get("image_std", config.get("image_std"))
-    return _finish(model, {"class_names": names, "mean": mean, "std": std})
+    return conv, None, {"class_names": names, "mean": mean, "std": std}
 
 
 def _unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor]:
@@ -219,9 +275,7 @@ def _unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def _load_timm(
-    state: dict[str, torch.Tensor], model_name: str | None, overrides: dict[str, Any], source: str
-) -> nn.Module:
+def _read_timm(state: dict[str, torch.Tensor], source: str) -> tuple[Converted, dict[str, Any]]:
     convert = timm_converter(state)
     if convert is None:
         raise VitlabError(
@@ -229,10 +283,69 @@ def _load_timm(
             "Swin, ResNet, ConvNeXt, ...)"
         )
     try:
-        conv = convert(state)
+        return convert(state), {}
     except VitlabError as e:
         raise VitlabError(f"{source}: {e}") from None
-    return _finish(_build_converted(conv, overrides, model_name, source), {})
+
+
+# --- the Hugging Face Hub --------------------------------------------------------------------------------------
+HUB_FILES = ["config.json", "preprocessor_config.json", "model.safetensors", "pytorch_model.bin"]
+
+
+def hub_download(repo_id: str) -> Path:
+    """The local snapshot of a Hub repository, downloaded into huggingface_hub's cache if it is not there yet.
+    ``HF_HUB_OFFLINE=1`` and ``HF_HUB_CACHE`` are honoured (huggingface_hub reads them); with no network and no
+    cached copy the error says how to get the files."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise VitlabError("loading from the Hub needs huggingface_hub: pip install huggingface_hub") from None
+    try:
+        # read at call time (huggingface_hub reads its variables once, at import)
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        cache = os.environ.get("HF_HUB_CACHE") or None
+        path = Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, cache_dir=cache, local_files_only=offline))
+    except Exception as e:  # offline, unknown repository, network errors: huggingface_hub raises many types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise VitlabError(
+            f"cannot get {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: {first}); on a machine that is "
+            f"online run `huggingface-cli download {repo_id}` (or pass a local directory / file instead)"
+        ) from None
+    if not any((path / f).exists() for f in ("model.safetensors", "pytorch_model.bin")):
+        raise VitlabError(f"the Hub repository {repo_id!r} has no model.safetensors or pytorch_model.bin")
+    return path
+
+
+def _named_weights(source: str | os.PathLike) -> str | os.PathLike:
+    """A registered model name stands for its published weights (``default_cfg["hf_hub_id"]``); anything else is
+    a path or ``hf-hub:`` address as it is."""
+    text = str(source)
+    if text.startswith(HUB_PREFIX) or Path(text).exists() or text not in list_models():
+        return source
+    hub_id = get_variant(text)[2].get("hf_hub_id")
+    if not hub_id:
+        raise VitlabError(f"{text!r} has no published weights vitlab knows of; pass a checkpoint path instead")
+    return HUB_PREFIX + hub_id
+
+
+def adapt_input_channels(model: nn.Module, state: dict[str, torch.Tensor], old_chans: int) -> dict[str, torch.Tensor]:
+    """Fit the stem's filters to the model's input channels: summed over channels for one channel (a grayscale
+    image seen as equal R, G and B gives the same response), otherwise tiled and rescaled by old / new channels,
+    as timm adapts pretrained stems."""
+    new_chans = model.default_cfg["input_size"][0]
+    if new_chans == old_chans:
+        return state
+    for name, p in model.state_dict().items():
+        w = state.get(name)
+        if w is None or p.ndim != 4 or w.ndim != 4 or p.shape[1] != new_chans or w.shape[1] != old_chans:
+            continue
+        if new_chans == 1:
+            adapted = w.float().sum(dim=1, keepdim=True)
+        else:
+            reps = -(-new_chans // old_chans)
+            adapted = w.float().repeat(1, reps, 1, 1)[:, :new_chans] * (old_chans / new_chans)
+        return {**state, name: adapted.to(w.dtype)}  # the stem is the first conv: the only one to adapt
+    raise VitlabError(f"cannot adapt the checkpoint's {old_chans}-channel stem to {new_chans} input channels")
 
 
 def load_checkpoint_state(
@@ -241,8 +354,9 @@ def load_checkpoint_state(
     """Load ``state`` into ``model`` strictly, adapting what a change of resolution or of classes needs.
 
     * position embeddings for another grid are resampled (2D bicubic, prefix tokens kept apart, in fp32);
-    * a classifier with another number of classes is left at the model's fresh initialisation (the classifier is
-      every parameter under the model's ``head_names``, default ``("head",)``);
+    * a classifier layer with another number of classes (or one that only one side has) is left at the model's
+      fresh initialisation: the classifier layers are the modules named in the model's ``head_names``, default
+      ``("head",)``;
     * any other mismatch is an error naming the parameter and both shapes.
     """
     state = dict(state)
@@ -256,14 +370,13 @@ def load_checkpoint_state(
             ph, pw = model.patch_embed.patch_size
             old_grid = (h // ph, w // pw)
         state["pos_embed"] = resample_pos_embed(pe, model.patch_embed.grid_size, old_grid, prefix)
-    prefixes = tuple(f"{n}." for n in getattr(model, "head_names", ("head",)))
-    head = {k for k in set(state) | set(own) if k.startswith(prefixes)}
-    if any(k in state and (k not in own or state[k].shape != own[k].shape) for k in head) or any(
-        k in own and k not in state for k in head
-    ):
-        for k in head:  # another number of classes, or no classifier: keep the model's fresh one
-            state.pop(k, None)
-    fresh = {k for k in head if k in own and k not in state}
+    fresh = set()
+    for head_name in getattr(model, "head_names", ("head",)):
+        keys = {k for k in set(state) | set(own) if k.startswith(f"{head_name}.")}
+        if any(k not in state or k not in own or state[k].shape != own[k].shape for k in keys):
+            for k in keys:  # another number of classes, or no such layer: keep the model's fresh one
+                state.pop(k, None)
+            fresh |= {k for k in keys if k in own}
     missing = [k for k in own if k not in state and k not in fresh]
     unexpected = [k for k in state if k not in own]
     if missing:

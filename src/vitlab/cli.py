@@ -95,6 +95,10 @@ def _parse_set(values: tuple[str, ...]) -> dict:
 @click.option("--out", help="Run directory (default runs/DATA-MODEL-TIME).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from checkpoints/last.")
 @click.option("--skip-bad-images", is_flag=True, default=None, help="Skip unreadable images in folder datasets.")
+@click.option("--teacher", help="Distil from this checkpoint (vitlab, HF or timm; any architecture).")
+@click.option("--distill", type=click.Choice(["hard", "soft"]), help="Distillation kind (default hard).")
+@click.option("--distill-tau", type=float, help="Soft distillation temperature (default 3.0).")
+@click.option("--distill-alpha", type=float, help="Soft distillation weight of the teacher (default 0.1).")
 @click.option("--max-steps", type=int, help="Stop after this many optimizer steps.")
 @click.option("--time-budget", "time_budget_s", type=float, help="Stop after this many seconds of training.")
 @click.option(
@@ -192,6 +196,76 @@ def predict(checkpoint, images, top_k, as_json) -> None:
         click.echo(r["image"])
         for p in r["top"]:
             click.echo(f"  {p['probability']:.4f}  {p['class']}")
+
+
+# --- looking inside ----------------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("checkpoint", type=click.Path())
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--out", default="explain", show_default=True, help="Directory for the pictures.")
+@click.option("--head-fusion", type=click.Choice(["mean", "max", "min"]), default="mean", show_default=True)
+@click.option("--discard-ratio", type=float, default=0.0, show_default=True, help="Weakest attention share dropped.")
+def explain(checkpoint, images, out, head_fusion, discard_ratio) -> None:
+    """Attention rollout over each image, and every layer's and head's attention map."""
+    from vitlab.analysis.run import explain as run
+
+    for r in run(checkpoint, list(images), out, head_fusion=head_fusion, discard_ratio=discard_ratio):
+        click.echo(f"{r['image']}: {r['class']} ({r['probability']:.1%}) -> {r['rollout']}")
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("--data", required=True, help="Dataset whose test images are used (as for train).")
+@click.option("--data-dir")
+@click.option("--images", type=int, default=64, show_default=True, help="Test images averaged over.")
+@click.option("--out", default="inspect", show_default=True)
+def inspect(checkpoint, data, data_dir, images, out) -> None:
+    """Mean attention distance per head and layer, and position-embedding similarity (ViT paper, Figure 7)."""
+    from vitlab.analysis.run import inspect as run
+
+    r = run(checkpoint, data, out, data_dir=data_dir, images=images)
+    for layer, heads in enumerate(r["mean_attention_distance"], start=1):
+        click.echo(f"layer {layer:2d}: " + " ".join(f"{d:6.1f}" for d in heads) + "  (pixels, per head)")
+    click.echo(f"pictures and numbers in {out}/ (distance.png, pos_embed.png, inspect.json)")
+
+
+@cli.command()
+@click.option("--checkpoint", type=click.Path(), help="A trained model: its ERF before and after training.")
+@click.option(
+    "--compare", multiple=True, help="Models (names or checkpoints) to draw side by side, e.g. a ResNet and a ViT."
+)
+@click.option("--inits", type=int, default=8, show_default=True, help="Random initialisations / inputs averaged.")
+@click.option("--out", default="erf", show_default=True)
+def erf(checkpoint, compare, inits, out) -> None:
+    """Effective receptive fields (Luo et al. 2016): conv depth, training, and CNN against transformer."""
+    from vitlab.analysis.run import erf_study
+
+    r = erf_study(out, checkpoint=checkpoint, compare=tuple(compare), inits=inits)
+    for depth, v in r["depth"].items():
+        click.echo(
+            f"{depth:2d} conv layers: 95% of the gradient within {v['radius95']:.1f} px of "
+            f"{v['theoretical_radius']:.1f} px ({v['ratio']:.0%})"
+        )
+    for key in ("training", "compare"):
+        for name, v in r.get(key, {}).items():
+            click.echo(f"{name}: r95 {v['radius95']:.1f} px of {v['theoretical_radius']:.1f} px ({v['ratio']:.0%})")
+    click.echo(f"pictures and numbers in {out}/")
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("--data", required=True)
+@click.option("--data-dir")
+@click.option("--layer", type=int, help="Probe an intermediate block or stage instead of the pre-logits.")
+@click.option("--draws", type=int, default=5, show_default=True)
+@click.option("--out", help="Default: CHECKPOINT/probe.")
+def probe(checkpoint, data, data_dir, layer, draws, out) -> None:
+    """Linear and few-shot (k = 1, 2, 4, 8, 16 per class) logistic-regression probes on frozen features."""
+    from vitlab.analysis.run import probe as run
+
+    r = run(checkpoint, data, out, data_dir=data_dir, layer=layer, draws=draws)
+    for k, v in r["shots"].items():
+        click.echo(f"k={k:>3}: accuracy {v['accuracy']:.4f} +- {v['std']:.4f} ({v['draws']} draws)")
 
 
 def main() -> None:

@@ -11,36 +11,64 @@ from vitlab.layers.attention import (
 )
 from vitlab.layers.axial import AxialAttention, AxialAttention2d
 from vitlab.layers.block import Block, get_act_layer, low_precision_inference
+from vitlab.layers.conv_attention import ConvAttention, ConvProjection
+from vitlab.layers.conv_embed import ConvEmbed
 from vitlab.layers.drop import DropPath, drop_path
 from vitlab.layers.layer_scale import LayerScale
 from vitlab.layers.local_attention import LocalSelfAttention
 from vitlab.layers.mlp import Mlp
 from vitlab.layers.non_local import NonLocalBlock
-from vitlab.layers.patch_embed import PatchEmbed, to_2tuple
+from vitlab.layers.norm import LayerNorm2d
+from vitlab.layers.padding import MaxPool2dSame, pad_same
+from vitlab.layers.patch_embed import PatchEmbed, check_image, map_to_tokens, to_2tuple
+from vitlab.layers.peg import PEG
 from vitlab.layers.pos_embed import resample_pos_embed, sincos_pos_embed_1d, sincos_pos_embed_2d
+from vitlab.layers.std_conv import StdConv2d
+from vitlab.layers.window import (
+    WindowAttention,
+    relative_position_index,
+    shifted_window_mask,
+    window_partition,
+    window_reverse,
+)
 
 __all__ = [
+    "PEG",
     "Attention",
     "AttentionBase",
     "AxialAttention",
     "AxialAttention2d",
     "Block",
+    "ConvAttention",
+    "ConvEmbed",
+    "ConvProjection",
     "CrossAttention",
     "DropPath",
+    "LayerNorm2d",
     "LayerScale",
     "LocalSelfAttention",
+    "MaxPool2dSame",
     "Mlp",
     "NonLocalBlock",
     "PatchEmbed",
+    "StdConv2d",
+    "WindowAttention",
     "attention_modules",
+    "check_image",
     "drop_path",
     "explicit_attention",
     "get_act_layer",
     "low_precision_inference",
+    "map_to_tokens",
+    "pad_same",
     "record_attention",
+    "relative_position_index",
     "resample_pos_embed",
     "set_fused_attn",
+    "shifted_window_mask",
     "sincos_pos_embed_1d",
     "sincos_pos_embed_2d",
     "to_2tuple",
+    "window_partition",
+    "window_reverse",
 ]

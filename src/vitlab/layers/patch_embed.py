@@ -7,6 +7,8 @@ E in R^{(P^2 C) x D}. A P x P convolution with stride P is exactly that linear m
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -21,6 +23,27 @@ def to_2tuple(x: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     return int(x), int(x)
 
 
+def check_image(x: torch.Tensor, in_chans: int, img_size: tuple[int, int] | None) -> None:
+    """One-line errors for images [B, C, H, W] with another number of channels or, when ``img_size`` is given (a
+    model with a fixed input size), another size."""
+    _, C, H, W = x.shape
+    if C != in_chans:
+        raise VitlabError(f"input has {C} channels but the model expects {in_chans}; convert the images first")
+    if img_size is not None and (H, W) != img_size:
+        raise VitlabError(
+            f"input size ({H}, {W}) differs from the model's {img_size}; resize the images, "
+            "call set_input_size(), or build the model with dynamic_img_size=True"
+        )
+
+
+def map_to_tokens(x: torch.Tensor, flatten: bool = True) -> torch.Tensor:
+    """A map [B, D, H, W] -> tokens [B, H*W, D] in row-major order, or the grid [B, H, W, D] with ``flatten=False``
+    (models with dynamic input sizes resample their position embedding to it first)."""
+    if flatten:
+        return x.flatten(2).transpose(1, 2)  # (B, N, D)
+    return x.permute(0, 2, 3, 1)  # (B, H, W, D)
+
+
 class PatchEmbed(nn.Module):
     def __init__(
         self,
@@ -32,6 +55,7 @@ class PatchEmbed(nn.Module):
         bias: bool = True,
         flatten: bool = True,
         strict_img_size: bool = True,
+        norm_layer: Callable[[int], nn.Module] | None = None,
     ) -> None:
         super().__init__()
         self.patch_size = to_2tuple(patch_size)
@@ -40,6 +64,8 @@ class PatchEmbed(nn.Module):
         self.strict_img_size = strict_img_size
         self.set_img_size(img_size)
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias)
+        # a norm over the embedding (Swin's "patch_norm"); Identity holds no state, so ViT checkpoints are unchanged
+        self.norm = norm_layer(embed_dim) if norm_layer else nn.Identity()
 
     def set_img_size(self, img_size: int | tuple[int, int]) -> None:
         self.img_size = to_2tuple(img_size)
@@ -50,17 +76,8 @@ class PatchEmbed(nn.Module):
         self.num_patches = self.grid_size[0] * self.grid_size[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, C, H, W = x.shape
-        if C != self.in_chans:
-            raise VitlabError(f"input has {C} channels but the model expects {self.in_chans}; convert the images first")
-        if self.strict_img_size and (H, W) != self.img_size:
-            raise VitlabError(
-                f"input size ({H}, {W}) differs from the model's {self.img_size}; resize the images, "
-                "call set_input_size(), or build the model with dynamic_img_size=True"
-            )
+        check_image(x, self.in_chans, self.img_size if self.strict_img_size else None)
+        H, W = x.shape[-2:]
         if H % self.patch_size[0] or W % self.patch_size[1]:
             raise VitlabError(f"input size ({H}, {W}) is not divisible by patch size {self.patch_size}")
-        x = self.proj(x)  # (B, D, H/P, W/P)
-        if self.flatten:
-            return x.flatten(2).transpose(1, 2)  # (B, N, D)
-        return x.permute(0, 2, 3, 1)  # (B, H/P, W/P, D)
+        return self.norm(map_to_tokens(self.proj(x), self.flatten))  # proj: (B, D, H/P, W/P)

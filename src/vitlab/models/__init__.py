@@ -1,6 +1,29 @@
 """Model families; importing this module registers every variant."""
 
-from vitlab.models import grid_vit, nonlocal_net  # noqa: F401  (registers their variants)
+from vitlab.models.cait import CaiT
+from vitlab.models.cct import CCT
+from vitlab.models.convnext import ConvNeXt
+from vitlab.models.cpvt import CPVT
+from vitlab.models.cvt import ConvolutionalVisionTransformer
+from vitlab.models.deit import VisionTransformerDistilled
+from vitlab.models.grid_vit import GridVisionTransformer
+from vitlab.models.nonlocal_net import NonLocalNet
+from vitlab.models.resnet import ResNet
+from vitlab.models.swin import SwinTransformer
 from vitlab.models.vit import VisionTransformer
+from vitlab.models.vit_hybrid import HybridVisionTransformer
 
-__all__ = ["VisionTransformer"]
+__all__ = [
+    "CCT",
+    "CPVT",
+    "CaiT",
+    "ConvNeXt",
+    "ConvolutionalVisionTransformer",
+    "GridVisionTransformer",
+    "HybridVisionTransformer",
+    "NonLocalNet",
+    "ResNet",
+    "SwinTransformer",
+    "VisionTransformer",
+    "VisionTransformerDistilled",
+]

@@ -13,7 +13,9 @@ Every model answers ``forward_intermediates(x, indices=None, *, norm=False, inte
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+
+import torch
 
 from vitlab.errors import VitlabError
 
@@ -34,3 +36,22 @@ def take_indices(num_blocks: int, indices: int | Sequence[int] | None) -> list[i
             raise VitlabError(f"block index {i} is out of range for {num_blocks} blocks")
         out.append(j)
     return sorted(set(out))
+
+
+def stage_intermediates(
+    x: torch.Tensor,
+    stages: Sequence[Callable[[torch.Tensor], torch.Tensor]],
+    indices: int | Sequence[int] | None,
+    intermediates_only: bool,
+) -> tuple[torch.Tensor, list[torch.Tensor]] | list[torch.Tensor]:
+    """Run ``x`` through ``stages`` in turn, keeping the outputs of those ``indices`` picks: the body of
+    `forward_intermediates` for a model that is a stem followed by stages (call it on the stem's output)."""
+    take = take_indices(len(stages), indices)
+    out = []
+    for i, stage in enumerate(stages):
+        x = stage(x)
+        if i in take:
+            out.append(x)
+        if intermediates_only and i == take[-1]:
+            return out  # the stages after the last one asked for need not run
+    return x, out

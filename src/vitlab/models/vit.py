@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -30,8 +30,8 @@ from vitlab._registry import (
     Converted,
     register_architecture,
     register_hf_converter,
-    register_model,
     register_timm_converter,
+    register_variant,
 )
 from vitlab.errors import VitlabError
 from vitlab.layers import (
@@ -43,6 +43,7 @@ from vitlab.layers import (
     to_2tuple,
 )
 from vitlab.models._features import take_indices
+from vitlab.models._head import record_num_classes, zero_classifier
 
 IMAGENET_INCEPTION_MEAN = (0.5, 0.5, 0.5)
 IMAGENET_INCEPTION_STD = (0.5, 0.5, 0.5)
@@ -52,7 +53,11 @@ PAPER = "Dosovitskiy et al., An Image is Worth 16x16 Words, ICLR 2021 (arXiv:201
 @register_architecture
 class VisionTransformer(nn.Module):
     arch = "vit"
-    head_names = ("head",)  # the classifier: replaced, not loaded, when a checkpoint has other classes
+    # the classifier layers: each is started afresh, not loaded, when a checkpoint's differs in shape or presence
+    head_names = ("head", "pre_logits")
+    # fine-tuning removes the whole pre-training head and attaches a single zero-initialised linear layer (paper,
+    # section 3.1 "Fine-tuning and higher resolution")
+    finetune_overrides: ClassVar[dict[str, Any]] = {"head_hidden_dim": None}
 
     def __init__(
         self,
@@ -81,6 +86,7 @@ class VisionTransformer(nn.Module):
         norm_eps: float = 1e-6,
         act: str = "gelu",
         dynamic_img_size: bool = False,
+        embed_layer: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if global_pool not in ("token", "avg"):
@@ -95,15 +101,18 @@ class VisionTransformer(nn.Module):
         self.num_prefix_tokens = 1 if class_token else 0
         self.dynamic_img_size = dynamic_img_size
 
-        self.patch_embed = PatchEmbed(
-            img_size,
-            patch_size,
-            in_chans,
-            embed_dim,
-            bias=True,
-            strict_img_size=not dynamic_img_size,
-            flatten=not dynamic_img_size,
-        )
+        # embed_layer: a built patch embedding with PatchEmbed's interface (the hybrid's CNN stem + 1x1 projection)
+        if embed_layer is None:
+            embed_layer = PatchEmbed(
+                img_size,
+                patch_size,
+                in_chans,
+                embed_dim,
+                bias=True,
+                strict_img_size=not dynamic_img_size,
+                flatten=not dynamic_img_size,
+            )
+        self.patch_embed = embed_layer
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         if pos_embed == "none":
@@ -219,6 +228,10 @@ class VisionTransformer(nn.Module):
             self.init_kwargs["img_size"] = list(to_2tuple(img_size))
 
     # --- forward --------------------------------------------------------------------------------------------
+    def prefix_tokens(self) -> list[torch.Tensor]:
+        """The learned [1, 1, D] tokens placed before the patch tokens, in order (DeiT adds a distillation token)."""
+        return [self.cls_token] if self.cls_token is not None else []
+
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         if self.dynamic_img_size:
             B, H, W, D = x.shape
@@ -228,8 +241,9 @@ class VisionTransformer(nn.Module):
                 pos = resample_pos_embed(self.pos_embed, (H, W), self.patch_embed.grid_size, self.num_prefix_tokens)
         else:
             pos = self.pos_embed
-        if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1 + N, D)
+        prefix = [t.expand(x.shape[0], -1, -1) for t in self.prefix_tokens()]
+        if prefix:
+            x = torch.cat([*prefix, x], dim=1)  # (B, prefix + N, D)
         if pos is not None:
             x = x + pos
         return self.pos_drop(x)
@@ -273,20 +287,14 @@ class VisionTransformer(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
         if global_pool is not None:
             if global_pool == "token" and self.cls_token is None:
                 raise VitlabError("global_pool='token' needs a class token; this model has none")
             self.global_pool = global_pool
-        device = self.pos_embed.device if self.pos_embed is not None else None
-        self.head = nn.Linear(self.num_features, num_classes, device=device) if num_classes > 0 else nn.Identity()
-        if isinstance(self.head, nn.Linear):
-            nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
-        if hasattr(self, "default_cfg"):
-            self.default_cfg["num_classes"] = num_classes
-        if hasattr(self, "init_kwargs"):
-            self.init_kwargs["num_classes"] = num_classes
+        self.head = zero_classifier(
+            self.num_features, num_classes, device=self.pos_embed.device if self.pos_embed is not None else None
+        )
+        record_num_classes(self, num_classes)
 
 
 # --- checkpoint converters: HF transformers and timm names -> ours ---------------------------------------------
@@ -312,10 +320,18 @@ def hf_act(config: dict[str, Any]) -> str:
 def convert_hf_vit(config: dict[str, Any], raw: dict[str, torch.Tensor]) -> Converted:
     """HF ``ViTModel`` / ``ViTForImageClassification`` directory -> VisionTransformer arguments and state."""
     state = convert_hf_vit_state(raw)
+    kwargs = hf_vit_kwargs(config, state)
+    return Converted("vit", state, kwargs, _cfg(224, kwargs["in_chans"]))
+
+
+def hf_vit_kwargs(config: dict[str, Any], state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """VisionTransformer arguments of a HF ViT-style config (ViT, DeiT), given the state already in vitlab names."""
+    if "pre_logits.fc.weight" in state and config.get("pooler_act", "tanh") != "tanh":
+        raise VitlabError(f"a pooler with pooler_act={config['pooler_act']!r} is not supported; vitlab's is tanh")
     hidden = config["hidden_size"]
     img = config.get("image_size", 224)
     patch = config.get("patch_size", 16)
-    kwargs = {
+    return {
         "img_size": list(img) if isinstance(img, (list, tuple)) else img,
         "patch_size": list(patch) if isinstance(patch, (list, tuple)) else patch,
         "in_chans": config.get("num_channels", 3),
@@ -332,7 +348,6 @@ def convert_hf_vit(config: dict[str, Any], raw: dict[str, torch.Tensor]) -> Conv
         "proj_drop_rate": config.get("hidden_dropout_prob", 0.0),
         "attn_drop_rate": config.get("attention_probs_dropout_prob", 0.0),
     }
-    return Converted("vit", state, kwargs, _cfg(224, kwargs["in_chans"]))
 
 
 # per-layer names in saved files (all transformers versions) and in transformers 5's in-memory modules; shared by
@@ -387,46 +402,55 @@ def convert_hf_encoder_layers(
     return out
 
 
+# whole-key renames of HF ViT's embeddings, final norm, pooler and classifier (DeiT extends them)
+HF_VIT_NAMES = {
+    "embeddings.cls_token": "cls_token",
+    "embeddings.position_embeddings": "pos_embed",
+    "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+    "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+    "layernorm.weight": "norm.weight",
+    "layernorm.bias": "norm.bias",
+    "pooler.dense.weight": "pre_logits.fc.weight",
+    "pooler.dense.bias": "pre_logits.fc.bias",
+    "classifier.weight": "head.weight",
+    "classifier.bias": "head.bias",
+}
+
+
 def convert_hf_vit_state(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Map HF ``ViTModel`` / ``ViTForImageClassification`` parameter names to vitlab's."""
     sd = {k.removeprefix("vit."): v for k, v in raw.items()}
-    simple = {
-        "embeddings.cls_token": "cls_token",
-        "embeddings.position_embeddings": "pos_embed",
-        "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
-        "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
-        "layernorm.weight": "norm.weight",
-        "layernorm.bias": "norm.bias",
-        "pooler.dense.weight": "pre_logits.fc.weight",
-        "pooler.dense.bias": "pre_logits.fc.bias",
-        "classifier.weight": "head.weight",
-        "classifier.bias": "head.bias",
-    }
     # the mask token is only used by masked-image-modelling heads
-    return convert_hf_encoder_layers(sd, simple, skip=("embeddings.mask_token",))
+    return convert_hf_encoder_layers(sd, HF_VIT_NAMES, skip=("embeddings.mask_token",))
 
 
-def _is_timm_vit(state: dict[str, torch.Tensor]) -> bool:
+def is_timm_vit(state: dict[str, torch.Tensor]) -> bool:
     return "patch_embed.proj.weight" in state and "blocks.0.attn.qkv.weight" in state
 
 
-@register_timm_converter(_is_timm_vit)
+@register_timm_converter(is_timm_vit)
 def convert_timm_vit(state: dict[str, torch.Tensor]) -> Converted:
     """timm's ViT names are vitlab's: only the constructor arguments are read off the tensor shapes."""
-    for key in ("reg_token", "norm_pre.weight", "blocks.0.attn.proj.weight_g"):
-        if key in state:
-            raise VitlabError(f"timm ViT option with parameter {key!r} is not supported by vitlab yet")
+    check_timm_vit_options(state)
     kwargs = infer_vit_args(state)
     return Converted("vit", dict(state), kwargs, _cfg(224, kwargs["in_chans"]))
 
 
-def infer_vit_args(state: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Read ViT constructor arguments off a timm-named state dict's tensor shapes (64-dimensional heads assumed)."""
+def check_timm_vit_options(state: dict[str, torch.Tensor]) -> None:
+    """A one-line error for a timm ViT option that vitlab does not build."""
+    for key in ("reg_token", "norm_pre.weight", "blocks.0.attn.proj.weight_g"):
+        if key in state:
+            raise VitlabError(f"timm ViT option with parameter {key!r} is not supported by vitlab yet")
+
+
+def infer_vit_args(state: dict[str, torch.Tensor], *, extra_prefix_tokens: int = 0) -> dict[str, Any]:
+    """Read ViT constructor arguments off a timm-named state dict's tensor shapes (64-dimensional heads assumed).
+    ``extra_prefix_tokens``: tokens besides the class token that the position embedding covers (DeiT's one)."""
     w = state["patch_embed.proj.weight"]  # (D, C, P, P)
     D, C, ph, pw = w.shape
     depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
     class_token = "cls_token" in state
-    prefix = 1 if class_token else 0
+    prefix = (1 if class_token else 0) + extra_prefix_tokens
     if "pos_embed" in state:
         n = state["pos_embed"].shape[1] - prefix
         side = math.isqrt(n)
@@ -479,6 +503,21 @@ def _cfg(img_size: int, in_chans: int = 3, **extra: Any) -> dict[str, Any]:
     }
 
 
+# Published weights of the same architecture (timm's Hub repositories, ImageNet-21k pre-trained, fine-tuned on
+# ImageNet-1k; Steiner et al., "How to train your ViT?", 2021), for create_model(name, pretrained=True).
+_HUB_TAGS = {
+    "vit_tiny_patch16_224": "augreg_in21k_ft_in1k",
+    "vit_small_patch16_224": "augreg_in21k_ft_in1k",
+    "vit_small_patch32_224": "augreg_in21k_ft_in1k",
+    "vit_base_patch16_224": "augreg2_in21k_ft_in1k",
+    "vit_base_patch32_224": "augreg_in21k_ft_in1k",
+    "vit_large_patch16_224": "augreg_in21k_ft_in1k",
+    "vit_base_patch16_384": "augreg_in21k_ft_in1k",
+    "vit_large_patch16_384": "augreg_in21k_ft_in1k",
+    "vit_huge_patch14_224": "orig_in21k",
+}
+
+
 def _add_variant(size: str, patch: int, img: int, in_chans: int = 3, num_classes: int = 1000) -> None:
     dim, depth, heads = _SIZES[size]
     name = f"vit_{size}_patch{patch}_{img}"
@@ -492,13 +531,10 @@ def _add_variant(size: str, patch: int, img: int, in_chans: int = 3, num_classes
         "num_heads": heads,
     }
     cfg = _cfg(img, in_chans, num_classes=num_classes)
-
-    def variant() -> tuple[type[nn.Module], dict[str, Any], dict[str, Any]]:
-        return VisionTransformer, kwargs, cfg
-
-    variant.__name__ = name
-    variant.__doc__ = f"ViT-{size[0].upper()}/{patch} at {img}x{img}: D={dim}, {depth} layers, {heads} heads."
-    register_model(variant)
+    if name in _HUB_TAGS:
+        cfg["hf_hub_id"] = f"timm/{name}.{_HUB_TAGS[name]}"
+    doc = f"ViT-{size[0].upper()}/{patch} at {img}x{img}: D={dim}, {depth} layers, {heads} heads."
+    register_variant(name, VisionTransformer, kwargs, cfg, doc)
 
 
 for _size in _SIZES:

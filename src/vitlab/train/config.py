@@ -47,6 +47,11 @@ class TrainConfig:
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
     label_smoothing: float = 0.0
+    # distillation (DeiT): a teacher checkpoint (vitlab, HF or timm; any architecture), hard or soft
+    teacher: str | None = None
+    distill: str | None = None  # hard | soft; hard (the paper's best) when a teacher is given
+    distill_tau: float = 3.0  # soft: temperature (the paper's 3.0)
+    distill_alpha: float = 0.1  # soft: weight of the teacher term (the paper's 0.1)
     # execution
     precision: str = "bf16"  # fp32 | bf16 (autocast on CPU and CUDA)
     compile: bool = False
@@ -89,6 +94,16 @@ class TrainConfig:
                 raise VitlabError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise VitlabError(f"lr must be positive, got {self.lr}")
+        if self.distill is not None and self.distill not in ("hard", "soft"):
+            raise VitlabError(f"distill must be hard or soft, got {self.distill!r}")
+        if self.distill is not None and not self.teacher:
+            raise VitlabError(f"--distill {self.distill} needs a teacher: add --teacher CHECKPOINT")
+        if self.teacher and self.distill is None:
+            self.distill = "hard"
+        if self.distill_tau <= 0:
+            raise VitlabError(f"distill_tau must be positive, got {self.distill_tau}")
+        if not 0 <= self.distill_alpha <= 1:
+            raise VitlabError(f"distill_alpha must be between 0 and 1, got {self.distill_alpha}")
         if self.betas is not None:
             self.betas = tuple(self.betas)  # type: ignore[assignment]
         if self.randaugment is not None:

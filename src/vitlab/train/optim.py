@@ -10,28 +10,79 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import torch
 from torch import nn
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None) -> list[dict]:
+    """AdamW groups: decay / no decay, and with ``layer_decay`` one pair per depth with ``lr_scale`` =
+    layer_decay ** (depth of the head - depth of the parameter), as BEiT's and MAE's fine-tuning recipes."""
     skip = set(getattr(model, "no_weight_decay", lambda: set())())
-    decay, no_decay = [], []
+    ids = layer_ids(model) if layer_decay is not None else {}
+    top = max(ids.values(), default=0)
+    groups: dict[tuple[int, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or name in skip or name.endswith(".bias"):
-            no_decay.append(p)
+        no_decay = p.ndim <= 1 or name in skip or name.endswith(".bias")
+        layer = ids.get(name, top)
+        group = groups.setdefault(
+            (layer, no_decay),
+            {
+                "params": [],
+                "weight_decay": 0.0 if no_decay else weight_decay,
+                "lr_scale": layer_decay ** (top - layer) if layer_decay is not None else 1.0,
+            },
+        )
+        group["params"].append(p)
+    if layer_decay is None:  # the two groups in a fixed order, even when one is empty
+        return [
+            groups.get((0, nd), {"params": [], "weight_decay": 0.0 if nd else weight_decay, "lr_scale": 1.0})
+            for nd in (False, True)
+        ]
+    return [groups[k] for k in sorted(groups)]
+
+
+_DEPTH_UNIT = re.compile(r"^(?:blocks|stages|layers|blocks_token_only|layer)\.?(\d+)\.")
+
+
+def layer_ids(model: nn.Module) -> dict[str, int]:
+    """Depth of every parameter for layer-wise learning-rate decay: the embedding (everything before the first
+    block) is 0, block or stage i is i + 1 in the order the model registers them, and the rest (final norm,
+    head) is the last depth. Block containers are found by name (``blocks.i``, ``stages.i``, ``layers.i``,
+    ``layer1``...), so every family gets a sensible order without a table per model."""
+    ids: dict[str, int] = {}
+    units: dict[tuple[str, str], int] = {}
+    seen_block = False
+    pending_tail = []
+    for name, _ in model.named_parameters():
+        m = _DEPTH_UNIT.match(name)
+        if m:
+            key = (name.split(".")[0], m.group(1))
+            units.setdefault(key, len(units) + 1)
+            ids[name] = units[key]
+            seen_block = True
+        elif seen_block:
+            pending_tail.append(name)
         else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            ids[name] = 0
+    for name in pending_tail:
+        ids[name] = len(units) + 1
+    return ids
 
 
 def build_optimizer(
-    model: nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float]
+    model: nn.Module,
+    *,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    layer_decay: float | None = None,
 ) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas)
+    """AdamW over the trainable parameters; each group's learning rate is ``lr * group["lr_scale"]``."""
+    return torch.optim.AdamW(param_groups(model, weight_decay, layer_decay), lr=lr, betas=betas)
 
 
 def lr_at(step: int, *, total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> float:

@@ -1,10 +1,14 @@
-"""The training loop, top to bottom: data -> model -> optimizer -> (resume) -> steps with periodic evaluation and
-atomic checkpoints -> test report.
+"""The training loop, top to bottom: data -> task -> model -> optimizer -> (resume) -> steps with periodic evaluation
+and atomic checkpoints -> test report.
+
+What is learned is the task's business (`vitlab.train.tasks`): the loop hands it each batch and backpropagates the
+loss it returns (classification, distillation from a teacher, ...); it never branches on the kind of model.
 
 Exact resume: the sample order of an epoch depends only on (seed, epoch), every other random draw (augmentation,
 dropout, stochastic depth, mixup) comes from torch's global generator whose state is checkpointed, and the
-learning rate is a function of the step. So a run resumed from ``checkpoints/last`` takes bit-identical steps to
-one that never stopped (on CPU, with the same thread count).
+learning rate is a function of the step. A teacher is named in the run's config and runs deterministically in eval
+mode. So a run resumed from ``checkpoints/last`` takes bit-identical steps to one that never stopped (on CPU, with the
+same thread count).
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from vitlab._io import atomic_directory, recover_directory, write_json
 from vitlab._registry import create_model, get_variant
@@ -34,6 +37,7 @@ from vitlab.train.distributed import DistInfo, all_reduce_sum, barrier, cleanup,
 from vitlab.train.evaluate import autocast, evaluate
 from vitlab.train.optim import ModelEma, build_optimizer, lr_at
 from vitlab.train.report import Progress, plot_curves, read_metrics
+from vitlab.train.tasks import build_task
 
 STATE_NAME = "trainer_state.pt"
 OnEval = Callable[[torch.nn.Module, Any, dict[str, Any]], "dict[str, Any] | None"]
@@ -127,11 +131,17 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
     mean, std = splits.mean, splits.std
     num_classes = splits.num_classes
 
-    # --- model, optimizer ---------------------------------------------------------------------------------
+    # --- task, model, optimizer ---------------------------------------------------------------------------
+    # the task (and its teacher) before seeding: building a teacher draws random numbers, the student's init must not
+    # depend on whether there is one
+    task = build_task(
+        cfg, num_classes=num_classes, in_chans=in_chans, img_size=img_size, mean=mean, std=std, device=device
+    )
     seed_everything(cfg.seed)
     model = create_model(cfg.model, num_classes=num_classes, drop_path_rate=cfg.drop_path_rate, **cfg.model_args)
     model.pretrained_cfg = {"class_names": splits.class_names, "mean": list(mean), "std": list(std)}
     model.to(device)
+    task.setup(model)
     ema = ModelEma(model, cfg.ema_decay) if cfg.ema_decay else None
     optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
     params = count_params(model)
@@ -216,7 +226,8 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
     if info.is_main:
         progress.message(
             f"training {cfg.model} ({params:,} parameters) on {splits.name}: {len(splits.train)} train / "
-            f"{len(splits.val)} val images, {total_steps} steps of {global_batch} images, {cfg.precision}, {device}"
+            f"{len(splits.val)} val images, {total_steps} steps of {global_batch} images, {cfg.precision}, {device}; "
+            f"{task.describe()}"
         )
     progress.start(step)
     amp = autocast(device, cfg.precision)
@@ -262,13 +273,10 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
             sync = train_model.no_sync() if info.enabled and not last_micro else nullcontext()
             with sync:
                 with amp:
-                    logits = train_model(x)
-                loss = F.cross_entropy(logits.float(), target)
-                (loss / cfg.accum_steps).backward()
-            loss_value = loss.item()  # one host sync per micro-step, shared by the metrics and the NaN check
-            running += torch.tensor(
-                [loss_value * len(y), (logits.argmax(-1) == y).sum().item(), len(y)], dtype=torch.float64
-            )
+                    out = task.loss(train_model, x, target, y)
+                (out.loss / cfg.accum_steps).backward()
+            loss_value = out.loss.item()  # one host sync per micro-step, shared by the metrics and the NaN check
+            running += torch.tensor([loss_value * len(y), out.correct.item(), len(y)], dtype=torch.float64)
             if not last_micro:
                 continue
 
@@ -378,6 +386,7 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
         steps_per_epoch=steps_per_epoch,
         best_acc=best_acc,
         best_step=best_step,
+        task=task.describe(),
     )
     return summary
 
@@ -413,6 +422,7 @@ def final_report(run_dir: Path, splits, device, cfg: TrainConfig, info: DistInfo
         "train_time_s": round(facts["train_time"], 2),
         "images_per_s": round(sum(rates) / len(rates), 1) if rates else None,
         "params": facts["params"],
+        "task": facts["task"],
         "precision": cfg.precision,
         "processes": info.world_size,
         "run_dir": str(run_dir),

@@ -1,0 +1,273 @@
+"""The analysis commands as library functions: each reads a checkpoint (and data), computes, and writes its
+pictures and numbers into an output directory. `vitlab explain`, `inspect`, `erf` and `probe` call these."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from vitlab._io import write_json
+from vitlab.analysis.attention import attention_maps, attention_rollout
+from vitlab.analysis.distance import mean_attention_distance, pos_embed_similarity
+from vitlab.analysis.erf import conv_stack, effective_receptive_field
+from vitlab.analysis.figures import (
+    distance_figure,
+    erf_figure,
+    explain_figure,
+    head_grid_figure,
+    pos_embed_figure,
+)
+from vitlab.analysis.probe import extract_features, few_shot_probe
+from vitlab.checkpoint import from_pretrained
+from vitlab.data import build_dataset, to_model_input
+from vitlab.data.folder import load_image
+from vitlab.errors import VitlabError
+
+
+def _pooling(model: nn.Module) -> tuple[int, str]:
+    """(prefix tokens, "token" or "avg"): how the model's head reads its tokens."""
+    prefix = getattr(model, "num_prefix_tokens", 0)
+    pool = getattr(model, "global_pool", "token" if prefix else "avg")
+    return prefix, "token" if pool == "token" and prefix else "avg"
+
+
+def _grid(model: nn.Module, n: int) -> tuple[int, int]:
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if grid is not None and grid[0] * grid[1] == n:
+        return tuple(grid)
+    side = math.isqrt(n)
+    if side * side != n:
+        raise VitlabError(f"cannot lay {n} tokens out on a square grid")
+    return side, side
+
+
+def _final_maps(maps: list[Tensor]) -> list[Tensor]:
+    """The square maps of the final sequence length (the tokens the head reads)."""
+    square = [m for m in maps if m.shape[-1] == m.shape[-2]]
+    n = square[-1].shape[-1]
+    return [m for m in square if m.shape[-1] == n]
+
+
+def explain(
+    checkpoint: str | Path,
+    images: list[str],
+    out: str | Path,
+    *,
+    head_fusion: str = "mean",
+    discard_ratio: float = 0.0,
+) -> list[dict[str, Any]]:
+    """Per image: ``<name>_rollout.png`` (the image with the rollout heat map, the prediction in the title) and
+    ``<name>_heads.png`` (per-layer, per-head attention of the class token, or of the mean token, over the
+    patches)."""
+    model = from_pretrained(checkpoint)
+    in_chans, h, w = model.default_cfg["input_size"]
+    names = model.pretrained_cfg.get("class_names") or [str(i) for i in range(model.num_classes)]
+    prefix, pool = _pooling(model)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for path in images:
+        image = load_image(path, in_chans=in_chans, img_size=(h, w))
+        x = to_model_input(image[None], in_chans=in_chans, img_size=(h, w), **_norm(model))
+        maps, logits = attention_maps(model, x, return_output=True)
+        relevance = attention_rollout(
+            maps, num_prefix_tokens=prefix, pool=pool, head_fusion=head_fusion, discard_ratio=discard_ratio
+        )[0]
+        grid = _grid(model, relevance.numel())
+        prob, idx = logits.softmax(-1)[0].max(0)
+        title = f"{Path(path).name}: {names[idx]} ({prob:.1%})"
+        stem = Path(path).stem
+        explain_figure(image, relevance.view(*grid), title, out / f"{stem}_rollout.png")
+        final = _final_maps(maps)
+        rows = [(m[0, :, 0, prefix:] if pool == "token" else m[0, :, prefix:, prefix:].mean(1)) for m in final]
+        if rows[0].shape[-1] == grid[0] * grid[1]:
+            head_grid_figure(
+                rows,
+                grid,
+                f"{title}: {'class token' if pool == 'token' else 'mean token'} attention",
+                out / f"{stem}_heads.png",
+            )
+        results.append(
+            {
+                "image": str(path),
+                "class": names[idx],
+                "probability": round(prob.item(), 6),
+                "rollout": str(out / f"{stem}_rollout.png"),
+            }
+        )
+    return results
+
+
+def _norm(model: nn.Module) -> dict[str, Any]:
+    return {"mean": model.default_cfg["mean"], "std": model.default_cfg["std"]}
+
+
+def _splits(model: nn.Module, data: str, data_dir: str | None):
+    in_chans, h, w = model.default_cfg["input_size"]
+    return build_dataset(data, data_dir=data_dir, img_size=(h, w), in_chans=in_chans)
+
+
+@torch.no_grad()
+def inspect(
+    checkpoint: str | Path, data: str, out: str | Path, *, data_dir: str | None = None, images: int = 64
+) -> dict[str, Any]:
+    """Mean attention distance per head and layer over ``images`` test images (``distance.png``), and the
+    position-embedding similarity grid (``pos_embed.png``) when the model has a table; numbers in
+    ``inspect.json``."""
+    model = from_pretrained(checkpoint)
+    splits = _splits(model, data, data_dir)
+    in_chans, h, w = model.default_cfg["input_size"]
+    split = splits.test if splits.test is not None else splits.val
+    batch, _ = next(iter(split.loader(images, shuffle=False)))
+    x = to_model_input(batch, in_chans=in_chans, img_size=(h, w), **_norm(model))
+    prefix, _ = _pooling(model)
+    final = _final_maps(attention_maps(model, x))
+    n = final[-1].shape[-1] - prefix
+    grid = _grid(model, n)
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", (h // grid[0], w // grid[1]))
+    dist = mean_attention_distance(final, grid, patch, prefix)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    distance_figure(dist, out / "distance.png", f"mean attention distance ({len(x)} {splits.name} images)")
+    result: dict[str, Any] = {
+        "data": splits.name,
+        "images": len(x),
+        "grid": list(grid),
+        "patch_size": list(patch),
+        "mean_attention_distance": dist.tolist(),
+    }
+    try:
+        sim, pgrid = pos_embed_similarity(model)
+        pos_embed_figure(sim, pgrid, out / "pos_embed.png")
+        result["pos_embed_similarity"] = sim.tolist()
+    except VitlabError as e:  # a model without a position table (CPVT, CvT, Swin): say so in the JSON
+        result["pos_embed_similarity"] = None
+        result["pos_embed_note"] = str(e)
+    write_json(out / "inspect.json", result)
+    return result
+
+
+def erf_study(
+    out: str | Path, *, checkpoint: str | None = None, compare: tuple[str, ...] = (), inits: int = 8, size: int = 64
+) -> dict[str, Any]:
+    """(a) stacks of 3x3 convolutions of increasing depth at random initialisation; (b) ``checkpoint`` before
+    (a fresh initialisation of the same architecture) and after training; (c) the models in ``compare`` (registered
+    names or checkpoints) side by side. Writes ``erf_depth.png``, ``erf_training.png``, ``erf_compare.png`` and
+    ``erf.json`` with the 95%-mass radius and its ratio to the theoretical field."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"depth": {}}
+    panels = []
+    for depth in (1, 2, 4, 8, 16):
+        r = effective_receptive_field(lambda d=depth: conv_stack(d, 32), (1, size, size), inits=inits)
+        result["depth"][depth] = _erf_numbers(r)
+        panels.append((f"{depth} conv layers\nr95 {r.radius95:.1f} / {r.theoretical_radius:.1f} px", r.grad))
+    erf_figure(panels, out / "erf_depth.png", "ERF of 3x3 conv stacks at random initialisation (ReLU)")
+    if checkpoint is not None:
+        trained = from_pretrained(checkpoint)
+        shape = tuple(trained.default_cfg["input_size"])
+        before = effective_receptive_field(lambda: _fresh(trained), shape, inits=inits)
+        after = effective_receptive_field(trained, shape, inits=inits)
+        result["training"] = {"before": _erf_numbers(before), "after": _erf_numbers(after)}
+        erf_figure(
+            [
+                (f"before training\nr95 {before.radius95:.1f} px", before.grad),
+                (f"after training\nr95 {after.radius95:.1f} px", after.grad),
+            ],
+            out / "erf_training.png",
+            f"ERF of {trained.model_name}",
+        )
+    if compare:
+        panels, result["compare"] = [], {}
+        for source in compare:
+            model = _model(source)
+            shape = tuple(model.default_cfg["input_size"])
+            r = effective_receptive_field(
+                model if Path(source).exists() else (lambda s=source: _model(s)), shape, inits=inits
+            )
+            result["compare"][source] = _erf_numbers(r)
+            panels.append((f"{Path(source).name}\nr95 {r.radius95:.1f} / {r.theoretical_radius:.1f} px", r.grad))
+        erf_figure(panels, out / "erf_compare.png", "ERF of the last feature map's centre")
+    write_json(out / "erf.json", result)
+    return result
+
+
+def _erf_numbers(r) -> dict[str, float]:
+    return {"radius95": r.radius95, "theoretical_radius": r.theoretical_radius, "ratio": r.ratio}
+
+
+def _fresh(model: nn.Module) -> nn.Module:
+    from vitlab._registry import build_model, get_architecture
+
+    return build_model(get_architecture(model.arch), model.model_name, dict(model.init_kwargs), model.default_cfg)
+
+
+def _model(source: str) -> nn.Module:
+    from vitlab import create_model, list_models
+
+    if source in list_models():
+        return create_model(source)
+    return from_pretrained(source)
+
+
+def probe(
+    checkpoint: str | Path,
+    data: str,
+    out: str | Path | None = None,
+    *,
+    data_dir: str | None = None,
+    layer: int | None = None,
+    shots: tuple = (1, 2, 4, 8, 16, "all"),
+    draws: int = 5,
+    limit: int | None = 10000,
+) -> dict[str, Any]:
+    """Few-shot and full linear probes on the checkpoint's frozen features; ``probe.json`` and ``probe.png`` in
+    ``out`` (default: beside the checkpoint)."""
+    model = from_pretrained(checkpoint)
+    splits = _splits(model, data, data_dir)
+    test_split = splits.test if splits.test is not None else splits.val
+    train = extract_features(model, splits.train, layer=layer, limit=limit)
+    test = extract_features(model, test_split, layer=layer, limit=limit)
+    res = few_shot_probe(train, test, shots=shots, draws=draws)
+    out = Path(out) if out else Path(checkpoint) / "probe"
+    out.mkdir(parents=True, exist_ok=True)
+    result = {
+        "data": splits.name,
+        "layer": layer,
+        "train_images": len(train[1]),
+        "test_images": len(test[1]),
+        "shots": res,
+    }
+    write_json(out / "probe.json", result)
+    _probe_figure(res, splits.num_classes, out / "probe.png", f"linear probe on {splits.name}")
+    return result
+
+
+def _probe_figure(res: dict[str, dict[str, float]], num_classes: int, path: Path, title: str) -> None:
+    from vitlab.analysis.figures import _plt
+
+    plt = _plt()
+    ks = [k for k in res if k != "all"]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.errorbar(
+        [int(k) for k in ks],
+        [res[k]["accuracy"] for k in ks],
+        yerr=[res[k]["std"] for k in ks],
+        marker="o",
+        capsize=3,
+        label="k-shot probe",
+    )
+    if "all" in res:
+        ax.axhline(res["all"]["accuracy"], color="k", ls="--", label="all labels")
+    ax.axhline(1 / num_classes, color="gray", ls=":", label="chance")
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="labelled images per class (k)", ylabel="test accuracy", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

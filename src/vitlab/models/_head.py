@@ -1,0 +1,69 @@
+"""What every family shares around its classifier: a zero-initialised linear head (or Identity for
+``num_classes=0``, so that forward returns pre-logits), the bookkeeping `reset_classifier` owes the checkpoint
+metadata that `vitlab.create_model` attached, and the ``default_cfg`` of a registered variant (the input it expects,
+its normalisation, its paper)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+
+
+def zero_classifier(in_features: int, num_classes: int, device: torch.device | None = None) -> nn.Module:
+    """Linear(in_features, num_classes) with zero weight and bias: the head starts from uniform predictions, as in
+    the ViT paper's code, and a new head for fine-tuning does not disturb the backbone's first steps."""
+    if num_classes <= 0:
+        return nn.Identity()
+    fc = nn.Linear(in_features, num_classes, device=device)
+    nn.init.zeros_(fc.weight)
+    nn.init.zeros_(fc.bias)
+    return fc
+
+
+def record_num_classes(model: nn.Module, num_classes: int) -> None:
+    """Keep ``default_cfg`` and ``init_kwargs`` (what save_pretrained writes) in step with a new classifier."""
+    model.num_classes = num_classes
+    if hasattr(model, "default_cfg"):
+        model.default_cfg["num_classes"] = num_classes
+    if hasattr(model, "init_kwargs"):
+        model.init_kwargs["num_classes"] = num_classes
+
+
+def imagenet_cfg(img_size: int, in_chans: int, paper: str, **extra: Any) -> dict[str, Any]:
+    """default_cfg of a model trained with ImageNet's mean and std (grayscale and other inputs: 0.5 and 0.5)."""
+    rgb = in_chans == 3
+    return {
+        "input_size": (in_chans, img_size, img_size),
+        "mean": IMAGENET_DEFAULT_MEAN if rgb else (0.5,) * in_chans,
+        "std": IMAGENET_DEFAULT_STD if rgb else (0.5,) * in_chans,
+        "num_classes": 1000,
+        "interpolation": "bicubic",
+        "paper": paper,
+        **extra,
+    }
+
+
+def image_cfg(
+    img_size: int,
+    in_chans: int,
+    *,
+    num_classes: int,
+    paper: str,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> dict[str, Any]:
+    """Without ``mean`` / ``std``, 0.5 for every channel (data scaled to [-1, 1]), as vitlab's small variants."""
+    return {
+        "input_size": (in_chans, img_size, img_size),
+        "mean": tuple(mean) if mean is not None else (0.5,) * in_chans,
+        "std": tuple(std) if std is not None else (0.5,) * in_chans,
+        "num_classes": num_classes,
+        "interpolation": "bicubic",
+        "paper": paper,
+    }
