@@ -5,9 +5,10 @@ attends over pixels), at ViT-Ti width (D = 192, 3 heads) unless told otherwise:
 
 * full:  vitlab's `Attention` over all N = HW tokens, N^2 pairs (fused SDPA kernel: the N x N map is never stored);
 * axial: `AxialAttention2d`, height then width with relative position logits, N (H + W) pairs;
-* local: `LocalSelfAttention`, each token's k x k neighbourhood with relative embeddings, N k^2 pairs (its keys and
-  values are unfolded, so its memory grows with k^2 N D);
-* window attention (Swin) joins when `vitlab.layers` has it: one entry in `build`, a module on [B, H, W, D].
+* local: `LocalSelfAttention`, each token's k x k neighbourhood with relative embeddings, N k^2 pairs (computed in
+  8 x 8 query blocks that share a (8 + k - 1)^2 halo of keys);
+* window: Swin's `WindowAttention` inside non-overlapping M x M windows (not shifted; the grid zero-padded to whole
+  windows) with its relative position bias, N M^2 pairs.
 
 Every point runs in a fresh process, so that one measurement's allocations do not hide the next one's peak: on
 CUDA the peak is `torch.cuda.max_memory_allocated` above what the module and input hold; on CPU it is the growth
@@ -33,11 +34,19 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from vitlab.layers import Attention, AxialAttention2d, LocalSelfAttention
+from vitlab.layers import (
+    Attention,
+    AxialAttention2d,
+    LocalSelfAttention,
+    WindowAttention,
+    window_partition,
+    window_reverse,
+)
 
-KINDS = ("full", "axial", "local")
+KINDS = ("full", "axial", "local", "window")
 
 
 class FullGridAttention(nn.Module):
@@ -52,6 +61,22 @@ class FullGridAttention(nn.Module):
         return self.attn(x.reshape(B, H * W, D)).view(B, H, W, D)
 
 
+class WindowGridAttention(nn.Module):
+    """Swin's W-MSA over the M x M windows of a [B, H, W, D] grid, zero-padded to whole windows as Swin does."""
+
+    def __init__(self, dim: int, num_heads: int, window: int) -> None:
+        super().__init__()
+        self.window = (window, window)
+        self.attn = WindowAttention(dim, num_heads=num_heads, window_size=window)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, D = x.shape
+        x = F.pad(x, (0, 0, 0, -W % self.window[1], 0, -H % self.window[0]))  # (B, Hp, Wp, D)
+        Hp, Wp = x.shape[1], x.shape[2]
+        windows = self.attn(window_partition(x, self.window), window=self.window)  # (B * nW, M * M, D)
+        return window_reverse(windows, self.window, Hp, Wp)[:, :H, :W]
+
+
 def build(kind: str, dim: int, heads: int, grid: tuple[int, int], kernel: int) -> nn.Module:
     if kind == "full":
         return FullGridAttention(dim, heads)
@@ -59,14 +84,18 @@ def build(kind: str, dim: int, heads: int, grid: tuple[int, int], kernel: int) -
         return AxialAttention2d(dim, num_heads=heads, grid_size=grid)
     if kind == "local":
         return LocalSelfAttention(dim, num_heads=heads, kernel_size=kernel)
+    if kind == "window":
+        return WindowGridAttention(dim, heads, kernel)
     raise SystemExit(f"unknown attention {kind!r}; choose from {', '.join(KINDS)}")
 
 
 def pairs(kind: str, h: int, w: int, kernel: int) -> int:
     """Query-key pairs of the attention's function (local: counting the masked ones past the border; its blocked
-    implementation also scores the rest of each block's halo, (8 + k - 1)^2 keys per query)."""
+    implementation also scores the rest of each block's halo, (8 + k - 1)^2 keys per query; window: of the grid
+    padded to whole windows)."""
     n = h * w
-    return {"full": n * n, "axial": n * (h + w), "local": n * kernel * kernel}[kind]
+    padded = -(-h // kernel) * kernel * -(-w // kernel) * kernel
+    return {"full": n * n, "axial": n * (h + w), "local": n * kernel**2, "window": padded * kernel**2}[kind]
 
 
 def measure(kind: str, size: int, a: dict[str, Any]) -> dict[str, Any]:
@@ -141,7 +170,7 @@ def main() -> None:
     p.add_argument("--patch", type=int, default=4, help="patch side: the grid is (size / patch)^2 tokens")
     p.add_argument("--dim", type=int, default=192)
     p.add_argument("--heads", type=int, default=3)
-    p.add_argument("--kernel", type=int, default=7, help="local attention neighbourhood (SASA: 7)")
+    p.add_argument("--kernel", type=int, default=7, help="local neighbourhood and window side (SASA and Swin: 7)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--mode", choices=["train", "infer"], default="train")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")

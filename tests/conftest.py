@@ -24,7 +24,10 @@ def _tiny_swin(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _tiny_resnet(kwargs: dict[str, Any]) -> dict[str, Any]:
-    return {"layers": (1, 1), "channels": (4, 8), "stem_width": 8, "num_classes": 5}
+    tiny = {"layers": (1, 1), "channels": (4, 8), "stem_width": 8, "num_classes": 5}
+    if kwargs.get("insert_after"):  # inserted modules (non-local blocks): one, in the second of the two stages
+        tiny["insert_after"] = [[], [0]]
+    return tiny
 
 
 def _tiny_convnext(kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -174,13 +174,35 @@ def test_bad_input_is_a_one_line_error() -> None:
         NonLocalBlock(8, dim=4)
 
 
-def test_variant_parameter_count() -> None:
-    """A stem and six conv-BN layers, two non-local blocks (64 and 128 channels), the head: counted by layer."""
+def non_local_params(c: int) -> int:
+    return 3 * (c * c // 2 + c // 2) + (c // 2 * c + c) + 2 * c  # theta, phi, g to C/2; W_z back to C; BatchNorm
+
+
+def test_variant_parameter_counts() -> None:
+    """nonlocal_cnn: a stem and six conv-BN layers, two non-local blocks (64 and 128 channels), the head, counted
+    by layer; resnet50_nonlocal: ResNet-50 (25,557,032) and five blocks, two at 512 and three at 1024 channels."""
     conv = lambda cin, cout: 9 * cin * cout + 2 * cout  # 3x3 conv without bias, BatchNorm
-    non_local = lambda c: 3 * (c * c // 2 + c // 2) + (c // 2 * c + c) + 2 * c  # theta, phi, g; W_z; BatchNorm
+    non_local = non_local_params
     layers = conv(1, 32) + 2 * conv(32, 32) + conv(32, 64) + conv(64, 64) + conv(64, 128) + conv(128, 128)
     expected = layers + non_local(64) + non_local(128) + 128 * 10 + 10
     assert model_stats("nonlocal_cnn_tiny_28")["params"] == expected
+    resnet50 = model_stats("resnet50")["params"]
+    assert model_stats("resnet50_nonlocal")["params"] == resnet50 + 2 * non_local(512) + 3 * non_local(1024)
+    with torch.device("meta"):
+        model = vitlab.create_model("resnet50_nonlocal")
+    placed = [n for n, m in model.named_modules() if isinstance(m, NonLocalBlock)]
+    assert placed == ["layer2.extra0", "layer2.extra2", "layer3.extra0", "layer3.extra2", "layer3.extra4"]
+
+
+def test_blocks_inserted_into_a_trained_resnet_start_as_the_identity() -> None:
+    """Section 3.3's point: a trained network (here ResNet-18 off its initialisation, BN statistics included)
+    loads into the one with non-local blocks, which then computes exactly what it did."""
+    plain = move_off_init(tiny_model("resnet18_28")).eval()
+    with_blocks = tiny_model("resnet18_nonlocal_28").eval()
+    missing, unexpected = with_blocks.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(".extra0." in k for k in missing)
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.equal(with_blocks(x), plain(x))
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -188,4 +210,11 @@ def test_network_trains(mode: str) -> None:
     model = tiny_model("nonlocal_cnn_tiny_28", nl_mode=mode)
     assert sum(isinstance(m, NonLocalBlock) for m in model.modules()) == 2
     losses = fit_one_batch(model)
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_resnet_with_blocks_trains() -> None:
+    model = tiny_model("resnet18_nonlocal_28")
+    assert sum(isinstance(m, NonLocalBlock) for m in model.modules()) == 1
+    losses = fit_one_batch(model, lr=3e-2)  # 4 and 8 channels with zero-initialised residual branches start slowly
     assert losses[-1] < 0.5 * losses[0], losses

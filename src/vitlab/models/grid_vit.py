@@ -30,6 +30,7 @@ from vitlab._registry import register_architecture, register_model
 from vitlab.errors import VitlabError
 from vitlab.layers import AxialAttention2d, Block, LocalSelfAttention, PatchEmbed, low_precision_inference
 from vitlab.models._features import take_indices
+from vitlab.models._head import image_cfg, record_num_classes, zero_classifier
 
 PAPERS = {
     "axial": "Wang et al., Axial-DeepLab: Stand-Alone Axial-Attention, ECCV 2020 (arXiv:2003.07853)",
@@ -102,15 +103,15 @@ class GridVisionTransformer(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
         self.num_features = embed_dim
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = zero_classifier(embed_dim, num_classes)
         self.init_weights()
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """As ViT's: truncated-normal(0.02) linear maps and zero biases, lecun-normal patch embedding, zero
-        classifier; the relative embeddings keep their own truncated-normal(0.02) start."""
+        """As ViT's: truncated-normal(0.02) linear maps and zero biases, lecun-normal patch embedding; the zero
+        classifier (`zero_classifier`) and the relative embeddings (truncated-normal(0.02)) keep their own start."""
         for m in self.modules():
-            if isinstance(m, nn.Linear):
+            if isinstance(m, nn.Linear) and m is not self.head:
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
@@ -120,9 +121,6 @@ class GridVisionTransformer(nn.Module):
         w = self.patch_embed.proj.weight
         nn.init.trunc_normal_(w, std=(1.0 / w[0].numel()) ** 0.5)
         nn.init.zeros_(self.patch_embed.proj.bias)
-        if isinstance(self.head, nn.Linear):
-            nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
 
     def no_weight_decay(self) -> set[str]:
         """The relative position embeddings, like position embeddings elsewhere."""
@@ -162,16 +160,8 @@ class GridVisionTransformer(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        device = self.patch_embed.proj.weight.device
-        self.head = nn.Linear(self.num_features, num_classes, device=device) if num_classes > 0 else nn.Identity()
-        if isinstance(self.head, nn.Linear):
-            nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
-        if hasattr(self, "default_cfg"):
-            self.default_cfg["num_classes"] = num_classes
-        if hasattr(self, "init_kwargs"):
-            self.init_kwargs["num_classes"] = num_classes
+        self.head = zero_classifier(self.num_features, num_classes, device=self.patch_embed.proj.weight.device)
+        record_num_classes(self, num_classes)
 
 
 # --- registered variants -------------------------------------------------------------------------------------
@@ -194,14 +184,7 @@ def _add_variant(attn_type: str, size: str, patch: int, img: int, in_chans: int,
         "num_heads": heads,
         **extra,
     }
-    cfg = {
-        "input_size": (in_chans, img, img),
-        "mean": (0.5,) * in_chans,
-        "std": (0.5,) * in_chans,
-        "num_classes": 10,
-        "interpolation": "bicubic",
-        "paper": PAPERS[attn_type],
-    }
+    cfg = image_cfg(img, in_chans, num_classes=10, paper=PAPERS[attn_type])
 
     def variant() -> tuple[type[nn.Module], dict[str, Any], dict[str, Any]]:
         return GridVisionTransformer, kwargs, cfg

@@ -1,11 +1,17 @@
-"""A small convolutional network with non-local blocks, for 28 / 32-pixel images.
+"""Networks with non-local blocks: ResNets as the paper builds them, and a small plain CNN for 28 / 32 pixels.
 
 Wang, Girshick, Gupta & He, "Non-local Neural Networks", CVPR 2018 (arXiv:1711.07971). The paper inserts
 non-local blocks (`vitlab.layers.NonLocalBlock`, eq. 6) between the residual blocks of a ResNet-50: one before
-the last block of res4, five after every other block of res3 and res4, ten after every block of both. This
-network keeps that placement on a plain stack of 3x3 conv-BN-ReLU layers sized for Fashion-MNIST and CIFAR: a
-block after every ``nl_every``-th conv layer of the stages in ``nl_stages``. The stages halve the resolution
-(28 -> 14 -> 7), so the blocks see 196 and 49 positions, and sub-sampling shrinks the keys a further 4x.
+the last block of res4, five after every other block of res3 and res4 (2 + 3), ten after every block of both.
+
+* ``resnet50_nonlocal``: the 5-block ResNet-50, through `vitlab.models.resnet`'s insert points (the blocks become
+  children ``extra<j>`` of ``layer2`` / ``layer3``, so ResNet-50 weights load with the blocks at the identity);
+  ``resnet18_nonlocal_28`` / ``_32``: ResNet-18 with the small-image stem and one block in each of those stages.
+* ``nonlocal_cnn_tiny_28`` / ``_32``: the same placement on a plain stack of 3x3 conv-BN-ReLU layers, 30x fewer
+  parameters than ResNet-18, for quick CPU runs: a block after every ``nl_every``-th conv layer of the stages in
+  ``nl_stages``. The stages halve the resolution (28 -> 14 -> 7), so the blocks see 196 and 49 positions.
+
+All sub-sample phi and g by 2x2 max-pooling (section 3.3), which shrinks the keys 4x.
 """
 
 from __future__ import annotations
@@ -16,11 +22,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitlab._registry import register_architecture, register_model
+from vitlab._registry import get_variant, register_architecture, register_model
 from vitlab.errors import VitlabError
 from vitlab.layers import NonLocalBlock
 from vitlab.layers.non_local import MODES, PairwiseFn
-from vitlab.models._features import take_indices
+from vitlab.models._features import stage_intermediates
+from vitlab.models._head import image_cfg, record_num_classes, zero_classifier
+from vitlab.models.resnet import INSERT_LAYERS
 
 PAPER = "Wang et al., Non-local Neural Networks, CVPR 2018 (arXiv:1711.07971)"
 
@@ -79,13 +87,13 @@ class NonLocalNet(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.num_features = widths[-1]
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = zero_classifier(self.num_features, num_classes)
         self.init_weights()
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """He-normal convolutions (fan-out, as ResNets), unit BatchNorm, zero classifier; each non-local block
-        keeps its own initialisation (identity at insertion)."""
+        """He-normal convolutions (fan-out, as ResNets) and unit BatchNorm; each non-local block keeps its own
+        initialisation (identity at insertion), the classifier its zeros (`zero_classifier`)."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -95,9 +103,6 @@ class NonLocalNet(nn.Module):
         for m in self.modules():
             if isinstance(m, NonLocalBlock):
                 m.reset_parameters()
-        if isinstance(self.head, nn.Linear):
-            nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images [B, C, H, W] -> the last stage's map [B, widths[-1], H / 2^(stages-1), W / 2^(stages-1)]."""
@@ -112,16 +117,7 @@ class NonLocalNet(nn.Module):
         intermediates_only: bool = False,
     ) -> tuple[torch.Tensor, list[torch.Tensor]] | list[torch.Tensor]:
         """The stage maps [B, C_i, H_i, W_i] (see `vitlab.models._features`); ``norm`` has nothing to apply."""
-        take = take_indices(len(self.stages), indices)
-        x = self.stem(x)
-        out = []
-        for i, stage in enumerate(self.stages):
-            x = stage(x)
-            if i in take:
-                out.append(x)
-            if intermediates_only and i == take[-1]:
-                return out
-        return x, out
+        return stage_intermediates(self.stem(x), self.stages, indices, intermediates_only)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.head_drop(x.mean(dim=(2, 3)))  # global average pooling
@@ -131,36 +127,17 @@ class NonLocalNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        device = self.stem[0].weight.device
-        self.head = nn.Linear(self.num_features, num_classes, device=device) if num_classes > 0 else nn.Identity()
-        if isinstance(self.head, nn.Linear):
-            nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
-        if hasattr(self, "default_cfg"):
-            self.default_cfg["num_classes"] = num_classes
-        if hasattr(self, "init_kwargs"):
-            self.init_kwargs["num_classes"] = num_classes
+        self.head = zero_classifier(self.num_features, num_classes, device=self.stem[0].weight.device)
+        record_num_classes(self, num_classes)
 
 
 # --- registered variants -------------------------------------------------------------------------------------
-def _cfg(img_size: int, in_chans: int) -> dict[str, Any]:
-    return {
-        "input_size": (in_chans, img_size, img_size),
-        "mean": (0.5,) * in_chans,
-        "std": (0.5,) * in_chans,
-        "num_classes": 10,
-        "interpolation": "bilinear",
-        "paper": PAPER,
-    }
-
-
 def _add_variant(img: int, in_chans: int) -> None:
     name = f"nonlocal_cnn_tiny_{img}"
     kwargs = {"img_size": img, "in_chans": in_chans, "num_classes": 10, "widths": (32, 64, 128), "depths": (2, 2, 2)}
 
     def variant() -> tuple[type[nn.Module], dict[str, Any], dict[str, Any]]:
-        return NonLocalNet, kwargs, _cfg(img, in_chans)
+        return NonLocalNet, kwargs, image_cfg(img, in_chans, num_classes=10, paper=PAPER)
 
     variant.__name__ = name
     variant.__doc__ = (
@@ -172,3 +149,35 @@ def _add_variant(img: int, in_chans: int) -> None:
 
 _add_variant(28, 1)  # Fashion-MNIST, MNIST
 _add_variant(32, 3)  # CIFAR
+
+
+# --- non-local ResNets, through vitlab.models.resnet's insert points ---------------------------------------------
+INSERT_LAYERS["nonlocal"] = NonLocalBlock  # ResNet(insert_layer="nonlocal") builds NonLocalBlock(width, **kwargs)
+
+
+def _add_resnet_variant(name: str, base: str, insert_after: list[list[int]], doc: str) -> None:
+    def variant() -> tuple[type[nn.Module], dict[str, Any], dict[str, Any]]:
+        cls, kwargs, cfg = get_variant(base)
+        kwargs.update(insert_layer="nonlocal", insert_after=insert_after, insert_kwargs={"sub_sample": True})
+        return cls, kwargs, {**cfg, "paper": PAPER}
+
+    variant.__name__ = name
+    variant.__doc__ = doc
+    register_model(variant)
+
+
+_add_resnet_variant(
+    "resnet50_nonlocal",
+    "resnet50",
+    [[], [0, 2], [0, 2, 4], []],
+    "ResNet-50 with Wang et al.'s 5 embedded-gaussian non-local blocks: after blocks 0 and 2 of res3 (layer2), "
+    "0, 2 and 4 of res4 (layer3).",
+)
+for _img in (28, 32):
+    _add_resnet_variant(
+        f"resnet18_nonlocal_{_img}",
+        f"resnet18_{_img}",
+        [[], [0], [0], []],
+        f"ResNet-18 (small-image stem) at {_img}x{_img} with a non-local block after the first block of layer2 and "
+        "of layer3.",
+    )
