@@ -14,15 +14,28 @@ from vitlab.layers import AxialAttention, AxialAttention2d, LocalSelfAttention, 
 from vitlab.stats import model_stats
 
 
-def dense_attention(attn: torch.nn.Module, x: torch.Tensor, bias) -> torch.Tensor:
+def dense_attention(attn: torch.nn.Module, x: torch.Tensor, bias) -> tuple[torch.Tensor, torch.Tensor]:
     """Full multi-head self-attention over all H*W tokens of x [B, H, W, C], with attn's own qkv and proj, and
-    logits softmax(q_o k_p / sqrt(d) + bias(q, k)[o, p]), where bias puts -inf outside the allowed pairs."""
+    logits q_o k_p / sqrt(d) + bias(q, k)[o, p], where bias puts -inf outside the allowed pairs: the output
+    [B, H, W, C] and the probabilities [B, h, N, N]."""
     B, H, W, C = x.shape
     h = attn.num_heads
     q, k, v = attn.qkv(x.reshape(B, H * W, C)).view(B, H * W, 3, h, C // h).permute(2, 0, 3, 1, 4)  # (B, h, N, d)
-    logits = q @ k.transpose(-2, -1) / math.sqrt(C // h) + bias(q, k)
-    out = (logits.softmax(-1) @ v).transpose(1, 2).reshape(B, H * W, C)
-    return attn.proj(out).view(B, H, W, C)
+    probs = (q @ k.transpose(-2, -1) / math.sqrt(C // h) + bias(q, k)).softmax(-1)
+    out = (probs @ v).transpose(1, 2).reshape(B, H * W, C)
+    return attn.proj(out).view(B, H, W, C), probs
+
+
+def check_against_dense(attn: torch.nn.Module, x: torch.Tensor, bias) -> None:
+    """Both paths give the dense masked attention's output, and the recorded maps, placed at image positions by
+    `to_image_attention` (what `vitlab.analysis.attention_maps` returns), are its probabilities."""
+    expected, probs = dense_attention(attn, x, bias)
+    for fused in (True, False):
+        attn.fused_attn = fused
+        torch.testing.assert_close(attn(x), expected, atol=1e-5, rtol=1e-5)
+    with record_attention(attn) as maps:
+        attn(x)
+    torch.testing.assert_close(attn.to_image_attention(maps[""][0]), probs, atol=1e-5, rtol=1e-5)
 
 
 def grid(H: int, W: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,10 +69,7 @@ def test_axial_attention_is_full_attention_within_the_row_or_column(axis: str, s
         )
         return masked(allowed, pos / math.sqrt(C // 2))
 
-    expected = dense_attention(attn, x, bias)
-    for fused in (True, False):
-        attn.fused_attn = fused
-        torch.testing.assert_close(attn(x), expected, atol=1e-5, rtol=1e-5)
+    check_against_dense(attn, x, bias)
 
 
 def test_axial_2d_is_height_then_width_and_reaches_everywhere() -> None:
@@ -102,10 +112,8 @@ def test_local_attention_is_full_attention_with_a_neighbourhood_mask(H, W, kerne
         pos = torch.einsum("bhod,hopd->bhop", q, r) / math.sqrt(C // heads)
         return masked(allowed, pos)
 
-    expected = dense_attention(attn, x, bias)
-    for fused in (True, False):
-        attn.fused_attn = fused
-        torch.testing.assert_close(attn(x), expected, atol=1e-5, rtol=1e-5)
+    check_against_dense(attn, x, bias)
+    expected, _ = dense_attention(attn, x, bias)
     attn.channels_first = True
     torch.testing.assert_close(attn(x.permute(0, 3, 1, 2)), expected.permute(0, 3, 1, 2), atol=1e-5, rtol=1e-5)
 

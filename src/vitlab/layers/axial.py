@@ -58,10 +58,12 @@ class AxialAttention(AttentionBase):
             nn.init.trunc_normal_(self.rel_k, std=0.02)
         else:
             self.rel_q = self.rel_k = None
+        self.layout: tuple[int, int] | None = None  # (H, W) of the last call: what `to_image_attention` needs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4:
             raise VitlabError(f"axial attention expects a [B, H, W, C] grid, got shape {tuple(x.shape)}")
+        self.layout = (x.shape[1], x.shape[2])
         if self.axis == "height":
             x = x.transpose(1, 2)  # (B, W, H, C): the attended axis last but one
         B, M, L, C = x.shape
@@ -71,6 +73,20 @@ class AxialAttention(AttentionBase):
         mask = self.position_logits(q, k) if self.span else None
         x = self.attend(q, k, v, mask).reshape(B, M, L, C)
         return x.transpose(1, 2) if self.axis == "height" else x
+
+    def to_image_attention(self, probs: torch.Tensor) -> torch.Tensor:
+        """This module's last maps [B * M, h, L, L] over image positions [B, h, HW, HW] (row-major), zero outside
+        each query's row (width) or column (height); rows still sum to 1."""
+        if self.layout is None:
+            return probs
+        H, W = self.layout
+        pos = torch.arange(H * W, device=probs.device).view(H, W)
+        lines = pos.T if self.axis == "height" else pos  # (M, L): the positions of each attended column or row
+        M, L = lines.shape
+        B, heads = probs.shape[0] // M, probs.shape[1]
+        dense = probs.new_zeros(B, heads, H * W, H * W)
+        dense[:, :, lines[:, :, None], lines[:, None, :]] = probs.view(B, M, heads, L, L).transpose(1, 2)
+        return dense
 
     def position_logits(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """(q_o^T r^q_{p-o} + k_p^T r^k_{p-o}) / sqrt(d) for every query o and key p: (B', h, L, L)."""

@@ -70,6 +70,7 @@ class LocalSelfAttention(AttentionBase):
             nn.init.trunc_normal_(self.rel_w, std=0.02)
         else:
             self.rel_h = self.rel_w = None
+        self.layout: tuple[int, int] | None = None  # (H, W) of the last call: what `to_image_attention` needs
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         if attn_mask is not None:
@@ -79,6 +80,7 @@ class LocalSelfAttention(AttentionBase):
         if self.channels_first:
             x = x.permute(0, 2, 3, 1)  # (B, H, W, C)
         B, H, W, C = x.shape
+        self.layout = (H, W)
         ks, b, h, hd = self.kernel_size, self.block_size, self.num_heads, self.head_dim
         pad, halo = ks // 2, self.block_size + ks - 1
         nh, nw = -(-H // b), -(-W // b)  # blocks down and across; the grid is padded to whole blocks
@@ -97,6 +99,36 @@ class LocalSelfAttention(AttentionBase):
         x = self.attend(q, k, v, mask)  # (B*nb, b^2, C)
         x = x.view(B, nh, nw, b, b, C).permute(0, 1, 3, 2, 4, 5).reshape(B, nh * b, nw * b, C)[:, :H, :W]
         return x.permute(0, 3, 1, 2) if self.channels_first else x
+
+    def to_image_attention(self, probs: torch.Tensor) -> torch.Tensor:
+        """This module's last maps [B * blocks, h, b^2, hb^2] over image positions [B, h, HW, HW] (row-major): each
+        row holds its pixel's k x k neighbourhood and sums to 1."""
+        if self.layout is None:
+            return probs
+        H, W = self.layout
+        b, pad = self.block_size, self.kernel_size // 2
+        halo = b + 2 * pad
+        nh, nw = -(-H // b), -(-W // b)
+
+        def positions(n_blocks: int, size: int, offsets: torch.Tensor) -> torch.Tensor:
+            """(blocks, len(offsets)) image coordinates along one axis; -1 outside the image."""
+            at = torch.arange(n_blocks, device=probs.device)[:, None] * b + offsets
+            return torch.where((at >= 0) & (at < size), at, -1)
+
+        def flat(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+            """Row-major position of every (row, col) pair per block, H * W (a spare slot, cropped) outside."""
+            inside = (rows[:, None, :, None] >= 0) & (cols[None, :, None, :] >= 0)
+            pos = torch.where(inside, rows[:, None, :, None] * W + cols[None, :, None, :], H * W)
+            return pos.reshape(nh * nw, -1)  # (blocks, n * n)
+
+        queries = torch.arange(b, device=probs.device)
+        keys = torch.arange(halo, device=probs.device) - pad
+        q_pos = flat(positions(nh, H, queries), positions(nw, W, queries))  # (blocks, b^2)
+        k_pos = flat(positions(nh, H, keys), positions(nw, W, keys))  # (blocks, hb^2)
+        B, heads = probs.shape[0] // (nh * nw), probs.shape[1]
+        dense = probs.new_zeros(B, heads, H * W + 1, H * W + 1)
+        dense[:, :, q_pos[:, :, None], k_pos[:, None, :]] = probs.view(B, nh * nw, heads, b * b, -1).transpose(1, 2)
+        return dense[:, :, : H * W, : H * W]
 
     def neighbourhoods(self, H: int, W: int, device: torch.device) -> torch.Tensor:
         """For every block, query and halo key: whether the key is in the query's k x k neighbourhood and inside
