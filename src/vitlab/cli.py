@@ -268,6 +268,25 @@ def probe(checkpoint, data, data_dir, layer, draws, out) -> None:
         click.echo(f"k={k:>3}: accuracy {v['accuracy']:.4f} +- {v['std']:.4f} ({v['draws']} draws)")
 
 
+@cli.command()
+@click.option("--model", required=True, help="Model to train on the known classes.")
+@click.option("--data", required=True)
+@click.option("--data-dir")
+@click.option("--known", required=True, help="The known classes, e.g. 0-5 or 'shirt,bag'; the rest are unknown.")
+@click.option("--out", default="openset", show_default=True)
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Training options, as for vitlab train.")
+def openset(model, data, data_dir, known, out, sets) -> None:
+    """Train on some classes, then score known against never-seen classes (max logit, max softmax)."""
+    from vitlab.analysis.run import openset as run
+
+    r = run(model, data, known, out, data_dir=data_dir, train_options=_parse_set(sets))
+    click.echo(f"closed-set test accuracy on {', '.join(r['known_classes'])}: {r['closed_set_test_accuracy']:.4f}")
+    for name in ("max_logit", "max_softmax"):
+        m = r[name]
+        click.echo(f"{name:12s} AUROC {m['auroc']:.4f}  FPR@95%TPR {m['fpr95']:.4f}")
+    click.echo(f"histograms and numbers in {out}/")
+
+
 def main() -> None:
     cli(prog_name="vitlab")
 

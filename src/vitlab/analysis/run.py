@@ -271,3 +271,68 @@ def _probe_figure(res: dict[str, dict[str, float]], num_classes: int, path: Path
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def openset(
+    model: str,
+    data: str,
+    known: str,
+    out: str | Path,
+    *,
+    data_dir: str | None = None,
+    train_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Open-set recognition end to end: train ``model`` on the ``known`` classes of ``data`` only (e.g. "0-5"),
+    then score the test images of known and held-out classes by maximum logit and maximum softmax probability.
+    Writes ``openset.json`` and one histogram per score into ``out`` (the run directory is ``out/run``)."""
+    from vitlab.analysis.figures import histogram_figure
+    from vitlab.analysis.openset import auroc, fpr_at_tpr, openset_scores
+    from vitlab.data import subset_classes
+    from vitlab.train import TrainConfig, train
+    from vitlab.train.evaluate import autocast
+
+    out = Path(out)
+    cfg = TrainConfig.from_dict(
+        {
+            "model": model,
+            "data": data,
+            "data_dir": data_dir,
+            "classes": known,
+            "out": str(out / "run"),
+            **(train_options or {}),
+        }
+    )
+    summary = train(cfg)
+    best = from_pretrained(out / "run" / "checkpoints" / "best")
+    in_chans, h, w = best.default_cfg["input_size"]
+    splits = build_dataset(
+        data, data_dir=data_dir, img_size=(h, w), in_chans=in_chans, seed=cfg.seed, val_fraction=cfg.val_fraction
+    )
+    parts = {"known": subset_classes(splits, known), "unknown": subset_classes(splits, known, exclude=True)}
+    scores: dict[str, dict[str, Tensor]] = {}
+    for part, s in parts.items():
+        split = s.test if s.test is not None else s.val
+        logits = []
+        with torch.no_grad():
+            for images, _ in split.loader(256, shuffle=False):
+                x = to_model_input(images, in_chans=in_chans, img_size=(h, w), **_norm(best))
+                with autocast(torch.device("cpu"), "fp32"):
+                    logits.append(best(x).float())
+        scores[part] = openset_scores(torch.cat(logits))
+    result: dict[str, Any] = {
+        "model": model,
+        "data": splits.name,
+        "known_classes": parts["known"].class_names,
+        "unknown_classes": parts["unknown"].class_names,
+        "closed_set_test_accuracy": summary["test_accuracy"],
+        "known_test_images": len(scores["known"]["max_logit"]),
+        "unknown_test_images": len(scores["unknown"]["max_logit"]),
+        "train_time_s": summary["train_time_s"],
+    }
+    for name in ("max_logit", "max_softmax"):
+        k, u = scores["known"][name], scores["unknown"][name]
+        metrics = {"auroc": auroc(k, u), "fpr95": fpr_at_tpr(k, u, 0.95)}
+        result[name] = metrics
+        histogram_figure(k, u, name, metrics, out / f"openset_{name}.png")
+    write_json(out / "openset.json", result)
+    return result
