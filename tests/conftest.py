@@ -15,10 +15,15 @@ def _tiny_vit(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {"embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": 2 * p, "num_classes": 5}
 
 
+def _tiny_attention_cnn(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {"widths": (4, 8, 8), "attn_dim": 8, "num_classes": 5}
+
+
 # Overrides that shrink any registered model to a few thousand parameters, keeping its structure (patch size,
 # channels, pooling). Keyed by architecture: a new family adds one entry, a function of the variant's kwargs.
 TINY: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "vit": _tiny_vit,
+    "attention_cnn": _tiny_attention_cnn,
 }
 
 
