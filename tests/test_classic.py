@@ -26,6 +26,7 @@ from vitlab.classic import (
     plot_nl_means_weights,
     train_bow,
 )
+from vitlab.classic.bow import dense_hog
 from vitlab.cli import cli
 from vitlab.layers import attention_modules, record_attention
 
@@ -171,6 +172,20 @@ def test_bridge_figure(tmp_path) -> None:
 
 
 # --- bag of visual words + SVM ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("channels, size, cell", [(1, (32, 32), 4), (3, (40, 36), 5), (1, (33, 47), 6)])
+def test_batched_hog_equals_scikit_image(channels: int, size: tuple[int, int], cell: int) -> None:
+    from skimage.feature import hog
+
+    x = torch.randint(0, 256, (3, channels, *size)).float() / 255
+    x[1, :, 10:20] = 0.5  # flat rows: zero gradients, ties between channels
+    got = dense_hog(x, cell)
+    for b in range(3):
+        img = x[b, 0].numpy() if channels == 1 else x[b].permute(1, 2, 0).numpy()
+        axis = -1 if channels > 1 else None
+        ref = hog(img, 9, (cell, cell), (2, 2), "L2-Hys", feature_vector=False, channel_axis=axis)
+        np.testing.assert_allclose(got[b].numpy(), ref.reshape(*ref.shape[:2], -1), atol=1e-6)
+
+
 def test_bow_trains_on_digits_and_its_cli_writes_a_summary(tmp_path) -> None:
     s = train_bow("digits", out=tmp_path / "run", codebook_size=32, pyramid=(1, 2))
     assert s["test_accuracy"] > 0.8, s["test_accuracy"]
