@@ -22,6 +22,7 @@ from vitlab.classic import (
     nl_means_attention,
     nl_means_weights,
     patch_kernel,
+    plot_attention_locations,
     plot_nl_means_bridge,
     plot_nl_means_weights,
     train_bow,
@@ -261,6 +262,14 @@ def test_attention_map_is_recorded_over_locations(name: str) -> None:
     torch.testing.assert_close(m.sum(-1), torch.ones(3, 1, 1))
 
 
+@pytest.mark.parametrize("name", ["soft_attention_cnn_28", "hard_attention_cnn_28"])
+def test_attention_locations_are_drawn(name: str, tmp_path) -> None:
+    model = tiny_model(name, num_classes=10).eval()
+    vitlab.save_pretrained(model, tmp_path / "ckpt", class_names=[str(i) for i in range(10)])
+    plot_attention_locations(tmp_path / "ckpt", "digits", tmp_path / "where.png", count=4)
+    assert Image.open(tmp_path / "where.png").size[0] > 100
+
+
 def _blob_batch(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """16x16 noise with one 4x4 pattern at a random place; the class is the pattern (4 classes)."""
     patterns = torch.tensor(
@@ -276,13 +285,14 @@ def _blob_batch(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch
     return x, y
 
 
-@pytest.mark.parametrize("name", ["soft_attention_cnn_28", "hard_attention_cnn_28"])
-def test_training_with_the_auxiliary_loss_lowers_the_loss(name: str) -> None:
+# REINFORCE learns where to look more slowly than backprop through the soft average: hard attention gets more steps
+@pytest.mark.parametrize("name, steps", [("soft_attention_cnn_28", 60), ("hard_attention_cnn_28", 120)])
+def test_training_with_the_auxiliary_loss_lowers_the_loss(name: str, steps: int) -> None:
     model = vitlab.create_model(name, img_size=16, num_classes=4, widths=(8, 16, 16), attn_dim=16).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(0)
     losses = []
-    for _ in range(60):
+    for _ in range(steps):
         x, y = _blob_batch(32, g)
         ce = F.cross_entropy(model(x), y)
         loss = ce + model.auxiliary_loss(y)  # what the training loop's task does for models with the hook
@@ -290,11 +300,11 @@ def test_training_with_the_auxiliary_loss_lowers_the_loss(name: str) -> None:
         loss.backward()
         opt.step()
         losses.append(ce.item())
-    assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.3, losses
+    assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.5, losses
     model.eval()
     x, y = _blob_batch(256, g)
     with torch.no_grad():
-        assert (model(x).argmax(-1) == y).float().mean() > 0.5  # chance is 0.25
+        assert (model(x).argmax(-1) == y).float().mean() > 0.6  # chance is 0.25
 
 
 # --- the denoise command ---------------------------------------------------------------------------------------------

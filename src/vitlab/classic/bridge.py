@@ -108,7 +108,11 @@ def plot_nl_means_bridge(
     full[r : r + H, r : r + W] = probs[0].reshape(H, W)
     attn_window = full[i : i + 2 * r + 1, j : j + 2 * r + 1]
     fig, axes = plt.subplots(1, 2, figsize=(9, 4.5))
-    vmax = float(torch.nan_to_num(weights).max())
+    # without the noise subtraction the pixel's own weight exp(0) dwarfs the others: the scale stops at the largest
+    # other weight, so the structure of the window stays visible (the centre saturates)
+    others = torch.nan_to_num(weights).clone()
+    others[r, r] = 0
+    vmax = float(others.max())
     for ax, m, title in (
         (axes[0], weights, "NL-means weights w(x1, x2)"),
         (axes[1], attn_window, "attention softmax(-||q - k||² / h²)"),
