@@ -3,6 +3,7 @@ SVM, and soft / hard attention over CNN locations (Xu et al., 2015)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -223,6 +224,24 @@ def test_bow_trains_on_digits_and_its_cli_writes_a_summary(tmp_path) -> None:
 
 
 # --- soft and hard attention (Xu et al., 2015) --------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["soft_attention_cnn_28", "hard_attention_cnn_28", "soft_attention_cnn_32"])
+def test_parameter_count_is_the_architecture_described(name: str) -> None:
+    from vitlab.stats import model_stats
+
+    in_chans, widths, A, K = (1 if name.endswith("28") else 3), (32, 64, 128), 128, 10
+
+    def conv_bn(i: int, o: int, k: int) -> int:
+        return i * o * k * k + 2 * o
+
+    n = conv_bn(in_chans, widths[0], 3)  # stem
+    for i, o in itertools.pairwise(widths):  # residual blocks: two 3x3 convolutions and a 1x1 shortcut
+        n += conv_bn(i, o, 3) + conv_bn(o, o, 3) + conv_bn(i, o, 1)
+    D = widths[-1]
+    n += (D * A + A) + D * A + A  # f_init, W_a, w (no bias: it would cancel in the softmax)
+    n += D * K + K  # classifier
+    assert model_stats(name)["params"] == n  # 322,538 for the 28 x 28 grayscale variants
+
+
 def test_hard_attention_auxiliary_loss() -> None:
     model = tiny_model("hard_attention_cnn_28").train()
     x, y = torch.randn(6, 1, 28, 28), torch.randint(0, 5, (6,))
