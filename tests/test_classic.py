@@ -188,6 +188,18 @@ def test_batched_hog_equals_scikit_image(channels: int, size: tuple[int, int], c
         np.testing.assert_allclose(got[b].numpy(), ref.reshape(*ref.shape[:2], -1), atol=1e-6)
 
 
+def test_daisy_descriptors_on_a_grid() -> None:
+    from joblib import Parallel
+
+    from vitlab.classic.bow import BowConfig, descriptors
+
+    x = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8)  # upscaled to 32 x 32 first
+    with Parallel(n_jobs=1) as parallel:
+        d, centres = descriptors(x, BowConfig(descriptor="daisy"), parallel)
+    assert d.shape == (3, 16, 104) and np.isfinite(d).all()  # a 4 x 4 grid of (2 rings x 6 + 1) x 8 histograms
+    assert centres.shape == (16, 2) and ((centres > 0) & (centres < 1)).all()
+
+
 def test_bow_trains_on_digits_and_its_cli_writes_a_summary(tmp_path) -> None:
     s = train_bow("digits", out=tmp_path / "run", codebook_size=32, pyramid=(1, 2))
     assert s["test_accuracy"] > 0.8, s["test_accuracy"]

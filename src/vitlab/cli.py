@@ -207,7 +207,7 @@ def predict(checkpoint, images, top_k, as_json) -> None:
 @click.option(
     "--search-size", type=int, default=21, show_default=True, help="Side of the search window; 0: whole image."
 )
-@click.option("--h", "h", type=float, help="Filtering parameter out of 255 (default 0.85 sigma).")
+@click.option("--h", "h", type=float, help="Filtering parameter out of 255 (default 0.8 sigma).")
 @click.option("--weights-at", nargs=2, type=int, metavar="ROW COL", help="Draw this pixel's weights (OUT-weights.png).")
 def denoise(image, sigma, out, reference, add_noise, seed, patch_size, search_size, h, weights_at) -> None:
     """Non-local means denoising of IMAGE (Buades et al., 2005) for white Gaussian noise of known --sigma."""

@@ -325,7 +325,8 @@ def quality(image: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
     if image.shape != reference.shape:
-        raise VitlabError(f"the reference is {reference.shape[:2]}, the image {image.shape[:2]}: they must match")
+        size = lambda a: "x".join(map(str, a.shape)) + (" (grayscale)" if a.ndim == 2 else "")
+        raise VitlabError(f"the reference is {size(reference)}, the image {size(image)}: they must match")
     ssim = structural_similarity(image, reference, data_range=1.0, channel_axis=-1 if image.ndim == 3 else None)
     return {"psnr": float(peak_signal_noise_ratio(reference, image, data_range=1.0)), "ssim": float(ssim)}
 
