@@ -68,6 +68,10 @@ def _tiny_cvt(kwargs: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _tiny_attention_cnn(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {"widths": (4, 8, 8), "attn_dim": 8, "num_classes": 5}
+
+
 # Overrides that shrink any registered model to a few thousand parameters, keeping its structure (patch size,
 # channels, pooling). Keyed by architecture: a new family adds one entry, a function of the variant's kwargs.
 TINY: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
@@ -91,6 +95,7 @@ TINY: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
         "kernel_size": 3,
         "num_classes": 5,
     },
+    "attention_cnn": _tiny_attention_cnn,
 }
 
 

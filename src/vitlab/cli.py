@@ -287,6 +287,92 @@ def openset(model, data, data_dir, known, out, sets) -> None:
     click.echo(f"histograms and numbers in {out}/")
 
 
+@cli.command()
+@click.argument("image", type=click.Path())
+@click.option("--sigma", type=float, required=True, help="Noise standard deviation out of 255, e.g. 20.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Where to write the denoised PNG.")
+@click.option("--reference", type=click.Path(), help="The clean image: prints PSNR and SSIM against it.")
+@click.option(
+    "--add-noise", is_flag=True, help="IMAGE is clean: make the observation z = y + n first (a demo; OUT-noisy.png)."
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the noise --add-noise draws.")
+@click.option("--patch-size", type=int, default=7, show_default=True)
+@click.option(
+    "--search-size", type=int, default=21, show_default=True, help="Side of the search window; 0: whole image."
+)
+@click.option("--h", "h", type=float, help="Filtering parameter out of 255 (default 0.8 sigma).")
+@click.option("--weights-at", nargs=2, type=int, metavar="ROW COL", help="Draw this pixel's weights (OUT-weights.png).")
+def denoise(image, sigma, out, reference, add_noise, seed, patch_size, search_size, h, weights_at) -> None:
+    """Non-local means denoising of IMAGE (Buades et al., 2005) for white Gaussian noise of known --sigma."""
+    from vitlab.classic.nl_means import denoise_file
+
+    r = denoise_file(
+        image,
+        sigma,
+        out,
+        reference=reference,
+        add_noise_first=add_noise,
+        seed=seed,
+        patch_size=patch_size,
+        search_size=search_size or None,
+        h255=h,
+        weights_at=tuple(weights_at) if weights_at else None,
+    )
+    size = "x".join(str(n) for n in r["shape"])
+    click.echo(f"denoised {size} image in {r['time_s']:.2f} s: {r['out']}")
+    for kind in ("noisy", "denoised"):
+        if kind in r:
+            click.echo(f"  {kind:<8}  PSNR {r[kind]['psnr']:.2f} dB  SSIM {r[kind]['ssim']:.4f}")
+    if "weights_png" in r:
+        click.echo(f"weights of pixel {tuple(weights_at)}: {r['weights_png']}")
+
+
+@cli.group()
+def bow() -> None:
+    """Bag of visual words + SVM, the 2000s baseline, on vitlab train's datasets and splits."""
+
+
+@bow.command("train")
+@click.option("--data", required=True, help="digits | fashion-mnist | cifar10 | cifar100 | folder:PATH")
+@click.option("--data-dir", help="Where dataset files are (or are downloaded to).")
+@click.option("--out", help="Run directory (default runs/DATA-bow_...-TIME).")
+@click.option("--descriptor", type=click.Choice(["hog", "daisy"]), default="hog", show_default=True)
+@click.option("--codebook-size", type=int, default=256, show_default=True, help="Visual words (k-means clusters).")
+@click.option("--pyramid", default="1,2", show_default=True, help="Spatial pyramid grid sides; 1 for a plain bag.")
+@click.option("--norm", type=click.Choice(["l1", "l2"]), default="l1", show_default=True)
+@click.option("--svm", type=click.Choice(["linear", "chi2"]), default="chi2", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--jobs", type=int, default=1, show_default=True, help="Processes for descriptors (-1: all cores).")
+def bow_train(data, data_dir, out, pyramid, **options) -> None:
+    """Train and test a bag-of-words classifier; writes model.joblib and summary.json into the run directory."""
+    from vitlab.classic.bow import parse_ints, train_bow
+
+    s = train_bow(data, out=out, data_dir=data_dir, pyramid=parse_ints(pyramid), **options)
+    click.echo(f"{s['model']} on {s['data']}: test accuracy {s['test_accuracy']:.4f} on {s['test_count']} images")
+    click.echo(f"  best val accuracy {s['best_val_accuracy']:.4f} (C={s['svm_C']})")
+    click.echo(
+        f"  training {s['train_time_s']:.1f} s ({s['images_per_s']:,.0f} images/s), "
+        f"inference {s['inference_images_per_s']:,.0f} images/s"
+    )
+    click.echo(f"run directory: {s['run_dir']}")
+
+
+@bow.command("eval")
+@click.argument("run_dir", type=click.Path())
+@click.option("--data", required=True, help="Dataset to evaluate on (as for train).")
+@click.option("--data-dir")
+@click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True)
+def bow_eval(run_dir, data, data_dir, split) -> None:
+    """Accuracy and per-class accuracy of a trained bag-of-words run on a dataset split."""
+    from vitlab.classic.bow import evaluate_bow
+
+    r = evaluate_bow(run_dir, data, split=split, data_dir=data_dir)
+    click.echo(f"{r['data']} {split}: accuracy {r['accuracy']:.4f} on {r['count']} images")
+    width = max(len(c) for c in r["class_names"])
+    for name, acc in zip(r["class_names"], r["per_class_accuracy"]):
+        click.echo(f"  {name:<{width}}  {acc:.4f}")
+
+
 def main() -> None:
     cli(prog_name="vitlab")
 

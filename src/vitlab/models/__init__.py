@@ -1,5 +1,6 @@
 """Model families; importing this module registers every variant."""
 
+from vitlab.models.attention_cnn import AttentionCNN
 from vitlab.models.cait import CaiT
 from vitlab.models.cct import CCT
 from vitlab.models.convnext import ConvNeXt
@@ -16,6 +17,7 @@ from vitlab.models.vit_hybrid import HybridVisionTransformer
 __all__ = [
     "CCT",
     "CPVT",
+    "AttentionCNN",
     "CaiT",
     "ConvNeXt",
     "ConvolutionalVisionTransformer",
