@@ -9,7 +9,7 @@ from vitlab.layers.attention import (
     record_attention,
     set_fused_attn,
 )
-from vitlab.layers.block import Block, get_act_layer, low_precision_inference
+from vitlab.layers.block import Block, QuickGELU, get_act_layer, low_precision_inference
 from vitlab.layers.conv_attention import ConvAttention, ConvProjection
 from vitlab.layers.conv_embed import ConvEmbed
 from vitlab.layers.drop import DropPath, drop_path
@@ -44,6 +44,7 @@ __all__ = [
     "MaxPool2dSame",
     "Mlp",
     "PatchEmbed",
+    "QuickGELU",
     "StdConv2d",
     "WindowAttention",
     "attention_modules",

@@ -2,6 +2,7 @@
 
 from vitlab.models.cait import CaiT
 from vitlab.models.cct import CCT
+from vitlab.models.clip import CLIP
 from vitlab.models.convnext import ConvNeXt
 from vitlab.models.cpvt import CPVT
 from vitlab.models.cvt import ConvolutionalVisionTransformer
@@ -13,6 +14,7 @@ from vitlab.models.vit_hybrid import HybridVisionTransformer
 
 __all__ = [
     "CCT",
+    "CLIP",
     "CPVT",
     "CaiT",
     "ConvNeXt",
