@@ -81,7 +81,7 @@ class TextTokenizer:
         return torch.tensor([e.ids for e in encodings], dtype=torch.int64)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True).strip()  # the byte-level prefix space
 
     def save(self, directory: str | Path) -> None:
         self.tokenizer.save(str(Path(directory) / TOKENIZER_FILE))
@@ -177,7 +177,6 @@ class TextTransformer(nn.Module):
             for i in range(depth)
         )
         self.norm = nn.LayerNorm(width, eps=norm_eps)
-        self.register_buffer("attn_mask", causal_mask(context_length), persistent=False)
         self.init_weights()
 
     @torch.no_grad()
@@ -207,7 +206,7 @@ class TextTransformer(nn.Module):
         if L > self.context_length:
             raise VitlabError(f"{L} tokens exceed the text tower's context length {self.context_length}")
         x = self.token_embed(ids) + self.pos_embed[:, :L]  # (B, L, width)
-        mask = self.attn_mask[:L, :L]
+        mask = causal_mask(L, ids.device)  # (L, L), broadcast over batch and heads
         for block in self.blocks:
             x = block(x, mask)
         return self.norm(x)

@@ -307,6 +307,8 @@ def build_task(
         if splits is None:
             raise VitlabError("contrastive training needs the caption set to build its task")
         return ContrastiveTask(cfg, splits)
+    if splits is not None and hasattr(splits.train, "captions"):  # a caption set's labels are sample indices
+        raise VitlabError(f"{splits.name} pairs images with captions: train it with `vitlab clip train`")
     if not cfg.teacher:
         return ClassificationTask()
     teacher = load_teacher(cfg.teacher, num_classes=num_classes, in_chans=in_chans, img_size=img_size, device=device)
