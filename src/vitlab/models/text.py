@@ -58,7 +58,8 @@ class TextTokenizer:
         if pad_id is None:
             raise VitlabError(f"the tokenizer has no padding token {pad_token!r}")
         tokenizer.enable_truncation(max_length=context_length)
-        tokenizer.enable_padding(pad_id=pad_id, pad_token=pad_token)  # to the longest sequence of each batch
+        # padding to the longest of a batch (`__call__` pads; saved in tokenizer.json, so the pad token travels)
+        tokenizer.enable_padding(pad_id=pad_id, pad_token=pad_token)
         self.tokenizer = tokenizer
         self.context_length = context_length
         self.pad_token, self.pad_id = pad_token, pad_id
@@ -77,8 +78,10 @@ class TextTokenizer:
         """Token ids int64 [B, L], L <= context_length."""
         if isinstance(texts, str):
             texts = [texts]
-        encodings = self.tokenizer.encode_batch(list(texts))
-        return torch.tensor([e.ids for e in encodings], dtype=torch.int64)
+        # one at a time: encode_batch's thread pool competes with the training threads and warns in forked loaders
+        ids = [self.tokenizer.encode(t).ids for t in texts]
+        width = max(map(len, ids))
+        return torch.tensor([row + [self.pad_id] * (width - len(row)) for row in ids], dtype=torch.int64)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True).strip()  # the byte-level prefix space
