@@ -219,7 +219,10 @@ def speed(a, device: torch.device) -> list[dict]:
         ids = torch.randint(0, eos - 2, (batch, ctx), device=device)
         ids[:, -1] = eos  # every caption padded to the context, [EOS] last (as HF's processor with max_length)
         for precision in a.precisions:
-            steps = {"vitlab": make_step(ours, x, ids, precision, device), "hf": make_step(hf, x, ids, precision, device)}
+            steps = {
+                "vitlab": make_step(ours, x, ids, precision, device),
+                "hf": make_step(hf, x, ids, precision, device),
+            }
             for s in steps.values():
                 rate(s, batch, 1, device)  # warm-up
             rates: dict[str, list[float]] = {k: [] for k in steps}
@@ -266,7 +269,13 @@ def main() -> None:
         a.data = "captions:digits"
         a.image_model, a.image_args = "vit_tiny_patch4_28", json.dumps({"depth": 1, "embed_dim": 32, "num_heads": 2,
                                                                         "img_size": 8, "patch_size": 4})  # fmt: skip
-        a.text_models, a.embed_dim, a.batch_size, a.max_steps, a.time_budget = ["text_transformer_tiny"], 16, 32, 10, None
+        a.text_models, a.embed_dim, a.batch_size, a.max_steps, a.time_budget = (
+            ["text_transformer_tiny"],
+            16,
+            32,
+            10,
+            None,
+        )
         a.pool_per_class, a.shots, a.draws = 10, [1, 2, 4], 1
         a.speed_config, a.rounds, a.iters, a.lr = "tiny", 1, 2, 3e-3
     torch.set_num_threads(a.threads)

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -198,7 +201,7 @@ def _png(path, value: int) -> str:
 def _caption_files(tmp_path, n: int = 10):
     rows = [(f"img/{i}.png", f"picture number {i}") for i in range(n)]
     for i in range(n):
-        _png(tmp_path / "img" / f"{i}.png", 20 * i)
+        _png(tmp_path / "img" / f"{i}.png", 10 * i)
     return rows
 
 
@@ -349,6 +352,48 @@ def test_clip_resumes_exactly(tmp_path) -> None:
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     tok = "checkpoints/last/tokenizer.json"
     assert (full / tok).read_text() == (stopped / tok).read_text()
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one_process(tmp_path) -> None:
+    """2 gloo processes with batch 16 each, the loss over all-gathered embeddings, take the steps of 1 process with
+    batch 32: the same global contrastive batch."""
+    common = ("--max-steps", "2", "--set", "warmup_epochs=0")
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert CliRunner().invoke(cli, clip_args(one, "--batch-size", "32", *common)).exit_code == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
+           "-m", "vitlab", *clip_args(two, "--batch-size", "16", *common)]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads((two / "summary.json").read_text())["processes"] == 2
+    a = load_file(one / "checkpoints" / "last" / "model.safetensors")
+    b = load_file(two / "checkpoints" / "last" / "model.safetensors")
+    # equal up to float noise, which Adam blows up where the true gradient is exactly zero (the key bias: softmax
+    # does not see a constant added to a row of logits), hence the median; half batches alone differ everywhere
+    for k in a:
+        diff = (b[k] - a[k]).abs()
+        assert diff.median() <= 1e-6 and diff.max() < 1e-3, k
+    assert not torch.equal(a["logit_scale"], torch.tensor(math.log(1 / 0.07)))  # the steps moved the weights
+
+
+def test_clip_trains_and_evaluates_on_a_users_csv(tmp_path) -> None:
+    rows = _caption_files(tmp_path, n=24)
+    text = "".join(f"{p}\t{c}\n" for p, c in rows) + "img/gone.png\ta missing image\n"
+    (tmp_path / "pairs.tsv").write_text("path\ttext\n" + text)
+    args = clip_args(tmp_path / "run", "--max-steps", "2", "--batch-size", "8", "--image-column", "path",
+                     "--caption-column", "text", "--skip-bad-images", "--set", "model_args={img_size: 8, depth: 1,"
+                     " embed_dim: 32, num_heads: 2, patch_size: 4, in_chans: 3}")  # fmt: skip
+    args[args.index("--data") + 1] = f"captions:{tmp_path}/pairs.tsv"
+    del args[args.index("--unseen") : args.index("--unseen") + 2]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    assert "skipped 1 " in r.output and "image to text" in r.output
+    r = CliRunner().invoke(cli, ["clip", "eval", str(tmp_path / "run" / "checkpoints" / "best"), "--json",
+                                 "--data", f"captions:{tmp_path}/pairs.tsv?image=path&caption=text"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.output)
+    assert result["count"] == 2 and "zero_shot" not in result  # 24 images: 2 held out for test, no classes
+    assert set(result["retrieval"]["image_to_text"]) == {"1", "5", "10"}
 
 
 def test_clip_train_flags_are_checked(tmp_path) -> None:

@@ -207,8 +207,10 @@ def evaluate_clip(
     in_chans, size, _, _ = _input_spec(model)
     path = Path(checkpoint)
     train_cfg = json.loads((path / "config.json").read_text()).get("train_config", {}) if path.is_dir() else {}
-    splits = build_dataset(data, data_dir=data_dir, img_size=size, in_chans=in_chans,
-                           seed=train_cfg.get("seed", 0), val_fraction=train_cfg.get("val_fraction", 0.1))  # fmt: skip
+    # the run's seed, validation fraction and bad-row policy give back the splits it was trained and selected on
+    splits = build_dataset(data, data_dir=data_dir, img_size=size, in_chans=in_chans, seed=train_cfg.get("seed", 0),
+                           val_fraction=train_cfg.get("val_fraction", 0.1),
+                           skip_bad_images=train_cfg.get("skip_bad_images", False))  # fmt: skip
     dataset = splits.test if split == "test" else splits.val
     if dataset is None:
         raise VitlabError(f"{splits.name} has no {split} split")

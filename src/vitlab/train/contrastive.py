@@ -109,9 +109,13 @@ class ContrastiveTask:
 
     # --- training ------------------------------------------------------------------------------------------------
     def batch_texts(self, labels: torch.Tensor) -> list[str]:
-        """One caption per sample index, drawn uniformly among the sample's captions."""
+        """One caption per sample index, drawn uniformly among the sample's captions. The draw comes from torch's
+        global generator (checkpointed: resume is exact) for the whole global batch, of which each process takes its
+        slice, so N processes draw the captions one process with N times the batch would."""
         idx = labels.cpu()
-        pick = (torch.rand(len(idx)) * self.counts[idx]).long()  # the global generator: resumed exactly
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        u = torch.rand(len(idx) * world)[rank * len(idx) : (rank + 1) * len(idx)]
+        pick = (u * self.counts[idx]).long()
         return [self.captions[i][j] for i, j in zip(idx.tolist(), pick.tolist())]
 
     def loss(self, model: nn.Module, x: torch.Tensor, target: torch.Tensor, labels: torch.Tensor) -> TaskOutput:
