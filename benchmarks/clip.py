@@ -266,18 +266,12 @@ def main() -> None:
     p.add_argument("--out", default="runs/clip-benchmark")
     a = p.parse_args()
     if a.quick:  # tiny everything: checks the pipeline, measures nothing
-        a.data = "captions:digits"
-        a.image_model, a.image_args = "vit_tiny_patch4_28", json.dumps({"depth": 1, "embed_dim": 32, "num_heads": 2,
-                                                                        "img_size": 8, "patch_size": 4})  # fmt: skip
-        a.text_models, a.embed_dim, a.batch_size, a.max_steps, a.time_budget = (
-            ["text_transformer_tiny"],
-            16,
-            32,
-            10,
-            None,
-        )
+        tiny_vit = {"depth": 1, "embed_dim": 32, "num_heads": 2, "img_size": 8, "patch_size": 4}
+        a.data, a.image_model, a.image_args = "captions:digits", "vit_tiny_patch4_28", json.dumps(tiny_vit)
+        a.text_models, a.embed_dim, a.batch_size, a.lr = ["text_transformer_tiny"], 16, 32, 3e-3
+        a.max_steps, a.time_budget = 10, None
         a.pool_per_class, a.shots, a.draws = 10, [1, 2, 4], 1
-        a.speed_config, a.rounds, a.iters, a.lr = "tiny", 1, 2, 3e-3
+        a.speed_config, a.rounds, a.iters = "tiny", 1, 2
     torch.set_num_threads(a.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(a.out)
