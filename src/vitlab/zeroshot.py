@@ -38,13 +38,19 @@ def _input_spec(model: nn.Module) -> tuple[int, tuple[int, int], Sequence[float]
 
 @torch.no_grad()
 def embed_images(
-    model: nn.Module, dataset, *, batch_size: int = 256, device: torch.device | str = "cpu", features: bool = False
+    model: nn.Module,
+    dataset,
+    *,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    features: bool = False,
+    num_workers: int = 0,
 ) -> torch.Tensor:
     """Unit image embeddings [N, embed_dim] of a dataset split in its order (``features=True``: the image tower's
     pre-logits features instead, for probes), with the model's input size and normalisation."""
     in_chans, size, mean, std = _input_spec(model)
     out = []
-    for images, _ in dataset.loader(batch_size, shuffle=False):
+    for images, _ in dataset.loader(batch_size, shuffle=False, num_workers=num_workers):
         x = to_model_input(images.to(device), in_chans=in_chans, img_size=size, mean=mean, std=std)
         out.append((model.image_features(x) if features else model.encode_image(x)).float().cpu())
     return torch.cat(out)

@@ -42,6 +42,7 @@ from torch import nn
 from vitlab._registry import (
     Converted,
     build_model,
+    check_model_name,
     create_model,
     list_models,
     register_architecture,
@@ -214,8 +215,7 @@ def create_clip(
     the training captions); a pretrained tower (all_minilm_l6_v2) loads its weights and tokenizer unless
     ``pretrained_text=False``. ``image_args`` / ``text_args`` override the towers' sizes.
     """
-    if image_model not in list_models():
-        create_model(image_model)  # the registry's one-line error with suggestions
+    check_model_name(image_model)  # the registry's one-line error with suggestions, before anything is built
     args = text_tower_args(text_model, tokenizer=tokenizer, **(text_args or {}))
     init = {
         "image_model": image_model,

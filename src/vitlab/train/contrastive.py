@@ -141,7 +141,8 @@ class ContrastiveTask:
         clip.eval()
         device, batch_size = kwargs.get("device", "cpu"), kwargs.get("batch_size", 256)
         with autocast(torch.device(device), kwargs.get("precision", "fp32")):
-            image_emb = embed_images(clip, dataset, batch_size=batch_size, device=device)
+            workers = kwargs.get("num_workers", 0)
+            image_emb = embed_images(clip, dataset, batch_size=batch_size, device=device, num_workers=workers)
             texts, positives = caption_positives(dataset.captions)
             text_emb = embed_texts(clip, texts, batch_size=batch_size)
             first = embed_texts(clip, [c[0] for c in dataset.captions], batch_size=batch_size)
