@@ -70,6 +70,8 @@ def write_pretrained(model: nn.Module, directory: Path, **metadata: Any) -> None
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
     write_json(directory / CONFIG_NAME, config)
+    if hasattr(model, "save_files"):  # what a model needs beside its weights (CLIP: its tokenizer)
+        model.save_files(directory)
 
 
 def _version() -> str:
@@ -164,9 +166,11 @@ def read_checkpoint(
         return conv, model_name, meta
     config = _read_json(path / CONFIG_NAME)
     if "architecture" in config and "model_args" in config:
-        return _read_vitlab(path, config, map_location)
+        conv, name, meta = _read_vitlab(path, config, map_location)
+        return conv, name, {**meta, "directory": str(path)}
     if "model_type" in config or "architecture" not in config:
-        return _read_hf(path, config, map_location)
+        conv, name, meta = _read_hf(path, config, map_location)
+        return conv, name, {**meta, "directory": str(path)}
     # a timm hub repository: config.json names the timm architecture beside the weights
     weights = _find_weights(path, ("model.safetensors", "pytorch_model.bin"))
     conv, _ = _read_timm(_unwrap_state_dict(read_state_dict(weights, map_location)), str(path))
@@ -215,6 +219,8 @@ def _finish(model: nn.Module, meta: dict[str, Any]) -> nn.Module:
     for k in ("mean", "std"):
         if k in pcfg:
             model.default_cfg[k] = tuple(pcfg[k])
+    if meta.get("directory") and hasattr(model, "load_files"):  # files beside the weights (CLIP: its tokenizer)
+        model.load_files(meta["directory"])
     return model.eval()
 
 
@@ -289,7 +295,15 @@ def _read_timm(state: dict[str, torch.Tensor], source: str) -> tuple[Converted, 
 
 
 # --- the Hugging Face Hub --------------------------------------------------------------------------------------
-HUB_FILES = ["config.json", "preprocessor_config.json", "model.safetensors", "pytorch_model.bin"]
+HUB_FILES = [
+    "config.json",
+    "preprocessor_config.json",
+    "model.safetensors",
+    "pytorch_model.bin",
+    "tokenizer.json",  # CLIP's tokenizer, with the next two for its special tokens
+    "special_tokens_map.json",
+    "tokenizer_config.json",
+]
 
 
 def hub_download(repo_id: str) -> Path:

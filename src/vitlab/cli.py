@@ -110,13 +110,21 @@ def _parse_set(values: tuple[str, ...]) -> dict:
 )
 def train(config_file, resume, sets, compile_, **flags) -> None:
     """Train a model; writes metrics, curves, checkpoints and a summary into the run directory."""
-    from vitlab.train import TrainConfig
     from vitlab.train import train as run_training
-    from vitlab.train.config import load_yaml
 
     overrides = {**{k: v for k, v in flags.items() if v is not None}, **_parse_set(sets)}
     if compile_ is not None:
         overrides["compile"] = compile_
+    summary = run_training(_train_config(config_file, resume, overrides), resume=resume)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 prints
+        _print_summary(summary)
+
+
+def _train_config(config_file: str | None, resume: bool, overrides: dict):
+    """A run's configuration: defaults < recipe < flags, or on --resume the run's own config.yaml < flags."""
+    from vitlab.train import TrainConfig
+    from vitlab.train.config import load_yaml
+
     if resume:
         if not overrides.get("out"):
             raise VitlabError("--resume needs --out RUN_DIR, the run to continue")
@@ -126,12 +134,8 @@ def train(config_file, resume, sets, compile_, **flags) -> None:
         if not saved.exists():
             raise VitlabError(f"nothing to resume: {saved} does not exist")
         # the run's own recipe, so that the resumed steps are the ones it would have taken; flags may extend it
-        cfg = TrainConfig.from_dict({**load_yaml(saved), **overrides})
-    else:
-        cfg = TrainConfig.from_sources(config_file, **overrides)
-    summary = run_training(cfg, resume=resume)
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 prints
-        _print_summary(summary)
+        return TrainConfig.from_dict({**load_yaml(saved), **overrides})
+    return TrainConfig.from_sources(config_file, **overrides)
 
 
 def _print_summary(s: dict) -> None:
@@ -371,6 +375,152 @@ def bow_eval(run_dir, data, data_dir, split) -> None:
     width = max(len(c) for c in r["class_names"])
     for name, acc in zip(r["class_names"], r["per_class_accuracy"]):
         click.echo(f"  {name:<{width}}  {acc:.4f}")
+
+
+# --- vision and language (CLIP) ------------------------------------------------------------------------------------
+@cli.group()
+def clip() -> None:
+    """Contrastive image-text models (CLIP): train on image-caption pairs, evaluate retrieval and zero-shot."""
+
+
+@clip.command("train")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML recipe.")
+@click.option("--image-model", "model", help="Image tower: any registered model (vitlab models).")
+@click.option(
+    "--text-model",
+    help="Text tower: text_transformer_tiny | _small | _base (from scratch, BPE on the captions) | all_minilm_l6_v2.",
+)
+@click.option("--data", help="captions:FILE.csv|.tsv|.jsonl, captions:fashion-mnist or captions:digits.")
+@click.option("--data-dir", help="Where built-in dataset files are.")
+@click.option("--image-column", help="Caption file column (key) with the image paths (default filepath).")
+@click.option("--caption-column", help="Caption file column (key) with the captions (default title).")
+@click.option("--unseen", help="Built-in sets: classes held out of training, comma-separated ('' for none).")
+@click.option("--embed-dim", type=int, help="Width of the joint embedding (default 512).")
+@click.option("--lock-text/--tune-text", default=None, help="Freeze the text tower (a pretrained one).")
+@click.option("--lock-image/--tune-image", default=None, help="Freeze the image tower.")
+@click.option("--epochs", type=int)
+@click.option("--batch-size", type=int, help="Image-caption pairs per step per process.")
+@click.option("--lr", type=float, help="Peak learning rate.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]))
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--seed", type=int)
+@click.option("--out", help="Run directory (default runs/DATA-MODEL-TIME).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from checkpoints/last.")
+@click.option("--skip-bad-images", is_flag=True, default=None, help="Leave out rows with missing or bad images.")
+@click.option("--max-steps", type=int, help="Stop after this many optimizer steps.")
+@click.option("--time-budget", "time_budget_s", type=float, help="Stop after this many seconds of training.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Any other training option.")
+def clip_train(
+    config_file, resume, sets, image_column, caption_column, unseen, embed_dim, lock_text, lock_image, **flags
+) -> None:
+    """Train a CLIP model on image-caption pairs, through the same loop, checkpoints and resume as `vitlab train`."""
+    from vitlab.train import train as run_training
+
+    overrides = {**{k: v for k, v in flags.items() if v is not None}, **_parse_set(sets)}
+    query = {"image": image_column, "caption": caption_column, "unseen": unseen}
+    query = {k: v for k, v in query.items() if v is not None}
+    if query:
+        if not overrides.get("data"):
+            raise VitlabError("--image-column, --caption-column and --unseen need --data captions:...")
+        from urllib.parse import urlencode
+
+        sep = "&" if "?" in overrides["data"] else "?"
+        overrides["data"] += sep + urlencode(query, safe=",/")
+    clip_args = dict(overrides.pop("clip_args", {}) or {})
+    for key, value in (("embed_dim", embed_dim), ("lock_text", lock_text), ("lock_image", lock_image)):
+        if value is not None:
+            clip_args[key] = value
+    if clip_args:
+        overrides["clip_args"] = clip_args
+    cfg = _train_config(config_file, resume, overrides)
+    if not cfg.text_model:
+        raise VitlabError("vitlab clip train needs --text-model (e.g. text_transformer_tiny or all_minilm_l6_v2)")
+    summary = run_training(cfg, resume=resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        _print_clip_summary(summary)
+
+
+def _print_clip_summary(s: dict) -> None:
+    click.echo(f"{s['model']} + text tower ({s['params']:,} parameters) on {s['data']}, {s['steps']} steps")
+    click.echo(f"retrieval on {s['test_count']} {s['test_split']} images:")
+    for way in ("image_to_text", "text_to_image"):
+        cells = "  ".join(f"R@{k} {s[f'{way}_recall@{k}']:.4f}" for k in (1, 5, 10))
+        click.echo(f"  {way.replace('_', ' '):<14} {cells}")
+    for kind in ("names", "descriptions"):
+        if f"zero_shot_{kind}_accuracy" in s:
+            z = {k.removeprefix(f"zero_shot_{kind}_"): v for k, v in s.items() if k.startswith(f"zero_shot_{kind}_")}
+            click.echo(f"zero-shot, {kind} as prompts: " + ", ".join(f"{k} {v:.4f}" for k, v in z.items()))
+    click.echo(f"run directory: {s['run_dir']} (best checkpoint: checkpoints/best)")
+
+
+@clip.command("eval")
+@click.argument("checkpoint", type=click.Path())
+@click.option("--data", required=True, help="A caption set (captions:...) or a dataset with classes.")
+@click.option("--data-dir")
+@click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True)
+@click.option("--prompts", type=click.Choice(["names", "descriptions", "both"]), default="names", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def clip_eval(checkpoint, data, data_dir, split, prompts, as_json) -> None:
+    """Image-text retrieval recall@1/5/10 and zero-shot accuracy of a CLIP checkpoint."""
+    from vitlab.zeroshot import evaluate_clip
+
+    r = evaluate_clip(checkpoint, data, data_dir=data_dir, split=split, prompts=prompts)
+    _echo_clip_eval(r, as_json)
+
+
+def _echo_clip_eval(r: dict, as_json: bool) -> None:
+    import json
+
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+        return
+    click.echo(f"{r['data']} {r['split']}: {r['count']} images")
+    for way, by_k in r.get("retrieval", {}).items():
+        click.echo(f"  {way.replace('_', ' '):<14} " + "  ".join(f"R@{k} {v:.4f}" for k, v in by_k.items()))
+    if "zero_shot" in r:
+        unseen = f", unseen: {', '.join(r['unseen'])}" if r["unseen"] else ""
+        click.echo(f"  zero-shot ({r['prompts']} as prompts{unseen}):")
+        for k, v in r["zero_shot"].items():
+            click.echo(f"    {k:<20} {v:.4f}")
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path())
+@click.argument("images", nargs=-1, type=click.Path())
+@click.option("--classes", help="Comma-separated class names to choose among (with IMAGE arguments).")
+@click.option("--template", "templates", multiple=True, help="Prompt template with {} for the name (repeatable).")
+@click.option("--data", help="Accuracy on a dataset's split instead of predictions on IMAGE files.")
+@click.option("--data-dir")
+@click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True)
+@click.option("--prompts", type=click.Choice(["names", "descriptions", "both"]), default="names", show_default=True)
+@click.option("--unseen", help="With --data: classes to report apart (seen / unseen / generalized).")
+@click.option("--top-k", type=int, default=5, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def zeroshot(checkpoint, images, classes, templates, data, data_dir, split, prompts, unseen, top_k, as_json) -> None:
+    """Zero-shot classification with a CLIP checkpoint: IMAGE files among --classes, or accuracy on --data."""
+    import json
+
+    from vitlab.data.captions import DEFAULT_TEMPLATES
+    from vitlab.zeroshot import evaluate_clip, predict_images
+
+    if data:
+        if images or classes:
+            raise VitlabError("give either --data (accuracy) or --classes with IMAGE files (predictions), not both")
+        r = evaluate_clip(checkpoint, data, data_dir=data_dir, split=split, prompts=prompts,
+                          templates=templates or None, unseen=unseen, retrieval_too=False)  # fmt: skip
+        _echo_clip_eval(r, as_json)
+        return
+    names = [c.strip() for c in (classes or "").split(",") if c.strip()]
+    if len(names) < 2 or not images:
+        raise VitlabError('zero-shot prediction needs --classes "a,b,..." (two or more) and IMAGE files, or --data')
+    results = predict_images(checkpoint, list(images), names, templates=templates or DEFAULT_TEMPLATES, top_k=top_k)
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+        return
+    for r in results:
+        click.echo(r["image"])
+        for p in r["top"]:
+            click.echo(f"  {p['probability']:.4f}  {p['class']}")
 
 
 def main() -> None:

@@ -30,7 +30,7 @@ def evaluate_checkpoint(
     from vitlab.train.report import plot_confusion
 
     checkpoint = Path(checkpoint)
-    model = from_pretrained(checkpoint)
+    model = _classifier(from_pretrained(checkpoint), checkpoint)
     in_chans, h, w = model.default_cfg["input_size"]
     train_cfg = (
         json.loads((checkpoint / "config.json").read_text()).get("train_config", {}) if checkpoint.is_dir() else {}
@@ -75,7 +75,7 @@ def evaluate_checkpoint(
 
 @torch.no_grad()
 def predict_files(checkpoint: str | Path, images: list[str], *, top_k: int = 5) -> list[dict[str, Any]]:
-    model = from_pretrained(checkpoint)
+    model = _classifier(from_pretrained(checkpoint), checkpoint)
     in_chans, h, w = model.default_cfg["input_size"]
     names = model.pretrained_cfg.get("class_names") or [str(i) for i in range(model.num_classes)]
     mean, std = model.default_cfg["mean"], model.default_cfg["std"]  # the checkpoint's, set by from_pretrained
@@ -92,3 +92,9 @@ def predict_files(checkpoint: str | Path, images: list[str], *, top_k: int = 5) 
             }
         )
     return results
+
+
+def _classifier(model: torch.nn.Module, source: str | Path) -> torch.nn.Module:
+    if not hasattr(model, "num_classes"):  # an image-text model (CLIP) has no classes of its own
+        raise VitlabError(f"{source} is not a classifier; a CLIP model classifies with `vitlab zeroshot`")
+    return model

@@ -12,7 +12,7 @@ from vitlab.data.fashion_mnist import load_fashion_mnist
 from vitlab.data.folder import TEST_SPLIT_SEED, build_folder_dataset
 from vitlab.errors import VitlabError, closest
 
-DATASET_NAMES = ["digits", "fashion-mnist", "cifar10", "cifar100", "folder:PATH"]
+DATASET_NAMES = ["digits", "fashion-mnist", "cifar10", "cifar100", "folder:PATH", "captions:FILE"]
 
 
 def _load_digits() -> tuple[Tensor, Tensor]:
@@ -71,6 +71,7 @@ def build_dataset(
       is the test split; ``val_fraction`` of the official training set, stratified by class, is the val split.
       Files are looked up in ``data_dir`` and the usual places, and downloaded when ``download`` (see their modules).
     - ``folder:PATH``: images decoded on demand; see `vitlab.data.folder.build_folder_dataset`.
+    - ``captions:FILE`` / ``captions:fashion-mnist``: images with captions, for CLIP; see `vitlab.data.captions`.
 
     ``img_size`` and ``in_chans`` are the size (default 224x224) and channels (default 3) a folder's images are
     decoded to. Built-in datasets keep their native size and channels in memory; `to_model_input` converts
@@ -79,6 +80,19 @@ def build_dataset(
     """
     if not 0 <= val_fraction < 0.5:
         raise VitlabError(f"val_fraction must be in [0, 0.5), got {val_fraction}")
+    if spec.startswith("captions:"):
+        from vitlab.data.captions import build_caption_dataset
+
+        return build_caption_dataset(
+            spec,
+            data_dir=data_dir,
+            img_size=img_size,
+            in_chans=in_chans,
+            seed=seed,
+            val_fraction=val_fraction,
+            skip_bad_images=skip_bad_images,
+            download=download,
+        )
     if spec.startswith("folder:"):
         path = spec[len("folder:") :]
         if not path:

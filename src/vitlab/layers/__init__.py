@@ -10,7 +10,7 @@ from vitlab.layers.attention import (
     set_fused_attn,
 )
 from vitlab.layers.axial import AxialAttention, AxialAttention2d
-from vitlab.layers.block import Block, get_act_layer, low_precision_inference
+from vitlab.layers.block import Block, QuickGELU, get_act_layer, low_precision_inference
 from vitlab.layers.conv_attention import ConvAttention, ConvProjection
 from vitlab.layers.conv_embed import ConvEmbed
 from vitlab.layers.drop import DropPath, drop_path
@@ -51,6 +51,7 @@ __all__ = [
     "Mlp",
     "NonLocalBlock",
     "PatchEmbed",
+    "QuickGELU",
     "StdConv2d",
     "WindowAttention",
     "attention_modules",

@@ -21,8 +21,18 @@ from vitlab.layers.drop import DropPath
 from vitlab.layers.layer_scale import LayerScale
 from vitlab.layers.mlp import Mlp
 
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the sigmoid approximation of GELU (Hendrycks & Gimpel, 2016, section 2) that OpenAI's
+    CLIP was trained with; its checkpoints need it to reproduce their features."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "gelu": nn.GELU,
+    "quick_gelu": QuickGELU,
     "gelu_tanh": functools.partial(nn.GELU, approximate="tanh"),
     "relu": nn.ReLU,
     "silu": nn.SiLU,

@@ -3,6 +3,7 @@
 from vitlab.models.attention_cnn import AttentionCNN
 from vitlab.models.cait import CaiT
 from vitlab.models.cct import CCT
+from vitlab.models.clip import CLIP
 from vitlab.models.convnext import ConvNeXt
 from vitlab.models.cpvt import CPVT
 from vitlab.models.cvt import ConvolutionalVisionTransformer
@@ -16,6 +17,7 @@ from vitlab.models.vit_hybrid import HybridVisionTransformer
 
 __all__ = [
     "CCT",
+    "CLIP",
     "CPVT",
     "AttentionCNN",
     "CaiT",

@@ -76,6 +76,7 @@ class VisionTransformer(nn.Module):
         init_values: float | None = None,
         class_token: bool = True,
         pos_embed: Literal["learn", "sincos", "none"] = "learn",
+        pre_norm: bool = False,
         fc_norm: bool = False,
         head_hidden_dim: int | None = None,
         drop_rate: float = 0.0,
@@ -108,7 +109,7 @@ class VisionTransformer(nn.Module):
                 patch_size,
                 in_chans,
                 embed_dim,
-                bias=True,
+                bias=not pre_norm,  # a LayerNorm follows: its shift makes a patch bias redundant (CLIP has none)
                 strict_img_size=not dynamic_img_size,
                 flatten=not dynamic_img_size,
             )
@@ -125,6 +126,8 @@ class VisionTransformer(nn.Module):
             )
         self.pos_embed_type = pos_embed
         self.pos_drop = nn.Dropout(pos_drop_rate)
+        # pre_norm: a LayerNorm on the embedded tokens before the first block, as CLIP's ViT (``ln_pre``)
+        self.norm_pre = nn.LayerNorm(embed_dim, eps=norm_eps) if pre_norm else nn.Identity()
 
         dpr = [
             drop_path_rate * i / max(depth - 1, 1) for i in range(depth)
@@ -250,7 +253,7 @@ class VisionTransformer(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images [B, C, H, W] -> output tokens [B, prefix + N, D] (after the final LN of eq. 4)."""
-        x = self._pos_embed(self.patch_embed(x))
+        x = self.norm_pre(self._pos_embed(self.patch_embed(x)))
         x = self.blocks(low_precision_inference(x))
         return self.norm(x)
 
@@ -264,7 +267,7 @@ class VisionTransformer(nn.Module):
     ) -> tuple[torch.Tensor, list[torch.Tensor]] | list[torch.Tensor]:
         """The output tokens [B, prefix + N, D] of the chosen blocks (see `vitlab.models._features`)."""
         take = take_indices(len(self.blocks), indices)
-        x = low_precision_inference(self._pos_embed(self.patch_embed(x)))
+        x = low_precision_inference(self.norm_pre(self._pos_embed(self.patch_embed(x))))
         out = []
         for i, block in enumerate(self.blocks):
             x = block(x)
@@ -305,6 +308,7 @@ HF_ACT = {
     "relu": "relu",
     "silu": "silu",
     "swish": "silu",
+    "quick_gelu": "quick_gelu",
 }
 
 
@@ -438,7 +442,7 @@ def convert_timm_vit(state: dict[str, torch.Tensor]) -> Converted:
 
 def check_timm_vit_options(state: dict[str, torch.Tensor]) -> None:
     """A one-line error for a timm ViT option that vitlab does not build."""
-    for key in ("reg_token", "norm_pre.weight", "blocks.0.attn.proj.weight_g"):
+    for key in ("reg_token", "blocks.0.attn.proj.weight_g"):
         if key in state:
             raise VitlabError(f"timm ViT option with parameter {key!r} is not supported by vitlab yet")
 
@@ -475,6 +479,7 @@ def infer_vit_args(state: dict[str, torch.Tensor], *, extra_prefix_tokens: int =
         "init_values": 1e-5 if "blocks.0.ls1.gamma" in state else None,
         "class_token": class_token,
         "pos_embed": "learn" if "pos_embed" in state else "none",
+        "pre_norm": "norm_pre.weight" in state,
         "fc_norm": fc_norm,
         "head_hidden_dim": state["pre_logits.fc.weight"].shape[0] if "pre_logits.fc.weight" in state else None,
     }

@@ -52,6 +52,11 @@ class TrainConfig:
     distill: str | None = None  # hard | soft; hard (the paper's best) when a teacher is given
     distill_tau: float = 3.0  # soft: temperature (the paper's 3.0)
     distill_alpha: float = 0.1  # soft: weight of the teacher term (the paper's 0.1)
+    # CLIP (vitlab clip train): a text tower makes the run contrastive image-text training on a caption set
+    # (data: captions:...); `model` is then the image tower. clip_args: embed_dim, lock_text, lock_image,
+    # text_args (tower sizes), bpe_vocab_size; see vitlab.train.contrastive
+    text_model: str | None = None
+    clip_args: dict[str, Any] = field(default_factory=dict)
     # execution
     precision: str = "bf16"  # fp32 | bf16 (autocast on CPU and CUDA)
     compile: bool = False

@@ -17,7 +17,17 @@ micro-batch it calls, under its autocast::
   predictions in the batch (a 0-dim tensor; the loop sums it into the training accuracy).
 
 ``task.setup(model)`` runs once on the bare model before the loop wraps it, and ``task.describe()`` is a line for the
-log. Evaluation stays classification accuracy of ``model(x)`` in eval mode (`vitlab.train.evaluate`).
+log. Two more calls let a task learn something other than a classifier without a second loop:
+
+* ``task.build_model(cfg, splits)`` builds the model (seeded by the loop) and records on it what a checkpoint keeps
+  (``pretrained_cfg``: class names and normalisation);
+* ``task.evaluate(model, dataset, splits=..., batch_size=..., device=..., precision=..., dist_info=...,
+  num_workers=...)`` measures a split in eval mode: a dict with ``loss``, ``accuracy`` (what selects the best
+  checkpoint), ``count``, and ``report``, the task's entries for the run summary. Classification evaluates
+  ``model(x)`` (`vitlab.train.evaluate`).
+
+A task whose data is not a classification dataset receives in ``labels`` (and ``target``) whatever its dataset's
+batches carry: a caption set's sample indices for contrastive image-text training (`vitlab.train.contrastive`).
 
 Tasks here:
 
@@ -29,6 +39,8 @@ Tasks here:
 * `DistillationTask` (DeiT, Touvron et al. 2021, arXiv:2012.12877, section 4) wraps it with a teacher: any checkpoint
   `vitlab.from_pretrained` reads (vitlab, HF or timm; any architecture, a CNN too), in eval mode, under no_grad, on
   the same augmented (and mixed) batch as the student.
+* `vitlab.train.contrastive.ContrastiveTask` (CLIP): image and text towers, symmetric contrastive loss over the
+  global batch.
 """
 
 from __future__ import annotations
@@ -41,8 +53,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitlab._registry import create_model
+from vitlab.data import DatasetSplits
 from vitlab.errors import VitlabError
 from vitlab.train.config import TrainConfig
+from vitlab.train.evaluate import evaluate
 
 
 class TaskOutput(NamedTuple):
@@ -53,7 +68,11 @@ class TaskOutput(NamedTuple):
 class Task(Protocol):
     def setup(self, model: nn.Module) -> None: ...
 
+    def build_model(self, cfg: TrainConfig, splits: DatasetSplits) -> nn.Module: ...
+
     def loss(self, model: nn.Module, x: torch.Tensor, target: torch.Tensor, labels: torch.Tensor) -> TaskOutput: ...
+
+    def evaluate(self, model: nn.Module, dataset: Any, *, splits: DatasetSplits, **kwargs: Any) -> dict[str, Any]: ...
 
     def describe(self) -> str: ...
 
@@ -81,6 +100,20 @@ class ClassificationTask:
 
     def describe(self) -> str:
         return "classification"
+
+    def build_model(self, cfg: TrainConfig, splits: DatasetSplits) -> nn.Module:
+        if not splits.num_classes:
+            raise VitlabError(f"{splits.name} has no classes to learn; a caption set trains with `vitlab clip train`")
+        model = create_model(
+            cfg.model, num_classes=splits.num_classes, drop_path_rate=cfg.drop_path_rate, **cfg.model_args
+        )
+        model.pretrained_cfg = {"class_names": splits.class_names, "mean": list(splits.mean), "std": list(splits.std)}
+        return model
+
+    def evaluate(self, model: nn.Module, dataset: Any, *, splits: DatasetSplits, **kwargs: Any) -> dict[str, Any]:
+        """Loss, accuracy, per-class accuracy and confusion of ``model(x)`` (`vitlab.train.evaluate.evaluate`)."""
+        r = evaluate(model, dataset, num_classes=splits.num_classes, mean=splits.mean, std=splits.std, **kwargs)
+        return {**r, "report": {"per_class_accuracy": dict(zip(splits.class_names, r["per_class_accuracy"]))}}
 
     def criterion(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float(), target)  # in fp32 whatever the autocast
@@ -161,6 +194,12 @@ class DistillationTask:
     def setup(self, model: nn.Module) -> None:
         if hasattr(model, "set_distilled_training"):
             model.set_distilled_training(True)
+
+    def build_model(self, cfg: TrainConfig, splits: DatasetSplits) -> nn.Module:
+        return self.base.build_model(cfg, splits)
+
+    def evaluate(self, model: nn.Module, dataset: Any, *, splits: DatasetSplits, **kwargs: Any) -> dict[str, Any]:
+        return self.base.evaluate(model, dataset, splits=splits, **kwargs)
 
     def describe(self) -> str:
         params = f"tau={self.tau}, alpha={self.alpha}" if self.kind == "soft" else "1:1 with the labels"
@@ -258,8 +297,18 @@ def build_task(
     mean: Sequence[float],
     std: Sequence[float],
     device: torch.device | str = "cpu",
+    splits: DatasetSplits | None = None,
 ) -> Task:
-    """The task a `TrainConfig` asks for: distillation when it names a teacher, else classification."""
+    """The task a `TrainConfig` asks for: contrastive image-text training when it names a text tower, distillation
+    when it names a teacher, else classification."""
+    if cfg.text_model:
+        from vitlab.train.contrastive import ContrastiveTask
+
+        if splits is None:
+            raise VitlabError("contrastive training needs the caption set to build its task")
+        return ContrastiveTask(cfg, splits)
+    if splits is not None and hasattr(splits.train, "captions"):  # a caption set's labels are sample indices
+        raise VitlabError(f"{splits.name} pairs images with captions: train it with `vitlab clip train`")
     if not cfg.teacher:
         return ClassificationTask()
     teacher = load_teacher(cfg.teacher, num_classes=num_classes, in_chans=in_chans, img_size=img_size, device=device)

@@ -27,14 +27,14 @@ import numpy as np
 import torch
 
 from vitlab._io import atomic_directory, recover_directory, write_json
-from vitlab._registry import create_model, get_variant
+from vitlab._registry import get_variant
 from vitlab.checkpoint import from_pretrained, load_checkpoint_state, read_state_dict, write_pretrained
 from vitlab.data import build_augment, build_dataset, mixup_cutmix, normalize, to_float
 from vitlab.errors import VitlabError
 from vitlab.stats import count_params
 from vitlab.train.config import TrainConfig, save_yaml
 from vitlab.train.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
-from vitlab.train.evaluate import autocast, evaluate
+from vitlab.train.evaluate import autocast
 from vitlab.train.optim import ModelEma, build_optimizer, lr_at
 from vitlab.train.report import Progress, plot_curves, read_metrics
 from vitlab.train.tasks import build_task
@@ -135,11 +135,17 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
     # the task (and its teacher) before seeding: building a teacher draws random numbers, the student's init must not
     # depend on whether there is one
     task = build_task(
-        cfg, num_classes=num_classes, in_chans=in_chans, img_size=img_size, mean=mean, std=std, device=device
+        cfg,
+        num_classes=num_classes,
+        in_chans=in_chans,
+        img_size=img_size,
+        mean=mean,
+        std=std,
+        device=device,
+        splits=splits,
     )
     seed_everything(cfg.seed)
-    model = create_model(cfg.model, num_classes=num_classes, drop_path_rate=cfg.drop_path_rate, **cfg.model_args)
-    model.pretrained_cfg = {"class_names": splits.class_names, "mean": list(mean), "std": list(std)}
+    model = task.build_model(cfg, splits)
     model.to(device)
     task.setup(model)
     ema = ModelEma(model, cfg.ema_decay) if cfg.ema_decay else None
@@ -316,12 +322,10 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
             finished = step == total_steps or stop_reason is not None
 
             if step % eval_every == 0 or finished:
-                val = evaluate(
+                val = task.evaluate(
                     eval_model,
                     splits.val,
-                    num_classes=num_classes,
-                    mean=mean,
-                    std=std,
+                    splits=splits,
                     batch_size=max(cfg.batch_size, 256),
                     device=device,
                     precision=cfg.precision,
@@ -386,7 +390,7 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
         steps_per_epoch=steps_per_epoch,
         best_acc=best_acc,
         best_step=best_step,
-        task=task.describe(),
+        task=task,
     )
     return summary
 
@@ -394,12 +398,10 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
 def final_report(run_dir: Path, splits, device, cfg: TrainConfig, info: DistInfo, **facts: Any) -> dict[str, Any]:
     best = from_pretrained(run_dir / "checkpoints" / "best").to(device)
     split = splits.test if splits.test is not None else splits.val
-    result = evaluate(
+    result = facts["task"].evaluate(
         best,
         split,
-        num_classes=splits.num_classes,
-        mean=splits.mean,
-        std=splits.std,
+        splits=splits,
         batch_size=max(cfg.batch_size, 256),
         device=device,
         precision=cfg.precision,
@@ -414,7 +416,7 @@ def final_report(run_dir: Path, splits, device, cfg: TrainConfig, info: DistInfo
         "test_accuracy": result["accuracy"],
         "test_loss": result["loss"],
         "test_count": result["count"],
-        "per_class_accuracy": dict(zip(splits.class_names, result["per_class_accuracy"])),
+        **result.get("report", {}),
         "best_val_accuracy": facts["best_acc"],
         "best_step": facts["best_step"],
         "steps": facts["step"],
@@ -422,7 +424,7 @@ def final_report(run_dir: Path, splits, device, cfg: TrainConfig, info: DistInfo
         "train_time_s": round(facts["train_time"], 2),
         "images_per_s": round(sum(rates) / len(rates), 1) if rates else None,
         "params": facts["params"],
-        "task": facts["task"],
+        "task": facts["task"].describe(),
         "precision": cfg.precision,
         "processes": info.world_size,
         "run_dir": str(run_dir),
