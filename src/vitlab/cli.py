@@ -88,7 +88,11 @@ def _parse_set(values: tuple[str, ...]) -> dict:
 @click.option("--epochs", type=int)
 @click.option("--batch-size", type=int, help="Images per step per process.")
 @click.option("--lr", type=float, help="Peak learning rate.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]))
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16"]),
+    help="auto (default): bf16 autocast where the hardware has native bf16 (AMX, AVX512-BF16, CUDA), else fp32.",
+)
 @click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the model.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--seed", type=int)
@@ -161,7 +165,13 @@ def _print_summary(s: dict) -> None:
 @click.option("--data-dir")
 @click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True)
 @click.option("--batch-size", type=int, default=256, show_default=True)
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16"]),
+    default="auto",
+    show_default=True,
+    help="auto: bf16 where the hardware has native bf16, else fp32.",
+)
 @click.option("--out", help="Where to write confusion_matrix.png/.json (default: CHECKPOINT/eval-SPLIT).")
 def eval_(checkpoint, data, data_dir, split, batch_size, precision, out) -> None:
     """Accuracy, per-class accuracy and a confusion matrix of a checkpoint on a dataset split."""
@@ -170,6 +180,7 @@ def eval_(checkpoint, data, data_dir, split, batch_size, precision, out) -> None
     r = evaluate_checkpoint(
         checkpoint, data, data_dir=data_dir, split=split, batch_size=batch_size, precision=precision, out=out
     )
+    click.echo(f"precision {r['precision']} ({r['precision_reason']})")
     click.echo(f"{r['data']} {split}: accuracy {r['accuracy']:.4f} on {r['count']} images (loss {r['loss']:.4f})")
     width = max(len(c) for c in r["class_names"])
     for name, acc in zip(r["class_names"], r["per_class_accuracy"]):

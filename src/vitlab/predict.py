@@ -22,12 +22,15 @@ def evaluate_checkpoint(
     data_dir: str | None = None,
     split: str = "test",
     batch_size: int = 256,
-    precision: str = "fp32",
+    precision: str = "auto",
     out: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint on a split of a dataset, writing confusion_matrix.png and .json into ``out``."""
     from vitlab.train.evaluate import evaluate
+    from vitlab.train.precision import resolve_precision
     from vitlab.train.report import plot_confusion
+
+    precision, precision_reason = resolve_precision(precision, "cpu")
 
     checkpoint = Path(checkpoint)
     model = from_pretrained(checkpoint)
@@ -70,7 +73,15 @@ def evaluate_checkpoint(
             "confusion": r["confusion"].tolist(),
         },
     )
-    return {**r, "data": splits.name, "class_names": names, "png": str(png), "json": str(js)}
+    return {
+        **r,
+        "data": splits.name,
+        "class_names": names,
+        "png": str(png),
+        "json": str(js),
+        "precision": precision,
+        "precision_reason": precision_reason,
+    }
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from vitlab.errors import VitlabError, closest
+from vitlab.train.precision import PRECISIONS
 
 
 @dataclass
@@ -53,7 +54,7 @@ class TrainConfig:
     distill_tau: float = 3.0  # soft: temperature (the paper's 3.0)
     distill_alpha: float = 0.1  # soft: weight of the teacher term (the paper's 0.1)
     # execution
-    precision: str = "bf16"  # fp32 | bf16 (autocast on CPU and CUDA)
+    precision: str = "auto"  # auto | fp32 | bf16 (autocast); auto: bf16 where the hardware has it natively
     compile: bool = False
     device: str = "auto"  # auto | cpu | cuda
     threads: int | None = None  # torch CPU threads; default: torch's choice
@@ -85,8 +86,8 @@ class TrainConfig:
         return cfg
 
     def validate(self) -> None:
-        if self.precision not in ("fp32", "bf16"):
-            raise VitlabError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise VitlabError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise VitlabError(f"device must be auto, cpu or cuda, got {self.device!r}")
         for name in ("epochs", "batch_size", "accum_steps"):

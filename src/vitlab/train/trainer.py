@@ -36,6 +36,7 @@ from vitlab.train.config import TrainConfig, save_yaml
 from vitlab.train.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
 from vitlab.train.evaluate import autocast, evaluate
 from vitlab.train.optim import ModelEma, build_optimizer, lr_at
+from vitlab.train.precision import resolve_precision
 from vitlab.train.report import Progress, plot_curves, read_metrics
 from vitlab.train.tasks import build_task
 
@@ -106,6 +107,8 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
     if resume and not (last_dir / STATE_NAME).exists():
         raise VitlabError(f"nothing to resume in {run_dir}: {last_dir / STATE_NAME} does not exist")
     log = Progress(0, enabled=info.is_main)
+    precision, why = resolve_precision(cfg.precision, device)
+    log.message(f"precision {precision} ({why})")
 
     # --- data ---------------------------------------------------------------------------------------------
     _, model_kwargs, model_cfg = get_variant(cfg.model)
@@ -226,11 +229,11 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
     if info.is_main:
         progress.message(
             f"training {cfg.model} ({params:,} parameters) on {splits.name}: {len(splits.train)} train / "
-            f"{len(splits.val)} val images, {total_steps} steps of {global_batch} images, {cfg.precision}, {device}; "
+            f"{len(splits.val)} val images, {total_steps} steps of {global_batch} images, {precision}, {device}; "
             f"{task.describe()}"
         )
     progress.start(step)
-    amp = autocast(device, cfg.precision)
+    amp = autocast(device, precision)
     eval_model = ema.module if ema else model
     stop_reason = None
     window_t, window_images = time.perf_counter(), 0
@@ -324,7 +327,7 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
                     std=std,
                     batch_size=max(cfg.batch_size, 256),
                     device=device,
-                    precision=cfg.precision,
+                    precision=precision,
                     dist_info=info,
                     num_workers=cfg.num_workers,
                 )
@@ -387,6 +390,7 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
         best_acc=best_acc,
         best_step=best_step,
         task=task.describe(),
+        precision=precision,
     )
     return summary
 
@@ -402,7 +406,7 @@ def final_report(run_dir: Path, splits, device, cfg: TrainConfig, info: DistInfo
         std=splits.std,
         batch_size=max(cfg.batch_size, 256),
         device=device,
-        precision=cfg.precision,
+        precision=facts["precision"],
         dist_info=info,
     )
     metrics = read_metrics(run_dir / "metrics.jsonl") if info.is_main else []
@@ -423,7 +427,7 @@ def final_report(run_dir: Path, splits, device, cfg: TrainConfig, info: DistInfo
         "images_per_s": round(sum(rates) / len(rates), 1) if rates else None,
         "params": facts["params"],
         "task": facts["task"],
-        "precision": cfg.precision,
+        "precision": facts["precision"],
         "processes": info.world_size,
         "run_dir": str(run_dir),
     }
