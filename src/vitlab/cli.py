@@ -103,6 +103,12 @@ def _parse_set(values: tuple[str, ...]) -> dict:
 @click.option("--distill", type=click.Choice(["hard", "soft"]), help="Distillation kind (default hard).")
 @click.option("--distill-tau", type=float, help="Soft distillation temperature (default 3.0).")
 @click.option("--distill-alpha", type=float, help="Soft distillation weight of the teacher (default 0.1).")
+@click.option(
+    "--init",
+    help="Fine-tune from this checkpoint (vitlab, HF, timm, hf-hub:ORG/REPO) or model name with published weights.",
+)
+@click.option("--freeze", type=click.Choice(["backbone"]), help="backbone: train only the classifier (linear probe).")
+@click.option("--layer-decay", type=float, help="Learning rate x F per layer below the head (e.g. 0.75).")
 @click.option("--max-steps", type=int, help="Stop after this many optimizer steps.")
 @click.option("--time-budget", "time_budget_s", type=float, help="Stop after this many seconds of training.")
 @click.option(

@@ -16,6 +16,8 @@ import yaml
 from vitlab.errors import VitlabError, closest
 from vitlab.train.precision import PRECISIONS
 
+FREEZE_CHOICES = ("backbone",)
+
 
 @dataclass
 class TrainConfig:
@@ -40,6 +42,10 @@ class TrainConfig:
     clip_grad: float | None = 1.0
     ema_decay: float | None = None  # e.g. 0.999; evaluation and the best checkpoint then use the EMA weights
     drop_path_rate: float = 0.0
+    # transfer (ViT paper, section 3.2): start from a pretrained checkpoint with a new head
+    init: str | None = None  # a checkpoint (vitlab, HF, timm, hf-hub:ORG/REPO) or a model name with published weights
+    freeze: str | None = None  # backbone: train only the classifier (a linear probe)
+    layer_decay: float | None = None  # e.g. 0.75: learning rate x layer_decay ** (depth of the head - depth)
     # augmentation (all off by default: short CPU runs do better without)
     random_resized_crop: float | None = None  # minimum crop scale, e.g. 0.35
     hflip: bool = False
@@ -95,6 +101,10 @@ class TrainConfig:
                 raise VitlabError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise VitlabError(f"lr must be positive, got {self.lr}")
+        if self.freeze is not None and self.freeze not in FREEZE_CHOICES:
+            raise VitlabError(f"freeze must be one of {', '.join(FREEZE_CHOICES)}, got {self.freeze!r}")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise VitlabError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
         if self.distill is not None and self.distill not in ("hard", "soft"):
             raise VitlabError(f"distill must be hard or soft, got {self.distill!r}")
         if self.distill is not None and not self.teacher:

@@ -31,6 +31,7 @@ from vitlab._registry import create_model, get_variant
 from vitlab.checkpoint import from_pretrained, load_checkpoint_state, read_state_dict, write_pretrained
 from vitlab.data import build_augment, build_dataset, mixup_cutmix, normalize, to_float
 from vitlab.errors import VitlabError
+from vitlab.layers import to_2tuple
 from vitlab.stats import count_params
 from vitlab.train.config import TrainConfig, save_yaml
 from vitlab.train.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
@@ -39,6 +40,7 @@ from vitlab.train.optim import ModelEma, build_optimizer, lr_at
 from vitlab.train.precision import resolve_precision
 from vitlab.train.report import Progress, plot_curves, read_metrics
 from vitlab.train.tasks import build_task
+from vitlab.train.transfer import freeze_backbone, hold_backbone_in_eval, init_model
 
 STATE_NAME = "trainer_state.pt"
 OnEval = Callable[[torch.nn.Module, Any, dict[str, Any]], "dict[str, Any] | None"]
@@ -47,7 +49,8 @@ TIMING_KEYS = ("images_per_s", "time_s")  # the only metrics that differ between
 
 def default_run_dir(cfg: TrainConfig) -> Path:
     data = cfg.data.replace("folder:", "").rstrip("/").split("/")[-1].replace(":", "_")
-    return Path("runs") / f"{data}-{cfg.model}-{datetime.now():%Y%m%d-%H%M%S}"
+    model = Path(cfg.init.rstrip("/")).name.replace(":", "_") if cfg.init else cfg.model
+    return Path("runs") / f"{data}-{model}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
 def pick_device(pref: str, info: DistInfo) -> torch.device:
@@ -111,10 +114,13 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
     log.message(f"precision {precision} ({why})")
 
     # --- data ---------------------------------------------------------------------------------------------
-    _, model_kwargs, model_cfg = get_variant(cfg.model)
-    in_chans = cfg.model_args.get("in_chans", model_kwargs.get("in_chans", model_cfg["input_size"][0]))
-    img = cfg.model_args.get("img_size", model_kwargs.get("img_size", model_cfg["input_size"][1:]))
-    img_size = (img, img) if isinstance(img, int) else tuple(img)
+    if cfg.init:  # the init checkpoint's architecture decides the input; a folder is decoded at its defaults
+        in_chans, img = cfg.model_args.get("in_chans"), cfg.model_args.get("img_size")
+    else:
+        _, model_kwargs, model_cfg = get_variant(cfg.model)
+        in_chans = cfg.model_args.get("in_chans", model_kwargs.get("in_chans", model_cfg["input_size"][0]))
+        img = cfg.model_args.get("img_size", model_kwargs.get("img_size", model_cfg["input_size"][1:]))
+    img_size = None if img is None else to_2tuple(img)
     data_args = dict(
         img_size=img_size,
         in_chans=in_chans,
@@ -135,19 +141,39 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
     num_classes = splits.num_classes
 
     # --- task, model, optimizer ---------------------------------------------------------------------------
+    pretrained = None
+    if cfg.init:  # transfer: architecture, input size and normalisation come from the pretrained checkpoint
+        if cfg.drop_path_rate:
+            raise VitlabError("--init keeps the checkpoint's architecture; drop_path_rate cannot be set with it")
+        seed_everything(cfg.seed)  # a family whose new classifier is not zero-initialised draws it here
+        pretrained, why = init_model(
+            cfg.init, splits, model_args=cfg.model_args, resume_dir=last_dir if resume else None
+        )
+        log.message(why)
+        in_chans, img_size = pretrained.default_cfg["input_size"][0], tuple(pretrained.default_cfg["input_size"][1:])
+        mean, std = tuple(pretrained.pretrained_cfg["mean"]), tuple(pretrained.pretrained_cfg["std"])
     # the task (and its teacher) before seeding: building a teacher draws random numbers, the student's init must not
     # depend on whether there is one
     task = build_task(
         cfg, num_classes=num_classes, in_chans=in_chans, img_size=img_size, mean=mean, std=std, device=device
     )
     seed_everything(cfg.seed)
-    model = create_model(cfg.model, num_classes=num_classes, drop_path_rate=cfg.drop_path_rate, **cfg.model_args)
-    model.pretrained_cfg = {"class_names": splits.class_names, "mean": list(mean), "std": list(std)}
+    if pretrained is not None:
+        model = pretrained
+    else:
+        model = create_model(cfg.model, num_classes=num_classes, drop_path_rate=cfg.drop_path_rate, **cfg.model_args)
+        model.pretrained_cfg = {"class_names": splits.class_names, "mean": list(mean), "std": list(std)}
     model.to(device)
     task.setup(model)
+    if cfg.freeze == "backbone":
+        log.message(f"--freeze backbone: training only the classifier ({freeze_backbone(model):,} parameters)")
     ema = ModelEma(model, cfg.ema_decay) if cfg.ema_decay else None
-    optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
+    optimizer = build_optimizer(
+        model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, layer_decay=cfg.layer_decay
+    )
     params = count_params(model)
+    model_name = model.model_name if cfg.init else cfg.model
+    checkpoint_meta = {"init": model.pretrained_cfg["init"]} if cfg.init else {}
     train_model: torch.nn.Module = model
     if info.enabled:
         from torch.nn.parallel import DistributedDataParallel
@@ -221,14 +247,14 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
             "config": cfg.to_dict(),
         }
         with atomic_directory(last_dir) as tmp:
-            write_pretrained(model, tmp, train_config=cfg.to_dict(), step=step, dataset=splits.name)
+            write_pretrained(model, tmp, train_config=cfg.to_dict(), step=step, dataset=splits.name, **checkpoint_meta)
             torch.save(state, tmp / STATE_NAME)
 
     # --- the loop ----------------------------------------------------------------------------------------------
     progress = Progress(total_steps, enabled=info.is_main, log_every=cfg.log_every)
     if info.is_main:
         progress.message(
-            f"training {cfg.model} ({params:,} parameters) on {splits.name}: {len(splits.train)} train / "
+            f"training {model_name} ({params:,} parameters) on {splits.name}: {len(splits.train)} train / "
             f"{len(splits.val)} val images, {total_steps} steps of {global_batch} images, {precision}, {device}; "
             f"{task.describe()}"
         )
@@ -252,6 +278,8 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
             num_workers=cfg.num_workers,
         )
         train_model.train()
+        if cfg.freeze == "backbone":
+            hold_backbone_in_eval(model)
         t_step = time.perf_counter()
         for micro, (images, labels) in enumerate(batches, start=first):
             if micro >= steps_per_epoch * cfg.accum_steps:
@@ -286,7 +314,7 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
             # one optimizer step
             lr = lr_at(step, total_steps=total_steps, warmup_steps=warmup_steps, lr=cfg.lr, min_lr=cfg.min_lr)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group["lr_scale"]  # lr_scale: layer-wise decay (1 without it)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad or math.inf)
             if not (math.isfinite(loss_value) and torch.isfinite(grad_norm)):
                 progress.close()
@@ -365,10 +393,13 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
                                 step=step,
                                 val_accuracy=best_acc,
                                 dataset=splits.name,
+                                **checkpoint_meta,
                             )
             if step % ckpt_every == 0 or step % eval_every == 0 or finished:
                 save_last()
             barrier(info)
+            if cfg.freeze == "backbone":  # evaluation put the whole model back in training mode
+                hold_backbone_in_eval(model)
             t_step = time.perf_counter()  # evaluation and checkpointing are not training time
             if finished:
                 break
@@ -391,6 +422,7 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
         best_step=best_step,
         task=task.describe(),
         precision=precision,
+        model_name=model_name,
     )
     return summary
 
@@ -402,8 +434,8 @@ def final_report(run_dir: Path, splits, device, cfg: TrainConfig, info: DistInfo
         best,
         split,
         num_classes=splits.num_classes,
-        mean=splits.mean,
-        std=splits.std,
+        mean=best.default_cfg["mean"],  # the normalisation the checkpoint records (the init's, when fine-tuning)
+        std=best.default_cfg["std"],
         batch_size=max(cfg.batch_size, 256),
         device=device,
         precision=facts["precision"],
@@ -412,7 +444,7 @@ def final_report(run_dir: Path, splits, device, cfg: TrainConfig, info: DistInfo
     metrics = read_metrics(run_dir / "metrics.jsonl") if info.is_main else []
     rates = [m["images_per_s"] for m in metrics if m.get("images_per_s")]
     summary = {
-        "model": cfg.model,
+        "model": facts["model_name"],
         "data": splits.name,
         "test_split": "test" if splits.test is not None else "val (no test split)",
         "test_accuracy": result["accuracy"],
