@@ -21,6 +21,7 @@ from vitlab.data.base import (
     Dataset,
     DatasetSplits,
     channel_histograms,
+    small_class_notes,
     stats_from_histograms,
     stratified_split,
 )
@@ -223,6 +224,8 @@ def build_folder_dataset(
     if not splits["train"]:
         raise VitlabError(f"folder dataset {root} has no readable training images")
 
+    carved = "all" in split_roots or "val" not in split_roots
+    notes = small_class_notes(class_names, {s: _labels(v) for s, v in splits.items()}) if carved else []
     datasets = {s: FolderDataset(samples, in_chans=in_chans, img_size=img_size) for s, samples in splits.items()}
     train = datasets["train"]
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:STATS_IMAGES]
@@ -242,4 +245,5 @@ def build_folder_dataset(
         in_chans=in_chans,
         img_size=img_size,
         skipped=skipped,
+        notes=notes,
     )

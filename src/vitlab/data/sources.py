@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vitlab.data.base import DatasetSplits, InMemoryDataset, channel_stats, stratified_split
+from vitlab.data.base import DatasetSplits, InMemoryDataset, channel_stats, small_class_notes, stratified_split
 from vitlab.data.cifar import load_cifar
 from vitlab.data.fashion_mnist import CLASS_NAMES as FASHION_CLASS_NAMES
 from vitlab.data.fashion_mnist import load_fashion_mnist
@@ -39,6 +39,7 @@ def _in_memory_splits(
     keep, val = stratified_split(labels, val_fraction, seed)
     train_set = InMemoryDataset(images[keep], labels[keep])
     mean, std = channel_stats(train_set.images)
+    notes = small_class_notes(class_names, {"train": labels[keep], "val": labels[val], "test": test[1]})
     return DatasetSplits(
         name=name,
         train=train_set,
@@ -49,6 +50,7 @@ def _in_memory_splits(
         std=std,
         in_chans=images.shape[1],
         img_size=(images.shape[2], images.shape[3]),
+        notes=notes,
     )
 
 

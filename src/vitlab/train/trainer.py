@@ -61,6 +61,29 @@ def pick_device(pref: str, info: DistInfo) -> torch.device:
     return torch.device("cpu")
 
 
+def fit_batch(n: int, batch_size: int, *, accum_steps: int = 1, world_size: int = 1) -> tuple[int, str | None]:
+    """The per-process batch for a training split of ``n`` images: ``batch_size``, or smaller when one step would
+    need more images than there are (a small dataset trains on all of them instead of failing), and the line that
+    says so."""
+    per_step = accum_steps * world_size
+    if n >= batch_size * per_step:
+        return batch_size, None
+    if n < per_step:
+        raise VitlabError(
+            f"the training split has {n} images, fewer than one per micro-batch of a step ({accum_steps} accumulation "
+            f"x {world_size} processes); lower accum_steps or the number of processes"
+        )
+    fitted = n // per_step
+    layout = "".join(
+        f" x {k} {what}" for k, what in ((accum_steps, "accumulation"), (world_size, "processes")) if k > 1
+    )
+    where = " per process" if world_size > 1 else ""
+    return fitted, (
+        f"the training split has {n} images, fewer than one step of {batch_size}{layout}: the batch shrinks to "
+        f"{fitted}{where}"
+    )
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -137,6 +160,8 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
         splits = build_dataset(cfg.fallback_data, **data_args)
     if splits.skipped:
         log.message(f"skipped {len(splits.skipped)} unreadable images (--skip-bad-images)")
+    for note in splits.notes:
+        log.message(note)
     mean, std = splits.mean, splits.std
     num_classes = splits.num_classes
 
@@ -191,22 +216,20 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
     )
     mixing = cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0
 
-    micro_per_epoch = splits.train.num_batches(
-        cfg.batch_size, world_size=info.world_size, drop_last=True, rank=info.rank
+    batch_size, shrunk = fit_batch(
+        len(splits.train), cfg.batch_size, accum_steps=cfg.accum_steps, world_size=info.world_size
     )
+    if shrunk:
+        log.message(shrunk)
+    micro_per_epoch = splits.train.num_batches(batch_size, world_size=info.world_size, drop_last=True, rank=info.rank)
     steps_per_epoch = micro_per_epoch // cfg.accum_steps
-    if steps_per_epoch == 0:
-        raise VitlabError(
-            f"the training split has {len(splits.train)} images, fewer than one step needs "
-            f"({cfg.batch_size} x {cfg.accum_steps} accumulation x {info.world_size} processes); lower --batch-size"
-        )
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
     eval_every = cfg.eval_every or steps_per_epoch
     ckpt_every = cfg.checkpoint_every or eval_every
-    global_batch = cfg.batch_size * cfg.accum_steps * info.world_size
+    global_batch = batch_size * cfg.accum_steps * info.world_size
 
     # --- state (fresh or resumed) -------------------------------------------------------------------------
     step, best_acc, best_step, train_time = 0, -1.0, 0, 0.0
@@ -267,7 +290,7 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
         epoch = step // steps_per_epoch
         first = (step % steps_per_epoch) * cfg.accum_steps
         batches = splits.train.loader(
-            cfg.batch_size,
+            batch_size,
             shuffle=True,
             seed=cfg.seed,
             epoch=epoch,
