@@ -116,3 +116,61 @@ def test_stratified_split_keeps_the_last_image_of_every_class() -> None:
     assert sorted(torch.cat([kept, held]).tolist()) == list(range(12))
     assert set(labels[kept].tolist()) == {0, 1, 2}
     assert len(held) == round(0.3 * 12) and (labels[held] == 2).sum() == 0
+
+
+# --- class subsets (open-set experiments) ----------------------------------------------------------------------
+def test_parse_classes() -> None:
+    from vitlab.data import parse_classes
+
+    names = ["cat", "dog", "eel", "fox", "3"]
+    assert parse_classes("0-2", names) == [0, 1, 2]
+    assert parse_classes("fox, 0-1,cat", names) == [0, 1, 3]
+    assert parse_classes("3", names) == [4]  # a class name wins over an index
+    assert parse_classes(2, names) == [2] and parse_classes([0, "eel"], names) == [0, 2]
+    with pytest.raises(vitlab.VitlabError, match=r"out of range: the data has classes 0-4"):
+        parse_classes("2-7", names)
+    with pytest.raises(vitlab.VitlabError, match=r"neither a class name.*Did you mean: dog"):
+        parse_classes("dgo", names)
+
+
+def test_subset_classes_relabels_and_excludes() -> None:
+    from vitlab.data import subset_classes
+
+    full = build_dataset("digits")
+    known = subset_classes(full, "0-5")
+    unknown = subset_classes(full, "0-5", exclude=True)
+    assert known.class_names == list("012345") and unknown.class_names == list("6789")
+    for split in ("train", "val", "test"):
+        whole, k, u = getattr(full, split), getattr(known, split), getattr(unknown, split)
+        assert len(k) + len(u) == len(whole)
+        assert torch.equal(torch.bincount(k.labels), torch.bincount(whole.labels)[:6])
+        assert torch.equal(torch.bincount(u.labels), torch.bincount(whole.labels)[6:])
+        # the same images, in the same order, with labels shifted down by 6
+        late = whole.labels >= 6
+        assert torch.equal(u.images, whole.images[late]) and torch.equal(u.labels + 6, whole.labels[late])
+    assert (known.mean, known.std) == (full.mean, full.std)
+
+
+def test_subset_of_a_folder_by_names(tmp_path) -> None:
+    from vitlab.data import subset_classes
+
+    data = image_folder(tmp_path / "imgs", {"cat": 10, "dog": 10, "eel": 10})
+    sub = subset_classes(build_dataset(f"folder:{data}", img_size=(8, 8), in_chans=1), "eel,dog")
+    assert sub.class_names == ["dog", "eel"] and sub.num_classes == 2
+    for split in (sub.train, sub.val, sub.test):
+        assert all(f"/{sub.class_names[y]}/" in path for path, y in split.samples)
+        assert set(split.labels.tolist()) <= {0, 1}
+
+
+def test_cli_classes_trains_and_evaluates_on_the_subset(tmp_path) -> None:
+    run = tmp_path / "run"
+    r = train_cli("--data", "digits", "--classes", "0-5", "--max-steps", 2, "--out", run)
+    assert r.exit_code == 0, r.output
+    assert "training on 6 classes (0, 1, 2, 3, 4, 5), relabelled 0-5" in r.output
+    summary = json.loads((run / "summary.json").read_text())
+    assert list(summary["per_class_accuracy"]) == list("012345")
+    assert json.loads((run / "checkpoints" / "best" / "config.json").read_text())["num_classes"] == 6
+    r = CliRunner().invoke(cli, ["eval", str(run / "checkpoints" / "best"), "--data", "digits", "--precision", "fp32"])
+    assert r.exit_code == 0, r.output
+    test_images = int((build_dataset("digits").test.labels < 6).sum())
+    assert summary["test_count"] == test_images and f"on {test_images} images" in r.output

@@ -85,6 +85,7 @@ def _parse_set(values: tuple[str, ...]) -> dict:
 @click.option("--model", help="Model name (vitlab models lists them).")
 @click.option("--data", help="digits | fashion-mnist | cifar10 | cifar100 | folder:PATH")
 @click.option("--data-dir", help="Where dataset files are (or are downloaded to).")
+@click.option("--classes", help="Train on a class subset, e.g. 0-5 or cat,dog (relabelled 0..k-1, names kept).")
 @click.option("--epochs", type=int)
 @click.option("--batch-size", type=int, help="Images per step per process.")
 @click.option("--lr", type=float, help="Peak learning rate.")

@@ -10,7 +10,7 @@ import torch
 
 from vitlab._io import write_json
 from vitlab.checkpoint import from_pretrained
-from vitlab.data import build_dataset, to_model_input
+from vitlab.data import build_dataset, subset_classes, to_model_input
 from vitlab.data.folder import load_image
 from vitlab.errors import VitlabError
 
@@ -47,6 +47,8 @@ def evaluate_checkpoint(
         seed=train_cfg.get("seed", 0),
         val_fraction=train_cfg.get("val_fraction", 0.1),
     )
+    if train_cfg.get("classes") is not None:  # the class subset the model was trained on
+        splits = subset_classes(splits, train_cfg["classes"])
     dataset = splits.test if split == "test" else splits.val
     if dataset is None:
         raise VitlabError(f"{splits.name} has no test split; use --split val")

@@ -113,6 +113,10 @@ class Dataset:
     def num_batches(self, batch_size: int, *, world_size: int = 1, drop_last: bool = False, rank: int = 0) -> int:
         return count_batches(len(self), batch_size, world_size=world_size, drop_last=drop_last, rank=rank)
 
+    def subset(self, indices: Tensor, labels: Tensor) -> Dataset:
+        """The samples at ``indices`` with new ``labels`` (see `vitlab.data.subset_classes`)."""
+        raise NotImplementedError
+
 
 class InMemoryDataset(Dataset):
     """Images held in one uint8 tensor; a batch is a single tensor index (no per-sample Python, no DataLoader)."""
@@ -130,6 +134,9 @@ class InMemoryDataset(Dataset):
 
     def _load_batches(self, batches: list[Tensor], num_workers: int) -> Iterator[tuple[Tensor, Tensor]]:
         return ((self.images[idx], self.labels[idx]) for idx in batches)  # num_workers: nothing to parallelise
+
+    def subset(self, indices: Tensor, labels: Tensor) -> InMemoryDataset:
+        return InMemoryDataset(self.images[indices], labels)
 
 
 def channel_histograms(images: Tensor) -> Tensor:

@@ -107,6 +107,10 @@ class FolderDataset(Dataset, torch.utils.data.Dataset):
         loader = DataLoader(self, batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=_collate)
         return self._raise_unreadable(loader)
 
+    def subset(self, indices: Tensor, labels: Tensor) -> FolderDataset:
+        samples = [(self.samples[i][0], y) for i, y in zip(indices.tolist(), labels.tolist())]
+        return FolderDataset(samples, in_chans=self.in_chans, img_size=self.img_size)
+
     @staticmethod
     def _raise_unreadable(loader: DataLoader) -> Iterator[tuple[Tensor, Tensor]]:
         for batch in loader:

@@ -29,7 +29,7 @@ import torch
 from vitlab._io import atomic_directory, recover_directory, write_json
 from vitlab._registry import create_model, get_variant
 from vitlab.checkpoint import from_pretrained, load_checkpoint_state, read_state_dict, write_pretrained
-from vitlab.data import build_augment, build_dataset, mixup_cutmix, normalize, to_float
+from vitlab.data import build_augment, build_dataset, mixup_cutmix, normalize, subset_classes, to_float
 from vitlab.errors import VitlabError
 from vitlab.layers import to_2tuple
 from vitlab.stats import count_params
@@ -160,6 +160,12 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
         splits = build_dataset(cfg.fallback_data, **data_args)
     if splits.skipped:
         log.message(f"skipped {len(splits.skipped)} unreadable images (--skip-bad-images)")
+    if cfg.classes is not None:
+        splits = subset_classes(splits, cfg.classes)
+        log.message(
+            f"training on {splits.num_classes} classes ({', '.join(splits.class_names)}), relabelled 0-"
+            f"{splits.num_classes - 1}"
+        )
     for note in splits.notes:
         log.message(note)
     mean, std = splits.mean, splits.std
