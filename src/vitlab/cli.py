@@ -82,7 +82,7 @@ def _parse_set(values: tuple[str, ...]) -> dict:
 
 @cli.command()
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML recipe (see configs/).")
-@click.option("--model", help="Model name (vitlab models lists them).")
+@click.option("--model", help="Model name (vitlab models lists them); default: chosen from the data.")
 @click.option("--data", help="digits | fashion-mnist | cifar10 | cifar100 | folder:PATH")
 @click.option("--data-dir", help="Where dataset files are (or are downloaded to).")
 @click.option("--classes", help="Train on a class subset, e.g. 0-5 or cat,dog (relabelled 0..k-1, names kept).")
@@ -111,6 +111,11 @@ def _parse_set(values: tuple[str, ...]) -> dict:
 @click.option("--freeze", type=click.Choice(["backbone"]), help="backbone: train only the classifier (linear probe).")
 @click.option("--layer-decay", type=float, help="Learning rate x F per layer below the head (e.g. 0.75).")
 @click.option("--max-steps", type=int, help="Stop after this many optimizer steps.")
+@click.option(
+    "--budget",
+    "budget_s",
+    help="Size the schedule to this much training time (600, 90s, 10m): warmup and cosine end at the budget.",
+)
 @click.option("--time-budget", "time_budget_s", type=float, help="Stop after this many seconds of training.")
 @click.option(
     "--set",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -169,6 +169,37 @@ def _labels(samples: list[tuple[Path, int]]) -> Tensor:
 
 def _subset(samples: list[tuple[Path, int]], idx: Tensor) -> list[tuple[Path, int]]:
     return [samples[i] for i in idx.tolist()]
+
+
+def folder_facts(path: str, *, val_fraction: float, sample: int = 25) -> dict[str, Any]:
+    """What choosing defaults needs to know of an image folder, without decoding it: the number of training images
+    (what the split will leave), classes, and the typical stored size and channels (of up to ``sample`` images,
+    read from their headers)."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise VitlabError(f"folder dataset {path!r} is not a directory")
+    layout = root / "train" if (root / "train").is_dir() else root
+    classes = _class_folders(layout)
+    files = [f for fs in classes.values() for f in fs]
+    if layout is root:  # test and val are carved from it
+        n_train = round(len(files) * (1 - 2 * val_fraction))
+    else:
+        n_train = len(files) if (root / "val").is_dir() else round(len(files) * (1 - val_fraction))
+    sides, chans = [], []
+    for f in files[:: max(1, len(files) // sample)][:sample]:
+        try:
+            with Image.open(f) as img:
+                sides.append(max(img.size))
+                chans.append(1 if img.mode in ("1", "L", "LA", "I", "I;16", "F") else 3)
+        except _DECODE_ERRORS:
+            continue  # unreadable files are the split's business (--skip-bad-images)
+    side = sorted(sides)[len(sides) // 2] if sides else DEFAULT_IMG_SIZE[0]
+    return {
+        "train_images": n_train,
+        "num_classes": len(classes),
+        "img_size": (side, side),
+        "in_chans": 1 if chans and chans.count(1) > len(chans) // 2 else 3,
+    }
 
 
 def build_folder_dataset(

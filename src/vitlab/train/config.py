@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from vitlab.errors import VitlabError, closest
+from vitlab.train.budget import parse_duration
 from vitlab.train.precision import PRECISIONS
 
 FREEZE_CHOICES = ("backbone",)
@@ -22,7 +23,7 @@ FREEZE_CHOICES = ("backbone",)
 @dataclass
 class TrainConfig:
     # what to train on what
-    model: str = "vit_tiny_patch7_28"
+    model: str = "auto"  # auto: chosen from the data (vitlab.train.defaults), with the schedule the user left out
     model_args: dict[str, Any] = field(default_factory=dict)  # overrides for create_model (depth, embed_dim, ...)
     data: str = "fashion-mnist"
     data_dir: str | None = None
@@ -73,6 +74,10 @@ class TrainConfig:
     log_every: int | None = None  # steps between plain progress lines when not on a terminal
     max_steps: int | None = None  # stop early (for tests and time budgets)
     time_budget_s: float | None = None  # stop training after this many seconds
+    # a schedule sized to a budget of training time (600, "90s", "10m"): warmup and cosine end at the budget
+    budget_s: float | str | None = None
+    steps: int | None = None  # the schedule's length in optimizer steps (instead of epochs); --budget records it
+    probe_steps: int | None = None  # --budget: the first steps, at lr 0, whose throughput sized the schedule
 
     @classmethod
     def from_sources(cls, yaml_file: str | Path | None = None, **overrides: Any) -> TrainConfig:
@@ -90,7 +95,16 @@ class TrainConfig:
                 raise VitlabError(f"unknown training option {key!r}.{closest(key, names)}")
         cfg = cls(**values)
         cfg.validate()
+        cfg.given = set(values)  # what the recipe and flags set; `model: auto` fills in only the rest
         return cfg
+
+    def explicit_fields(self) -> set[str]:
+        """The fields a user set: those `from_dict` was given, else (a TrainConfig built in Python) those that
+        differ from their defaults."""
+        given = getattr(self, "given", None)
+        if given is not None:
+            return set(given)
+        return {f.name for f in dataclasses.fields(self) if getattr(self, f.name) != _default(f)}
 
     def validate(self) -> None:
         if self.precision not in PRECISIONS:
@@ -116,6 +130,10 @@ class TrainConfig:
             raise VitlabError(f"distill_tau must be positive, got {self.distill_tau}")
         if not 0 <= self.distill_alpha <= 1:
             raise VitlabError(f"distill_alpha must be between 0 and 1, got {self.distill_alpha}")
+        if self.budget_s is not None:
+            self.budget_s = parse_duration(self.budget_s)
+        if self.steps is not None and self.steps < 1:
+            raise VitlabError(f"steps must be at least 1, got {self.steps}")
         if self.betas is not None:
             self.betas = tuple(self.betas)  # type: ignore[assignment]
         if self.randaugment is not None:
@@ -124,6 +142,10 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -33,12 +33,14 @@ from vitlab.data import build_augment, build_dataset, mixup_cutmix, normalize, s
 from vitlab.errors import VitlabError
 from vitlab.layers import to_2tuple
 from vitlab.stats import count_params
+from vitlab.train.budget import BudgetProbe, Schedule, budget_warmup
 from vitlab.train.config import TrainConfig, save_yaml
+from vitlab.train.defaults import apply_data_defaults
 from vitlab.train.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
 from vitlab.train.evaluate import autocast, evaluate
-from vitlab.train.optim import ModelEma, build_optimizer, lr_at
+from vitlab.train.optim import ModelEma, build_optimizer
 from vitlab.train.precision import resolve_precision
-from vitlab.train.report import Progress, plot_curves, read_metrics
+from vitlab.train.report import Progress, format_duration, plot_curves, read_metrics
 from vitlab.train.tasks import build_task
 from vitlab.train.transfer import freeze_backbone, hold_backbone_in_eval, init_model
 
@@ -119,6 +121,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, on_eval: OnEval | None = No
 
 
 def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | None) -> dict[str, Any]:
+    chosen = None
+    if cfg.model == "auto" and not cfg.init:  # a model and schedule that fit the data, recorded in config.yaml
+        values, chosen = apply_data_defaults(cfg.to_dict(), cfg.explicit_fields(), world_size=info.world_size)
+        cfg = TrainConfig.from_dict(values)
     device = pick_device(cfg.device, info)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -133,6 +139,8 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
     if resume and not (last_dir / STATE_NAME).exists():
         raise VitlabError(f"nothing to resume in {run_dir}: {last_dir / STATE_NAME} does not exist")
     log = Progress(0, enabled=info.is_main)
+    if chosen:
+        log.message(chosen)
     precision, why = resolve_precision(cfg.precision, device)
     log.message(f"precision {precision} ({why})")
 
@@ -229,10 +237,21 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
         log.message(shrunk)
     micro_per_epoch = splits.train.num_batches(batch_size, world_size=info.world_size, drop_last=True, rank=info.rank)
     steps_per_epoch = micro_per_epoch // cfg.accum_steps
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
-    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    planned = cfg.steps or cfg.epochs * steps_per_epoch  # --budget fixes cfg.steps after its first steps
+    probe = None
+    if cfg.budget_s and not cfg.steps:
+        probe = BudgetProbe(cfg.budget_s, reduce=lambda t: all_reduce_sum(t, info), world_size=info.world_size)
+        planned = 2**62  # until the first steps have been timed
+
+    def sized_schedule() -> tuple[int, Schedule]:
+        total = min(planned, cfg.max_steps) if cfg.max_steps else planned
+        warmup = round(cfg.warmup_epochs * steps_per_epoch)
+        if cfg.budget_s:
+            warmup = budget_warmup(warmup, total, cfg.probe_steps or 0)
+        probe_steps = cfg.probe_steps or (total if probe is not None else 0)  # lr 0 while the probe times steps
+        return total, Schedule(total, warmup, cfg.lr, cfg.min_lr, probe_steps=probe_steps)
+
+    total_steps, schedule = sized_schedule()
     eval_every = cfg.eval_every or steps_per_epoch
     ckpt_every = cfg.checkpoint_every or eval_every
     global_batch = batch_size * cfg.accum_steps * info.world_size
@@ -282,9 +301,10 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
     # --- the loop ----------------------------------------------------------------------------------------------
     progress = Progress(total_steps, enabled=info.is_main, log_every=cfg.log_every)
     if info.is_main:
+        length = f"{total_steps} steps" if probe is None else f"steps sized to {format_duration(cfg.budget_s)}"
         progress.message(
             f"training {model_name} ({params:,} parameters) on {splits.name}: {len(splits.train)} train / "
-            f"{len(splits.val)} val images, {total_steps} steps of {global_batch} images, {precision}, {device}; "
+            f"{len(splits.val)} val images, {length} of {global_batch} images, {precision}, {device}; "
             f"{task.describe()}"
         )
     progress.start(step)
@@ -341,7 +361,7 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
                 continue
 
             # one optimizer step
-            lr = lr_at(step, total_steps=total_steps, warmup_steps=warmup_steps, lr=cfg.lr, min_lr=cfg.min_lr)
+            lr = schedule.lr_at(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]  # lr_scale: layer-wise decay (1 without it)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad or math.inf)
@@ -360,6 +380,16 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
             train_time += now - t_step
             t_step = now
             window_images += global_batch
+            if probe is not None and (fixed := probe.observe(step, train_time)) is not None:
+                cfg.steps, cfg.probe_steps, planned, probe_rate, probe = fixed, step, fixed, probe.rate, None
+                total_steps, schedule = sized_schedule()
+                progress.set_total(total_steps)
+                if info.is_main:  # the count is part of the recipe from now on: --resume reads it back
+                    save_yaml(cfg, run_dir / "config.yaml")
+                progress.message(
+                    f"budget {format_duration(cfg.budget_s)}: {probe_rate:.2f} steps/s over the first {step} steps "
+                    f"(at lr 0) -> {fixed} steps in all, {fixed / steps_per_epoch:.1f} epochs (recorded in config.yaml)"
+                )
             rate = window_images / max(now - window_t, 1e-9)
             progress.update(
                 step,
@@ -371,7 +401,7 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
             )
             if cfg.time_budget_s is not None and train_time >= cfg.time_budget_s:
                 stop_reason = f"time budget of {cfg.time_budget_s:.0f}s reached"
-            if cfg.max_steps and step >= cfg.max_steps and step < cfg.epochs * steps_per_epoch:
+            if cfg.max_steps and step >= cfg.max_steps and step < planned:
                 stop_reason = stop_reason or f"max_steps={cfg.max_steps} reached"
             finished = step == total_steps or stop_reason is not None
 
