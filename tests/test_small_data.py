@@ -174,3 +174,18 @@ def test_cli_classes_trains_and_evaluates_on_the_subset(tmp_path) -> None:
     assert r.exit_code == 0, r.output
     test_images = int((build_dataset("digits").test.labels < 6).sum())
     assert summary["test_count"] == test_images and f"on {test_images} images" in r.output
+
+
+def test_limit_train_images_draws_by_class_and_keeps_val_and_test() -> None:
+    from vitlab.data import limit_train_images
+
+    full = build_dataset("digits")
+    small = limit_train_images(full, 200, seed=3)
+    assert len(small.train) == 200 and small.val is full.val and small.test is full.test
+    share = 200 / len(full.train)
+    for n_c, got in zip(torch.bincount(full.train.labels).tolist(), torch.bincount(small.train.labels).tolist()):
+        assert abs(got - n_c * share) < 1
+    rows = {tuple(x.flatten().tolist()) for x in full.train.images}
+    assert all(tuple(x.flatten().tolist()) in rows for x in small.train.images)  # images of the training split
+    with pytest.raises(vitlab.VitlabError, match="train_images must be between 1 and the 1437"):
+        limit_train_images(full, 5000)

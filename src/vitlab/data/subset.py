@@ -1,4 +1,5 @@
-"""Class subsets of a dataset, for open-set experiments: train on some classes, test on all.
+"""Subsets of a dataset: classes, for open-set experiments (train on some classes, test on all), and a smaller
+training split, for small-data studies.
 
 ``subset_classes(splits, "0-5")`` keeps classes 0 to 5 in every split, relabelled 0..k-1 in their original order,
 with their names; ``subset_classes(splits, "0-5", exclude=True)`` keeps the others (the unknown classes whose test
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from vitlab.data.base import Dataset, DatasetSplits, small_class_notes
+from vitlab.data.base import Dataset, DatasetSplits, small_class_notes, stratified_split
 from vitlab.errors import VitlabError, closest
 
 ClassSpec = str | int | Sequence[str | int]
@@ -83,3 +84,17 @@ def subset_classes(splits: DatasetSplits, classes: ClassSpec, *, exclude: bool =
         class_names=names,
         notes=small_class_notes(names, {"train": train.labels, **held}),
     )
+
+
+def limit_train_images(splits: DatasetSplits, images: int, *, seed: int = 0) -> DatasetSplits:
+    """``splits`` with a training split of ``images`` images drawn by class in proportion (`stratified_split`);
+    val, test and the normalisation statistics stay those of the whole dataset, so that runs at several sizes are
+    measured on the same images."""
+    n = len(splits.train)
+    if not 0 < images <= n:
+        raise VitlabError(f"train_images must be between 1 and the {n} images of the training split, got {images}")
+    if images == n:
+        return splits
+    _, chosen = stratified_split(splits.train.labels, images / n, seed)
+    train = splits.train.subset(chosen, splits.train.labels[chosen])
+    return dataclasses.replace(splits, name=f"{splits.name} ({images} training images)", train=train)

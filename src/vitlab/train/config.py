@@ -30,6 +30,7 @@ class TrainConfig:
     fallback_data: str | None = None  # trained on instead, saying so, when `data` cannot be had (e.g. offline)
     val_fraction: float = 0.1
     classes: str | int | list[str | int] | None = None  # a class subset, e.g. "0-5" or "cat,dog" (relabelled 0..k-1)
+    train_images: int | None = None  # a stratified subset of the training split of this size (small-data studies)
     skip_bad_images: bool = False
     num_workers: int = 2  # folder datasets only; in-memory datasets are batched by indexing
     # schedule

@@ -110,6 +110,8 @@ def apply_data_defaults(values: dict[str, Any], given: set[str], *, world_size: 
             raise
         data = values["fallback_data"]  # what the run will train on instead
         facts = describe_dataset(data, val_fraction=values.get("val_fraction", 0.1))
+    if values.get("train_images"):
+        facts["train_images"] = min(facts["train_images"], values["train_images"])
     row = choose_default(facts)
     _, kwargs, cfg = get_variant(row.model)
     model_args = dict(row.model_args)

@@ -29,7 +29,15 @@ import torch
 from vitlab._io import atomic_directory, recover_directory, write_json
 from vitlab._registry import create_model, get_variant
 from vitlab.checkpoint import from_pretrained, load_checkpoint_state, read_state_dict, write_pretrained
-from vitlab.data import build_augment, build_dataset, mixup_cutmix, normalize, subset_classes, to_float
+from vitlab.data import (
+    build_augment,
+    build_dataset,
+    limit_train_images,
+    mixup_cutmix,
+    normalize,
+    subset_classes,
+    to_float,
+)
 from vitlab.errors import VitlabError
 from vitlab.layers import to_2tuple
 from vitlab.stats import count_params
@@ -174,6 +182,8 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
             f"training on {splits.num_classes} classes ({', '.join(splits.class_names)}), relabelled 0-"
             f"{splits.num_classes - 1}"
         )
+    if cfg.train_images is not None:
+        splits = limit_train_images(splits, cfg.train_images, seed=cfg.seed)
     for note in splits.notes:
         log.message(note)
     mean, std = splits.mean, splits.std
@@ -243,16 +253,18 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
         probe = BudgetProbe(cfg.budget_s, reduce=lambda t: all_reduce_sum(t, info), world_size=info.world_size)
         planned = 2**62  # until the first steps have been timed
 
-    def sized_schedule() -> tuple[int, Schedule]:
+    def sized_schedule() -> tuple[int, Schedule, int]:
+        """Steps, learning rates and evaluation cadence; a budget's are known once its probe has timed steps."""
         total = min(planned, cfg.max_steps) if cfg.max_steps else planned
         warmup = round(cfg.warmup_epochs * steps_per_epoch)
-        if cfg.budget_s:
+        every = cfg.eval_every or steps_per_epoch
+        if cfg.budget_s:  # a short budget must not spend itself warming up, nor evaluating a tiny split's epochs
             warmup = budget_warmup(warmup, total, cfg.probe_steps or 0)
+            every = cfg.eval_every or max(steps_per_epoch, total // 10)
         probe_steps = cfg.probe_steps or (total if probe is not None else 0)  # lr 0 while the probe times steps
-        return total, Schedule(total, warmup, cfg.lr, cfg.min_lr, probe_steps=probe_steps)
+        return total, Schedule(total, warmup, cfg.lr, cfg.min_lr, probe_steps=probe_steps), every
 
-    total_steps, schedule = sized_schedule()
-    eval_every = cfg.eval_every or steps_per_epoch
+    total_steps, schedule, eval_every = sized_schedule()
     ckpt_every = cfg.checkpoint_every or eval_every
     global_batch = batch_size * cfg.accum_steps * info.world_size
 
@@ -382,13 +394,15 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
             window_images += global_batch
             if probe is not None and (fixed := probe.observe(step, train_time)) is not None:
                 cfg.steps, cfg.probe_steps, planned, probe_rate, probe = fixed, step, fixed, probe.rate, None
-                total_steps, schedule = sized_schedule()
+                total_steps, schedule, eval_every = sized_schedule()
+                ckpt_every = cfg.checkpoint_every or eval_every
                 progress.set_total(total_steps)
                 if info.is_main:  # the count is part of the recipe from now on: --resume reads it back
                     save_yaml(cfg, run_dir / "config.yaml")
                 progress.message(
                     f"budget {format_duration(cfg.budget_s)}: {probe_rate:.2f} steps/s over the first {step} steps "
                     f"(at lr 0) -> {fixed} steps in all, {fixed / steps_per_epoch:.1f} epochs (recorded in config.yaml)"
+                    + ("; measuring took the whole budget, no step is left to learn: raise --budget" * (fixed == step))
                 )
             rate = window_images / max(now - window_t, 1e-9)
             progress.update(
@@ -509,6 +523,7 @@ def final_report(run_dir: Path, splits, device, cfg: TrainConfig, info: DistInfo
         "test_accuracy": result["accuracy"],
         "test_loss": result["loss"],
         "test_count": result["count"],
+        "train_images": len(splits.train),
         "per_class_accuracy": dict(zip(splits.class_names, result["per_class_accuracy"])),
         "best_val_accuracy": facts["best_acc"],
         "best_step": facts["best_step"],
