@@ -147,10 +147,10 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
     if resume and not (last_dir / STATE_NAME).exists():
         raise VitlabError(f"nothing to resume in {run_dir}: {last_dir / STATE_NAME} does not exist")
     log = Progress(0, enabled=info.is_main)
-    if chosen:
-        log.message(chosen)
+    # what the run chose and adapted, said once it has started (a user error before it stays one line)
+    intro = [chosen] if chosen else []
     precision, why = resolve_precision(cfg.precision, device)
-    log.message(f"precision {precision} ({why})")
+    intro.append(f"precision {precision} ({why})")
 
     # --- data ---------------------------------------------------------------------------------------------
     if cfg.init:  # the init checkpoint's architecture decides the input; a folder is decoded at its defaults
@@ -178,14 +178,13 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
         log.message(f"skipped {len(splits.skipped)} unreadable images (--skip-bad-images)")
     if cfg.classes is not None:
         splits = subset_classes(splits, cfg.classes)
-        log.message(
+        intro.append(
             f"training on {splits.num_classes} classes ({', '.join(splits.class_names)}), relabelled 0-"
             f"{splits.num_classes - 1}"
         )
     if cfg.train_images is not None:
         splits = limit_train_images(splits, cfg.train_images, seed=cfg.seed)
-    for note in splits.notes:
-        log.message(note)
+    intro += splits.notes
     mean, std = splits.mean, splits.std
     num_classes = splits.num_classes
 
@@ -198,7 +197,7 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
         pretrained, why = init_model(
             cfg.init, splits, model_args=cfg.model_args, resume_dir=last_dir if resume else None
         )
-        log.message(why)
+        intro.append(why)
         in_chans, img_size = pretrained.default_cfg["input_size"][0], tuple(pretrained.default_cfg["input_size"][1:])
         mean, std = tuple(pretrained.pretrained_cfg["mean"]), tuple(pretrained.pretrained_cfg["std"])
     # the task (and its teacher) before seeding: building a teacher draws random numbers, the student's init must not
@@ -215,7 +214,7 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
     model.to(device)
     task.setup(model)
     if cfg.freeze == "backbone":
-        log.message(f"--freeze backbone: training only the classifier ({freeze_backbone(model):,} parameters)")
+        intro.append(f"--freeze backbone: training only the classifier ({freeze_backbone(model):,} parameters)")
     ema = ModelEma(model, cfg.ema_decay) if cfg.ema_decay else None
     optimizer = build_optimizer(
         model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, layer_decay=cfg.layer_decay
@@ -244,7 +243,7 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
         len(splits.train), cfg.batch_size, accum_steps=cfg.accum_steps, world_size=info.world_size
     )
     if shrunk:
-        log.message(shrunk)
+        intro.append(shrunk)
     micro_per_epoch = splits.train.num_batches(batch_size, world_size=info.world_size, drop_last=True, rank=info.rank)
     steps_per_epoch = micro_per_epoch // cfg.accum_steps
     planned = cfg.steps or cfg.epochs * steps_per_epoch  # --budget fixes cfg.steps after its first steps
@@ -313,6 +312,8 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
     # --- the loop ----------------------------------------------------------------------------------------------
     progress = Progress(total_steps, enabled=info.is_main, log_every=cfg.log_every)
     if info.is_main:
+        for line in intro:
+            progress.message(line)
         length = f"{total_steps} steps" if probe is None else f"steps sized to {format_duration(cfg.budget_s)}"
         progress.message(
             f"training {model_name} ({params:,} parameters) on {splits.name}: {len(splits.train)} train / "
