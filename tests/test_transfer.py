@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import vitlab
 from conftest import move_off_init
@@ -127,3 +127,126 @@ def test_hub_offline_without_a_cache_is_one_clear_line(tmp_path, monkeypatch) ->
     assert "\n" not in str(e.value)
     with pytest.raises(vitlab.VitlabError, match="no published weights"):
         vitlab.create_model("vit_tiny_patch7_28", pretrained=True)
+
+
+# --- the command line: vitlab train --init / --freeze / --layer-decay --------------------------------------------
+def _train_cli(*args: str):
+    from click.testing import CliRunner
+
+    from vitlab.cli import cli
+
+    base = ["train", "--data", "digits", "--precision", "fp32", "--batch-size", "64", "--set", "threads=1"]
+    r = CliRunner().invoke(cli, [*base, *map(str, args)])
+    assert r.exit_code == 0, r.output
+    return r
+
+
+def _best(run):
+    return json.loads((run / "checkpoints" / "best" / "config.json").read_text())
+
+
+@pytest.mark.parametrize("chans", [3, 1])
+def test_cli_finetunes_a_hf_checkpoint_on_digits(tmp_path, chans) -> None:
+    """A HF ViT (32 px, RGB or grayscale) fine-tuned on 8x8 grayscale digits: upsampled to 32 px, the stem adapted
+    to 1 channel; the checkpoint's normalisation is kept only when the channels match."""
+    src = _hf_vit_dir(tmp_path, chans=chans, pooler=False)
+    run = tmp_path / "run"
+    r = _train_cli("--init", src, "--max-steps", 6, "--set", "warmup_epochs=0", "--out", run)
+    assert "a new zero-initialised head for 10 classes, input 1x32x32" in r.output
+    config = _best(run)
+    assert config["class_names"] == [str(i) for i in range(10)]
+    assert config["init"]["source"] == str(src) and config["init"]["architecture"] == "vit"
+    assert config["input_size"] == [1, 32, 32] and config["model_args"]["in_chans"] == 1
+    from vitlab.data import build_dataset
+
+    if chans == 1:
+        pretrained = vitlab.from_pretrained(src).default_cfg
+        assert config["mean"] == list(pretrained["mean"]) and config["std"] == list(pretrained["std"])
+        assert config["init"]["normalisation"].startswith("the checkpoint's")
+    else:
+        data = build_dataset("digits")
+        assert config["mean"] == pytest.approx(list(data.mean)) and config["std"] == pytest.approx(list(data.std))
+        assert config["init"]["normalisation"].startswith("the data's")
+    tuned = vitlab.from_pretrained(run / "checkpoints" / "last")
+    start = load_for_finetuning(src, num_classes=10, in_chans=1)
+    assert not torch.equal(tuned.blocks[0].attn.qkv.weight, start.blocks[0].attn.qkv.weight)  # the backbone trained
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["model"] == "vit_foreign" and summary["steps"] == 6
+
+
+def _vitlab_resnet_dir(tmp_path):
+    """A small ResNet checkpoint (BatchNorm statistics moved off their initialisation) as vitlab saves it."""
+    model = move_off_init(
+        vitlab.create_model("resnet18_28", layers=(1, 1), channels=(8, 16), stem_width=8, num_classes=5)
+    )
+    vitlab.save_pretrained(model, tmp_path / "resnet")
+    return tmp_path / "resnet"
+
+
+@pytest.mark.parametrize("kind", ["hf-vit", "vitlab-resnet"])
+def test_freeze_backbone_trains_only_the_classifier(tmp_path, kind) -> None:
+    src = _hf_vit_dir(tmp_path, pooler=False) if kind == "hf-vit" else _vitlab_resnet_dir(tmp_path)
+    run = tmp_path / "run"
+    r = _train_cli("--init", src, "--freeze", "backbone", "--max-steps", 5, "--lr", "0.01", "--out", run)
+    start = load_for_finetuning(src, num_classes=10, in_chans=1).state_dict()
+    trained = vitlab.from_pretrained(run / "checkpoints" / "last").state_dict()
+    heads = set(vitlab.from_pretrained(run / "checkpoints" / "last").head_names)
+    is_head = {k: any(k.startswith(f"{h}.") for h in heads) for k in start}
+    assert trained.keys() == start.keys() and any(is_head.values())
+    for k in start:  # BatchNorm statistics included: the frozen backbone runs in inference mode
+        if is_head[k]:
+            assert not torch.equal(trained[k], start[k]), k
+        else:
+            assert torch.equal(trained[k], start[k]), k
+    trainable = sum(v.numel() for k, v in start.items() if is_head[k])
+    assert f"training only the classifier ({trainable:,} parameters)" in r.output
+
+
+def test_layer_decay_from_the_cli_sets_each_group_lr(tmp_path) -> None:
+    src = _hf_vit_dir(tmp_path, pooler=False)
+    run = tmp_path / "run"
+    _train_cli("--init", src, "--layer-decay", "0.5", "--max-steps", 3, "--lr", "0.004", "--out", run)
+    state = torch.load(run / "checkpoints" / "last" / "trainer_state.pt", weights_only=False)
+    last_lr = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][-1]["lr"]
+    groups = state["optimizer"]["param_groups"]
+    assert sorted({g["lr_scale"] for g in groups}) == [0.5**3, 0.5**2, 0.5, 1.0]  # embedding, 2 blocks, head
+    for g in groups:
+        assert g["lr"] == pytest.approx(last_lr * g["lr_scale"], rel=1e-12)
+    # the parameters' depths: the same grouping as param_groups on the fine-tuned model
+    model = load_for_finetuning(src, num_classes=10, in_chans=1)
+    expected = param_groups(model, 0.05, layer_decay=0.5)
+    assert [len(g["params"]) for g in groups] == [len(g["params"]) for g in expected]
+
+
+def test_resume_of_a_finetuning_run_is_exact_and_does_not_reread_the_init(tmp_path) -> None:
+    from vitlab.train import TrainConfig, train
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_at_step_12(model, splits, record):
+        if record["step"] == 12:
+            raise Interrupted  # after the step-10 checkpoint, before the one of step 12
+        return None
+
+    src = _hf_vit_dir(tmp_path, pooler=False)
+    args = dict(
+        data="digits", init=str(src), epochs=2, batch_size=64, precision="fp32", threads=1, layer_decay=0.7,
+        eval_every=4, checkpoint_every=5, lr=2e-3,
+    )  # fmt: skip
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    train(TrainConfig(**args, out=str(full)))
+    with pytest.raises(Interrupted):
+        train(TrainConfig(**args, out=str(cut)), on_eval=stop_at_step_12)
+    src.rename(tmp_path / "gone")  # resume reads the run's own checkpoint, never the init again
+    r = _train_cli("--resume", "--out", cut)
+    assert f"resumed {cut} at step 10" in r.output
+    lines = [
+        [{k: v for k, v in json.loads(x).items() if k not in ("images_per_s", "time_s")} for x in f.splitlines()]
+        for f in ((full / "metrics.jsonl").read_text(), (cut / "metrics.jsonl").read_text())
+    ]
+    assert lines[0] == lines[1]
+    a = load_file(full / "checkpoints" / "last" / "model.safetensors")
+    b = load_file(cut / "checkpoints" / "last" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _best(cut)["init"] == _best(full)["init"]

@@ -82,13 +82,18 @@ def _parse_set(values: tuple[str, ...]) -> dict:
 
 @cli.command()
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML recipe (see configs/).")
-@click.option("--model", help="Model name (vitlab models lists them).")
+@click.option("--model", help="Model name (vitlab models lists them); default: chosen from the data.")
 @click.option("--data", help="digits | fashion-mnist | cifar10 | cifar100 | folder:PATH")
 @click.option("--data-dir", help="Where dataset files are (or are downloaded to).")
+@click.option("--classes", help="Train on a class subset, e.g. 0-5 or cat,dog (relabelled 0..k-1, names kept).")
 @click.option("--epochs", type=int)
 @click.option("--batch-size", type=int, help="Images per step per process.")
 @click.option("--lr", type=float, help="Peak learning rate.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]))
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16"]),
+    help="auto (default): bf16 autocast where the hardware has native bf16 (AMX, AVX512-BF16, CUDA), else fp32.",
+)
 @click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the model.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--seed", type=int)
@@ -99,7 +104,18 @@ def _parse_set(values: tuple[str, ...]) -> dict:
 @click.option("--distill", type=click.Choice(["hard", "soft"]), help="Distillation kind (default hard).")
 @click.option("--distill-tau", type=float, help="Soft distillation temperature (default 3.0).")
 @click.option("--distill-alpha", type=float, help="Soft distillation weight of the teacher (default 0.1).")
+@click.option(
+    "--init",
+    help="Fine-tune from this checkpoint (vitlab, HF, timm, hf-hub:ORG/REPO) or model name with published weights.",
+)
+@click.option("--freeze", type=click.Choice(["backbone"]), help="backbone: train only the classifier (linear probe).")
+@click.option("--layer-decay", type=float, help="Learning rate x F per layer below the head (e.g. 0.75).")
 @click.option("--max-steps", type=int, help="Stop after this many optimizer steps.")
+@click.option(
+    "--budget",
+    "budget_s",
+    help="Size the schedule to this much training time (600, 90s, 10m): warmup and cosine end at the budget.",
+)
 @click.option("--time-budget", "time_budget_s", type=float, help="Stop after this many seconds of training.")
 @click.option(
     "--set",
@@ -165,7 +181,13 @@ def _print_summary(s: dict) -> None:
 @click.option("--data-dir")
 @click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True)
 @click.option("--batch-size", type=int, default=256, show_default=True)
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16"]),
+    default="auto",
+    show_default=True,
+    help="auto: bf16 where the hardware has native bf16, else fp32.",
+)
 @click.option("--out", help="Where to write confusion_matrix.png/.json (default: CHECKPOINT/eval-SPLIT).")
 def eval_(checkpoint, data, data_dir, split, batch_size, precision, out) -> None:
     """Accuracy, per-class accuracy and a confusion matrix of a checkpoint on a dataset split."""
@@ -174,6 +196,7 @@ def eval_(checkpoint, data, data_dir, split, batch_size, precision, out) -> None
     r = evaluate_checkpoint(
         checkpoint, data, data_dir=data_dir, split=split, batch_size=batch_size, precision=precision, out=out
     )
+    click.echo(f"precision {r['precision']} ({r['precision_reason']})")
     click.echo(f"{r['data']} {split}: accuracy {r['accuracy']:.4f} on {r['count']} images (loss {r['loss']:.4f})")
     width = max(len(c) for c in r["class_names"])
     for name, acc in zip(r["class_names"], r["per_class_accuracy"]):

@@ -10,7 +10,7 @@ import torch
 
 from vitlab._io import write_json
 from vitlab.checkpoint import from_pretrained
-from vitlab.data import build_dataset, to_model_input
+from vitlab.data import build_dataset, subset_classes, to_model_input
 from vitlab.data.folder import load_image
 from vitlab.errors import VitlabError
 
@@ -22,12 +22,15 @@ def evaluate_checkpoint(
     data_dir: str | None = None,
     split: str = "test",
     batch_size: int = 256,
-    precision: str = "fp32",
+    precision: str = "auto",
     out: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint on a split of a dataset, writing confusion_matrix.png and .json into ``out``."""
     from vitlab.train.evaluate import evaluate
+    from vitlab.train.precision import resolve_precision
     from vitlab.train.report import plot_confusion
+
+    precision, precision_reason = resolve_precision(precision, "cpu")
 
     checkpoint = Path(checkpoint)
     model = _classifier(from_pretrained(checkpoint), checkpoint)
@@ -44,6 +47,8 @@ def evaluate_checkpoint(
         seed=train_cfg.get("seed", 0),
         val_fraction=train_cfg.get("val_fraction", 0.1),
     )
+    if train_cfg.get("classes") is not None:  # the class subset the model was trained on
+        splits = subset_classes(splits, train_cfg["classes"])
     dataset = splits.test if split == "test" else splits.val
     if dataset is None:
         raise VitlabError(f"{splits.name} has no test split; use --split val")
@@ -70,7 +75,15 @@ def evaluate_checkpoint(
             "confusion": r["confusion"].tolist(),
         },
     )
-    return {**r, "data": splits.name, "class_names": names, "png": str(png), "json": str(js)}
+    return {
+        **r,
+        "data": splits.name,
+        "class_names": names,
+        "png": str(png),
+        "json": str(js),
+        "precision": precision,
+        "precision_reason": precision_reason,
+    }
 
 
 @torch.no_grad()

@@ -113,6 +113,10 @@ class Dataset:
     def num_batches(self, batch_size: int, *, world_size: int = 1, drop_last: bool = False, rank: int = 0) -> int:
         return count_batches(len(self), batch_size, world_size=world_size, drop_last=drop_last, rank=rank)
 
+    def subset(self, indices: Tensor, labels: Tensor) -> Dataset:
+        """The samples at ``indices`` with new ``labels`` (see `vitlab.data.subset_classes`)."""
+        raise NotImplementedError
+
 
 class InMemoryDataset(Dataset):
     """Images held in one uint8 tensor; a batch is a single tensor index (no per-sample Python, no DataLoader)."""
@@ -130,6 +134,9 @@ class InMemoryDataset(Dataset):
 
     def _load_batches(self, batches: list[Tensor], num_workers: int) -> Iterator[tuple[Tensor, Tensor]]:
         return ((self.images[idx], self.labels[idx]) for idx in batches)  # num_workers: nothing to parallelise
+
+    def subset(self, indices: Tensor, labels: Tensor) -> InMemoryDataset:
+        return InMemoryDataset(self.images[indices], labels)
 
 
 def channel_histograms(images: Tensor) -> Tensor:
@@ -187,13 +194,38 @@ def stratified_split(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor
     return torch.cat(kept).sort().values, torch.cat(held).sort().values
 
 
+def small_class_notes(class_names: list[str], labels: dict[str, Tensor], *, limit: int = 5) -> list[str]:
+    """Lines that say what splitting did to small classes: every class in ``class_names`` with no image in one of
+    the held-out splits of ``labels`` (``{"train": ..., "val": ..., "test": ...}``), and why."""
+    notes = []
+    for c, name in enumerate(class_names):
+        counts = {split: int((y == c).sum()) for split, y in labels.items()}
+        missing = [split for split, n in counts.items() if n == 0 and split != "train"]
+        if not missing:
+            continue
+        total = sum(counts.values())
+        have = ", ".join(f"{n} {split}" for split, n in counts.items() if n)
+        if total < len(labels):  # stratified_split never takes a class's last image: it stays in training
+            images = f"{total} image{'s' * (total != 1)}"
+            notes.append(f"class {name!r} has {images}: {have}, none in {' or '.join(missing)}")
+        else:
+            notes.append(
+                f"class {name!r} has no image in {' or '.join(missing)} ({total} images: {have}): a held-out split "
+                "takes each class's share of it, and this class's rounds to zero"
+            )
+    if len(notes) > limit:
+        notes = [*notes[:limit], f"... and {len(notes) - limit} more classes with no image in a held-out split"]
+    return notes
+
+
 @dataclass
 class DatasetSplits:
     """A dataset's splits with what a model needs to know about them.
 
     ``mean`` / ``std`` are per-channel statistics of the train split on the [0, 1] scale; ``in_chans`` and
     ``img_size`` describe the stored images (the model's input size may differ: see `to_model_input`).
-    ``skipped`` lists the unreadable files that ``skip_bad_images=True`` left out.
+    ``skipped`` lists the unreadable files that ``skip_bad_images=True`` left out; ``notes`` says what splitting did
+    to classes too small to share (see `small_class_notes`).
     """
 
     name: str
@@ -206,6 +238,7 @@ class DatasetSplits:
     in_chans: int
     img_size: tuple[int, int]
     skipped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ from vitlab.data.base import (
     Dataset,
     DatasetSplits,
     channel_histograms,
+    small_class_notes,
     stats_from_histograms,
     stratified_split,
 )
@@ -106,6 +107,10 @@ class FolderDataset(Dataset, torch.utils.data.Dataset):
         loader = DataLoader(self, batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=_collate)
         return self._raise_unreadable(loader)
 
+    def subset(self, indices: Tensor, labels: Tensor) -> FolderDataset:
+        samples = [(self.samples[i][0], y) for i, y in zip(indices.tolist(), labels.tolist())]
+        return FolderDataset(samples, in_chans=self.in_chans, img_size=self.img_size)
+
     @staticmethod
     def _raise_unreadable(loader: DataLoader) -> Iterator[tuple[Tensor, Tensor]]:
         for batch in loader:
@@ -166,6 +171,37 @@ def _subset(samples: list[tuple[Path, int]], idx: Tensor) -> list[tuple[Path, in
     return [samples[i] for i in idx.tolist()]
 
 
+def folder_facts(path: str, *, val_fraction: float, sample: int = 25) -> dict[str, Any]:
+    """What choosing defaults needs to know of an image folder, without decoding it: the number of training images
+    (what the split will leave), classes, and the typical stored size and channels (of up to ``sample`` images,
+    read from their headers)."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise VitlabError(f"folder dataset {path!r} is not a directory")
+    layout = root / "train" if (root / "train").is_dir() else root
+    classes = _class_folders(layout)
+    files = [f for fs in classes.values() for f in fs]
+    if layout is root:  # test and val are carved from it
+        n_train = round(len(files) * (1 - 2 * val_fraction))
+    else:
+        n_train = len(files) if (root / "val").is_dir() else round(len(files) * (1 - val_fraction))
+    sides, chans = [], []
+    for f in files[:: max(1, len(files) // sample)][:sample]:
+        try:
+            with Image.open(f) as img:
+                sides.append(max(img.size))
+                chans.append(1 if img.mode in ("1", "L", "LA", "I", "I;16", "F") else 3)
+        except _DECODE_ERRORS:
+            continue  # unreadable files are the split's business (--skip-bad-images)
+    side = sorted(sides)[len(sides) // 2] if sides else DEFAULT_IMG_SIZE[0]
+    return {
+        "train_images": n_train,
+        "num_classes": len(classes),
+        "img_size": (side, side),
+        "in_chans": 1 if chans and chans.count(1) > len(chans) // 2 else 3,
+    }
+
+
 def build_folder_dataset(
     path: str,
     *,
@@ -223,6 +259,8 @@ def build_folder_dataset(
     if not splits["train"]:
         raise VitlabError(f"folder dataset {root} has no readable training images")
 
+    carved = "all" in split_roots or "val" not in split_roots
+    notes = small_class_notes(class_names, {s: _labels(v) for s, v in splits.items()}) if carved else []
     datasets = {s: FolderDataset(samples, in_chans=in_chans, img_size=img_size) for s, samples in splits.items()}
     train = datasets["train"]
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:STATS_IMAGES]
@@ -242,4 +280,5 @@ def build_folder_dataset(
         in_chans=in_chans,
         img_size=img_size,
         skipped=skipped,
+        notes=notes,
     )

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
-from vitlab.data.base import DatasetSplits, InMemoryDataset, channel_stats, stratified_split
+from vitlab.data.base import DatasetSplits, InMemoryDataset, channel_stats, small_class_notes, stratified_split
 from vitlab.data.cifar import load_cifar
 from vitlab.data.fashion_mnist import CLASS_NAMES as FASHION_CLASS_NAMES
 from vitlab.data.fashion_mnist import load_fashion_mnist
-from vitlab.data.folder import TEST_SPLIT_SEED, build_folder_dataset
+from vitlab.data.folder import TEST_SPLIT_SEED, build_folder_dataset, folder_facts
 from vitlab.errors import VitlabError, closest
 
 DATASET_NAMES = ["digits", "fashion-mnist", "cifar10", "cifar100", "folder:PATH", "captions:FILE"]
@@ -39,6 +41,7 @@ def _in_memory_splits(
     keep, val = stratified_split(labels, val_fraction, seed)
     train_set = InMemoryDataset(images[keep], labels[keep])
     mean, std = channel_stats(train_set.images)
+    notes = small_class_notes(class_names, {"train": labels[keep], "val": labels[val], "test": test[1]})
     return DatasetSplits(
         name=name,
         train=train_set,
@@ -49,7 +52,33 @@ def _in_memory_splits(
         std=std,
         in_chans=images.shape[1],
         img_size=(images.shape[2], images.shape[3]),
+        notes=notes,
     )
+
+
+# stored size, channels, classes and images the train and val splits share (the rest is an official test set)
+_BUILTIN_FACTS = {
+    "digits": ((8, 8), 1, 10, 1797),
+    "fashion-mnist": ((28, 28), 1, 10, 60000),
+    "cifar10": ((32, 32), 3, 10, 50000),
+    "cifar100": ((32, 32), 3, 100, 50000),
+}
+
+
+def describe_dataset(spec: str, *, data_dir: str | None = None, val_fraction: float = 0.1) -> dict[str, Any]:
+    """``{train_images, num_classes, img_size, in_chans}`` of a dataset without loading it (a folder's files are
+    counted and a few image headers read): what `vitlab.train.defaults` chooses a model and schedule from."""
+    if spec.startswith("folder:"):
+        return folder_facts(spec[len("folder:") :], val_fraction=val_fraction)
+    name = spec.lower()
+    if name not in _BUILTIN_FACTS:
+        raise VitlabError(
+            f"unknown dataset {spec!r}; choose from {', '.join(DATASET_NAMES)}.{closest(spec, DATASET_NAMES)}"
+        )
+    size, chans, classes, shared = _BUILTIN_FACTS[name]
+    # digits carves test and val out of its images; the others carve val out of the official training set
+    held = 2 * val_fraction if name == "digits" else val_fraction
+    return {"train_images": round(shared * (1 - held)), "num_classes": classes, "img_size": size, "in_chans": chans}
 
 
 def build_dataset(

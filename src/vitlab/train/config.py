@@ -14,17 +14,23 @@ from typing import Any
 import yaml
 
 from vitlab.errors import VitlabError, closest
+from vitlab.train.budget import parse_duration
+from vitlab.train.precision import PRECISIONS
+
+FREEZE_CHOICES = ("backbone",)
 
 
 @dataclass
 class TrainConfig:
     # what to train on what
-    model: str = "vit_tiny_patch7_28"
+    model: str = "auto"  # auto: chosen from the data (vitlab.train.defaults), with the schedule the user left out
     model_args: dict[str, Any] = field(default_factory=dict)  # overrides for create_model (depth, embed_dim, ...)
     data: str = "fashion-mnist"
     data_dir: str | None = None
     fallback_data: str | None = None  # trained on instead, saying so, when `data` cannot be had (e.g. offline)
     val_fraction: float = 0.1
+    classes: str | int | list[str | int] | None = None  # a class subset, e.g. "0-5" or "cat,dog" (relabelled 0..k-1)
+    train_images: int | None = None  # a stratified subset of the training split of this size (small-data studies)
     skip_bad_images: bool = False
     num_workers: int = 2  # folder datasets only; in-memory datasets are batched by indexing
     # schedule
@@ -39,6 +45,10 @@ class TrainConfig:
     clip_grad: float | None = 1.0
     ema_decay: float | None = None  # e.g. 0.999; evaluation and the best checkpoint then use the EMA weights
     drop_path_rate: float = 0.0
+    # transfer (ViT paper, section 3.2): start from a pretrained checkpoint with a new head
+    init: str | None = None  # a checkpoint (vitlab, HF, timm, hf-hub:ORG/REPO) or a model name with published weights
+    freeze: str | None = None  # backbone: train only the classifier (a linear probe)
+    layer_decay: float | None = None  # e.g. 0.75: learning rate x layer_decay ** (depth of the head - depth)
     # augmentation (all off by default: short CPU runs do better without)
     random_resized_crop: float | None = None  # minimum crop scale, e.g. 0.35
     hflip: bool = False
@@ -58,7 +68,7 @@ class TrainConfig:
     text_model: str | None = None
     clip_args: dict[str, Any] = field(default_factory=dict)
     # execution
-    precision: str = "bf16"  # fp32 | bf16 (autocast on CPU and CUDA)
+    precision: str = "auto"  # auto | fp32 | bf16 (autocast); auto: bf16 where the hardware has it natively
     compile: bool = False
     device: str = "auto"  # auto | cpu | cuda
     threads: int | None = None  # torch CPU threads; default: torch's choice
@@ -70,6 +80,10 @@ class TrainConfig:
     log_every: int | None = None  # steps between plain progress lines when not on a terminal
     max_steps: int | None = None  # stop early (for tests and time budgets)
     time_budget_s: float | None = None  # stop training after this many seconds
+    # a schedule sized to a budget of training time (600, "90s", "10m"): warmup and cosine end at the budget
+    budget_s: float | str | None = None
+    steps: int | None = None  # the schedule's length in optimizer steps (instead of epochs); --budget records it
+    probe_steps: int | None = None  # --budget: the first steps, at lr 0, whose throughput sized the schedule
 
     @classmethod
     def from_sources(cls, yaml_file: str | Path | None = None, **overrides: Any) -> TrainConfig:
@@ -87,11 +101,20 @@ class TrainConfig:
                 raise VitlabError(f"unknown training option {key!r}.{closest(key, names)}")
         cfg = cls(**values)
         cfg.validate()
+        cfg.given = set(values)  # what the recipe and flags set; `model: auto` fills in only the rest
         return cfg
 
+    def explicit_fields(self) -> set[str]:
+        """The fields a user set: those `from_dict` was given, else (a TrainConfig built in Python) those that
+        differ from their defaults."""
+        given = getattr(self, "given", None)
+        if given is not None:
+            return set(given)
+        return {f.name for f in dataclasses.fields(self) if getattr(self, f.name) != _default(f)}
+
     def validate(self) -> None:
-        if self.precision not in ("fp32", "bf16"):
-            raise VitlabError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise VitlabError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise VitlabError(f"device must be auto, cpu or cuda, got {self.device!r}")
         for name in ("epochs", "batch_size", "accum_steps"):
@@ -99,6 +122,10 @@ class TrainConfig:
                 raise VitlabError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise VitlabError(f"lr must be positive, got {self.lr}")
+        if self.freeze is not None and self.freeze not in FREEZE_CHOICES:
+            raise VitlabError(f"freeze must be one of {', '.join(FREEZE_CHOICES)}, got {self.freeze!r}")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise VitlabError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
         if self.distill is not None and self.distill not in ("hard", "soft"):
             raise VitlabError(f"distill must be hard or soft, got {self.distill!r}")
         if self.distill is not None and not self.teacher:
@@ -109,6 +136,10 @@ class TrainConfig:
             raise VitlabError(f"distill_tau must be positive, got {self.distill_tau}")
         if not 0 <= self.distill_alpha <= 1:
             raise VitlabError(f"distill_alpha must be between 0 and 1, got {self.distill_alpha}")
+        if self.budget_s is not None:
+            self.budget_s = parse_duration(self.budget_s)
+        if self.steps is not None and self.steps < 1:
+            raise VitlabError(f"steps must be at least 1, got {self.steps}")
         if self.betas is not None:
             self.betas = tuple(self.betas)  # type: ignore[assignment]
         if self.randaugment is not None:
@@ -117,6 +148,10 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

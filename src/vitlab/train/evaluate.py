@@ -12,10 +12,12 @@ from torch import nn
 
 from vitlab.data import to_model_input
 from vitlab.train.distributed import DistInfo, all_reduce_sum
+from vitlab.train.precision import resolve_precision
 
 
 def autocast(device: torch.device, precision: str):
-    if precision == "bf16":
+    """bf16 autocast or nothing; ``auto`` resolves on ``device`` (see `vitlab.train.precision`)."""
+    if resolve_precision(precision, device)[0] == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 

@@ -27,6 +27,7 @@ class Progress:
         self.total = total_steps
         self.enabled = enabled
         self.interactive = enabled and sys.stderr.isatty()
+        self._fixed_log_every = log_every
         self.log_every = log_every or max(total_steps // 20, 1)
         self._bar = None
         self._start_step = 0
@@ -50,6 +51,13 @@ class Progress:
         )
         self._bar.start()
         self._task = self._bar.add_task("train", total=self.total, completed=step, stats="")
+
+    def set_total(self, total_steps: int) -> None:
+        """A total known only after the first steps (a schedule sized to a time budget)."""
+        self.total = total_steps
+        self.log_every = self._fixed_log_every or max(total_steps // 20, 1)
+        if self._bar is not None:
+            self._bar.update(self._task, total=total_steps)
 
     def update(
         self, step: int, *, epoch: float, loss: float, acc: float | None, images_per_s: float, lr: float

@@ -112,7 +112,10 @@ class ClassificationTask:
 
     def evaluate(self, model: nn.Module, dataset: Any, *, splits: DatasetSplits, **kwargs: Any) -> dict[str, Any]:
         """Loss, accuracy, per-class accuracy and confusion of ``model(x)`` (`vitlab.train.evaluate.evaluate`)."""
-        r = evaluate(model, dataset, num_classes=splits.num_classes, mean=splits.mean, std=splits.std, **kwargs)
+        # the model's own normalisation: the data's, or the pretrained model's when fine-tuning (--init)
+        norm = getattr(model, "pretrained_cfg", {})
+        mean, std = norm.get("mean", splits.mean), norm.get("std", splits.std)
+        r = evaluate(model, dataset, num_classes=splits.num_classes, mean=mean, std=std, **kwargs)
         return {**r, "report": {"per_class_accuracy": dict(zip(splits.class_names, r["per_class_accuracy"]))}}
 
     def criterion(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -29,15 +29,28 @@ import torch
 from vitlab._io import atomic_directory, recover_directory, write_json
 from vitlab._registry import get_variant
 from vitlab.checkpoint import from_pretrained, load_checkpoint_state, read_state_dict, write_pretrained
-from vitlab.data import build_augment, build_dataset, mixup_cutmix, normalize, to_float
+from vitlab.data import (
+    build_augment,
+    build_dataset,
+    limit_train_images,
+    mixup_cutmix,
+    normalize,
+    subset_classes,
+    to_float,
+)
 from vitlab.errors import VitlabError
+from vitlab.layers import to_2tuple
 from vitlab.stats import count_params
+from vitlab.train.budget import BudgetProbe, Schedule, budget_warmup
 from vitlab.train.config import TrainConfig, save_yaml
+from vitlab.train.defaults import apply_data_defaults
 from vitlab.train.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
 from vitlab.train.evaluate import autocast
-from vitlab.train.optim import ModelEma, build_optimizer, lr_at
-from vitlab.train.report import Progress, plot_curves, read_metrics
+from vitlab.train.optim import ModelEma, build_optimizer
+from vitlab.train.precision import resolve_precision
+from vitlab.train.report import Progress, format_duration, plot_curves, read_metrics
 from vitlab.train.tasks import build_task
+from vitlab.train.transfer import freeze_backbone, hold_backbone_in_eval, init_model
 
 STATE_NAME = "trainer_state.pt"
 OnEval = Callable[[torch.nn.Module, Any, dict[str, Any]], "dict[str, Any] | None"]
@@ -46,7 +59,8 @@ TIMING_KEYS = ("images_per_s", "time_s")  # the only metrics that differ between
 
 def default_run_dir(cfg: TrainConfig) -> Path:
     data = cfg.data.replace("folder:", "").rstrip("/").split("/")[-1].replace(":", "_")
-    return Path("runs") / f"{data}-{cfg.model}-{datetime.now():%Y%m%d-%H%M%S}"
+    model = Path(cfg.init.rstrip("/")).name.replace(":", "_") if cfg.init else cfg.model
+    return Path("runs") / f"{data}-{model}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
 def pick_device(pref: str, info: DistInfo) -> torch.device:
@@ -55,6 +69,29 @@ def pick_device(pref: str, info: DistInfo) -> torch.device:
             raise VitlabError("--device cuda was asked for but no CUDA device is available; use --device cpu")
         return torch.device("cuda", info.local_rank)
     return torch.device("cpu")
+
+
+def fit_batch(n: int, batch_size: int, *, accum_steps: int = 1, world_size: int = 1) -> tuple[int, str | None]:
+    """The per-process batch for a training split of ``n`` images: ``batch_size``, or smaller when one step would
+    need more images than there are (a small dataset trains on all of them instead of failing), and the line that
+    says so."""
+    per_step = accum_steps * world_size
+    if n >= batch_size * per_step:
+        return batch_size, None
+    if n < per_step:
+        raise VitlabError(
+            f"the training split has {n} images, fewer than one per micro-batch of a step ({accum_steps} accumulation "
+            f"x {world_size} processes); lower accum_steps or the number of processes"
+        )
+    fitted = n // per_step
+    layout = "".join(
+        f" x {k} {what}" for k, what in ((accum_steps, "accumulation"), (world_size, "processes")) if k > 1
+    )
+    where = " per process" if world_size > 1 else ""
+    return fitted, (
+        f"the training split has {n} images, fewer than one step of {batch_size}{layout}: the batch shrinks to "
+        f"{fitted}{where}"
+    )
 
 
 def seed_everything(seed: int) -> None:
@@ -92,6 +129,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, on_eval: OnEval | None = No
 
 
 def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | None) -> dict[str, Any]:
+    chosen = None
+    if cfg.model == "auto" and not cfg.init:  # a model and schedule that fit the data, recorded in config.yaml
+        values, chosen = apply_data_defaults(cfg.to_dict(), cfg.explicit_fields(), world_size=info.world_size)
+        cfg = TrainConfig.from_dict(values)
     device = pick_device(cfg.device, info)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -106,12 +147,19 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
     if resume and not (last_dir / STATE_NAME).exists():
         raise VitlabError(f"nothing to resume in {run_dir}: {last_dir / STATE_NAME} does not exist")
     log = Progress(0, enabled=info.is_main)
+    # what the run chose and adapted, said once it has started (a user error before it stays one line)
+    intro = [chosen] if chosen else []
+    precision, why = resolve_precision(cfg.precision, device)
+    intro.append(f"precision {precision} ({why})")
 
     # --- data ---------------------------------------------------------------------------------------------
-    _, model_kwargs, model_cfg = get_variant(cfg.model)
-    in_chans = cfg.model_args.get("in_chans", model_kwargs.get("in_chans", model_cfg["input_size"][0]))
-    img = cfg.model_args.get("img_size", model_kwargs.get("img_size", model_cfg["input_size"][1:]))
-    img_size = (img, img) if isinstance(img, int) else tuple(img)
+    if cfg.init:  # the init checkpoint's architecture decides the input; a folder is decoded at its defaults
+        in_chans, img = cfg.model_args.get("in_chans"), cfg.model_args.get("img_size")
+    else:
+        _, model_kwargs, model_cfg = get_variant(cfg.model)
+        in_chans = cfg.model_args.get("in_chans", model_kwargs.get("in_chans", model_cfg["input_size"][0]))
+        img = cfg.model_args.get("img_size", model_kwargs.get("img_size", model_cfg["input_size"][1:]))
+    img_size = None if img is None else to_2tuple(img)
     data_args = dict(
         img_size=img_size,
         in_chans=in_chans,
@@ -128,10 +176,30 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
         splits = build_dataset(cfg.fallback_data, **data_args)
     if splits.skipped:
         log.message(f"skipped {len(splits.skipped)} unreadable images (--skip-bad-images)")
+    if cfg.classes is not None:
+        splits = subset_classes(splits, cfg.classes)
+        intro.append(
+            f"training on {splits.num_classes} classes ({', '.join(splits.class_names)}), relabelled 0-"
+            f"{splits.num_classes - 1}"
+        )
+    if cfg.train_images is not None:
+        splits = limit_train_images(splits, cfg.train_images, seed=cfg.seed)
+    intro += splits.notes
     mean, std = splits.mean, splits.std
     num_classes = splits.num_classes
 
     # --- task, model, optimizer ---------------------------------------------------------------------------
+    pretrained = None
+    if cfg.init:  # transfer: architecture, input size and normalisation come from the pretrained checkpoint
+        if cfg.drop_path_rate:
+            raise VitlabError("--init keeps the checkpoint's architecture; drop_path_rate cannot be set with it")
+        seed_everything(cfg.seed)  # a family whose new classifier is not zero-initialised draws it here
+        pretrained, why = init_model(
+            cfg.init, splits, model_args=cfg.model_args, resume_dir=last_dir if resume else None
+        )
+        intro.append(why)
+        in_chans, img_size = pretrained.default_cfg["input_size"][0], tuple(pretrained.default_cfg["input_size"][1:])
+        mean, std = tuple(pretrained.pretrained_cfg["mean"]), tuple(pretrained.pretrained_cfg["std"])
     # the task (and its teacher) before seeding: building a teacher draws random numbers, the student's init must not
     # depend on whether there is one
     task = build_task(
@@ -145,12 +213,19 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
         splits=splits,
     )
     seed_everything(cfg.seed)
-    model = task.build_model(cfg, splits)
+    # transfer starts from the pretrained model; otherwise the task builds its model (a classifier, a CLIP pair)
+    model = pretrained if pretrained is not None else task.build_model(cfg, splits)
     model.to(device)
     task.setup(model)
+    if cfg.freeze == "backbone":
+        intro.append(f"--freeze backbone: training only the classifier ({freeze_backbone(model):,} parameters)")
     ema = ModelEma(model, cfg.ema_decay) if cfg.ema_decay else None
-    optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
+    optimizer = build_optimizer(
+        model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, layer_decay=cfg.layer_decay
+    )
     params = count_params(model)
+    model_name = model.model_name if cfg.init else cfg.model
+    checkpoint_meta = {"init": model.pretrained_cfg["init"]} if cfg.init else {}
     train_model: torch.nn.Module = model
     if info.enabled:
         from torch.nn.parallel import DistributedDataParallel
@@ -168,22 +243,33 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
     )
     mixing = cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0
 
-    micro_per_epoch = splits.train.num_batches(
-        cfg.batch_size, world_size=info.world_size, drop_last=True, rank=info.rank
+    batch_size, shrunk = fit_batch(
+        len(splits.train), cfg.batch_size, accum_steps=cfg.accum_steps, world_size=info.world_size
     )
+    if shrunk:
+        intro.append(shrunk)
+    micro_per_epoch = splits.train.num_batches(batch_size, world_size=info.world_size, drop_last=True, rank=info.rank)
     steps_per_epoch = micro_per_epoch // cfg.accum_steps
-    if steps_per_epoch == 0:
-        raise VitlabError(
-            f"the training split has {len(splits.train)} images, fewer than one step needs "
-            f"({cfg.batch_size} x {cfg.accum_steps} accumulation x {info.world_size} processes); lower --batch-size"
-        )
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
-    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
-    eval_every = cfg.eval_every or steps_per_epoch
+    planned = cfg.steps or cfg.epochs * steps_per_epoch  # --budget fixes cfg.steps after its first steps
+    probe = None
+    if cfg.budget_s and not cfg.steps:
+        probe = BudgetProbe(cfg.budget_s, reduce=lambda t: all_reduce_sum(t, info), world_size=info.world_size)
+        planned = 2**62  # until the first steps have been timed
+
+    def sized_schedule() -> tuple[int, Schedule, int]:
+        """Steps, learning rates and evaluation cadence; a budget's are known once its probe has timed steps."""
+        total = min(planned, cfg.max_steps) if cfg.max_steps else planned
+        warmup = round(cfg.warmup_epochs * steps_per_epoch)
+        every = cfg.eval_every or steps_per_epoch
+        if cfg.budget_s:  # a short budget must not spend itself warming up, nor evaluating a tiny split's epochs
+            warmup = budget_warmup(warmup, total, cfg.probe_steps or 0)
+            every = cfg.eval_every or max(steps_per_epoch, total // 10)
+        probe_steps = cfg.probe_steps or (total if probe is not None else 0)  # lr 0 while the probe times steps
+        return total, Schedule(total, warmup, cfg.lr, cfg.min_lr, probe_steps=probe_steps), every
+
+    total_steps, schedule, eval_every = sized_schedule()
     ckpt_every = cfg.checkpoint_every or eval_every
-    global_batch = cfg.batch_size * cfg.accum_steps * info.world_size
+    global_batch = batch_size * cfg.accum_steps * info.world_size
 
     # --- state (fresh or resumed) -------------------------------------------------------------------------
     step, best_acc, best_step, train_time = 0, -1.0, 0, 0.0
@@ -224,19 +310,22 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
             "config": cfg.to_dict(),
         }
         with atomic_directory(last_dir) as tmp:
-            write_pretrained(model, tmp, train_config=cfg.to_dict(), step=step, dataset=splits.name)
+            write_pretrained(model, tmp, train_config=cfg.to_dict(), step=step, dataset=splits.name, **checkpoint_meta)
             torch.save(state, tmp / STATE_NAME)
 
     # --- the loop ----------------------------------------------------------------------------------------------
     progress = Progress(total_steps, enabled=info.is_main, log_every=cfg.log_every)
     if info.is_main:
+        for line in intro:
+            progress.message(line)
+        length = f"{total_steps} steps" if probe is None else f"steps sized to {format_duration(cfg.budget_s)}"
         progress.message(
-            f"training {cfg.model} ({params:,} parameters) on {splits.name}: {len(splits.train)} train / "
-            f"{len(splits.val)} val images, {total_steps} steps of {global_batch} images, {cfg.precision}, {device}; "
+            f"training {model_name} ({params:,} parameters) on {splits.name}: {len(splits.train)} train / "
+            f"{len(splits.val)} val images, {length} of {global_batch} images, {precision}, {device}; "
             f"{task.describe()}"
         )
     progress.start(step)
-    amp = autocast(device, cfg.precision)
+    amp = autocast(device, precision)
     eval_model = ema.module if ema else model
     stop_reason = None
     window_t, window_images = time.perf_counter(), 0
@@ -244,7 +333,7 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
         epoch = step // steps_per_epoch
         first = (step % steps_per_epoch) * cfg.accum_steps
         batches = splits.train.loader(
-            cfg.batch_size,
+            batch_size,
             shuffle=True,
             seed=cfg.seed,
             epoch=epoch,
@@ -255,6 +344,8 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
             num_workers=cfg.num_workers,
         )
         train_model.train()
+        if cfg.freeze == "backbone":
+            hold_backbone_in_eval(model)
         t_step = time.perf_counter()
         for micro, (images, labels) in enumerate(batches, start=first):
             if micro >= steps_per_epoch * cfg.accum_steps:
@@ -287,9 +378,9 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
                 continue
 
             # one optimizer step
-            lr = lr_at(step, total_steps=total_steps, warmup_steps=warmup_steps, lr=cfg.lr, min_lr=cfg.min_lr)
+            lr = schedule.lr_at(step)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group["lr_scale"]  # lr_scale: layer-wise decay (1 without it)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad or math.inf)
             if not (math.isfinite(loss_value) and torch.isfinite(grad_norm)):
                 progress.close()
@@ -306,6 +397,18 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
             train_time += now - t_step
             t_step = now
             window_images += global_batch
+            if probe is not None and (fixed := probe.observe(step, train_time)) is not None:
+                cfg.steps, cfg.probe_steps, planned, probe_rate, probe = fixed, step, fixed, probe.rate, None
+                total_steps, schedule, eval_every = sized_schedule()
+                ckpt_every = cfg.checkpoint_every or eval_every
+                progress.set_total(total_steps)
+                if info.is_main:  # the count is part of the recipe from now on: --resume reads it back
+                    save_yaml(cfg, run_dir / "config.yaml")
+                progress.message(
+                    f"budget {format_duration(cfg.budget_s)}: {probe_rate:.2f} steps/s over the first {step} steps "
+                    f"(at lr 0) -> {fixed} steps in all, {fixed / steps_per_epoch:.1f} epochs (recorded in config.yaml)"
+                    + ("; measuring took the whole budget, no step is left to learn: raise --budget" * (fixed == step))
+                )
             rate = window_images / max(now - window_t, 1e-9)
             progress.update(
                 step,
@@ -317,7 +420,7 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
             )
             if cfg.time_budget_s is not None and train_time >= cfg.time_budget_s:
                 stop_reason = f"time budget of {cfg.time_budget_s:.0f}s reached"
-            if cfg.max_steps and step >= cfg.max_steps and step < cfg.epochs * steps_per_epoch:
+            if cfg.max_steps and step >= cfg.max_steps and step < planned:
                 stop_reason = stop_reason or f"max_steps={cfg.max_steps} reached"
             finished = step == total_steps or stop_reason is not None
 
@@ -328,7 +431,7 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
                     splits=splits,
                     batch_size=max(cfg.batch_size, 256),
                     device=device,
-                    precision=cfg.precision,
+                    precision=precision,
                     dist_info=info,
                     num_workers=cfg.num_workers,
                 )
@@ -366,10 +469,13 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
                                 step=step,
                                 val_accuracy=best_acc,
                                 dataset=splits.name,
+                                **checkpoint_meta,
                             )
             if step % ckpt_every == 0 or step % eval_every == 0 or finished:
                 save_last()
             barrier(info)
+            if cfg.freeze == "backbone":  # evaluation put the whole model back in training mode
+                hold_backbone_in_eval(model)
             t_step = time.perf_counter()  # evaluation and checkpointing are not training time
             if finished:
                 break
@@ -391,6 +497,8 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
         best_acc=best_acc,
         best_step=best_step,
         task=task,
+        precision=precision,
+        model_name=model_name,
     )
     return summary
 
@@ -404,18 +512,19 @@ def final_report(run_dir: Path, splits, device, cfg: TrainConfig, info: DistInfo
         splits=splits,
         batch_size=max(cfg.batch_size, 256),
         device=device,
-        precision=cfg.precision,
+        precision=facts["precision"],
         dist_info=info,
     )
     metrics = read_metrics(run_dir / "metrics.jsonl") if info.is_main else []
     rates = [m["images_per_s"] for m in metrics if m.get("images_per_s")]
     summary = {
-        "model": cfg.model,
+        "model": facts["model_name"],
         "data": splits.name,
         "test_split": "test" if splits.test is not None else "val (no test split)",
         "test_accuracy": result["accuracy"],
         "test_loss": result["loss"],
         "test_count": result["count"],
+        "train_images": len(splits.train),
         **result.get("report", {}),
         "best_val_accuracy": facts["best_acc"],
         "best_step": facts["best_step"],
@@ -425,7 +534,7 @@ def final_report(run_dir: Path, splits, device, cfg: TrainConfig, info: DistInfo
         "images_per_s": round(sum(rates) / len(rates), 1) if rates else None,
         "params": facts["params"],
         "task": facts["task"].describe(),
-        "precision": cfg.precision,
+        "precision": facts["precision"],
         "processes": info.world_size,
         "run_dir": str(run_dir),
     }

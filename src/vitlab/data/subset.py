@@ -1,0 +1,100 @@
+"""Subsets of a dataset: classes, for open-set experiments (train on some classes, test on all), and a smaller
+training split, for small-data studies.
+
+``subset_classes(splits, "0-5")`` keeps classes 0 to 5 in every split, relabelled 0..k-1 in their original order,
+with their names; ``subset_classes(splits, "0-5", exclude=True)`` keeps the others (the unknown classes whose test
+images an open-set evaluation scores). Both keep the full training split's normalisation statistics, so that known
+and unknown images go through the same input pipeline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+
+from vitlab.data.base import Dataset, DatasetSplits, small_class_notes, stratified_split
+from vitlab.errors import VitlabError, closest
+
+ClassSpec = str | int | Sequence[str | int]
+
+
+def parse_classes(spec: ClassSpec, class_names: Sequence[str]) -> list[int]:
+    """Class indices (sorted, no repeats) from ``"0-5"``, ``"0-3,7"``, ``"cat,dog"``, ``3`` or ``[0, "dog"]``.
+
+    An item that is a class name is that class (a folder may name its classes "3", "7", ...); otherwise an integer is
+    an index and ``a-b`` an inclusive range of indices."""
+    items = [x.strip() for x in spec.split(",")] if isinstance(spec, str) else [spec] if isinstance(spec, int) else spec
+    names = {name: i for i, name in enumerate(class_names)}
+    n = len(class_names)
+    chosen: set[int] = set()
+    for item in items:
+        text = str(item).strip()
+        if text in names:
+            chosen.add(names[text])
+            continue
+        lo, sep, hi = text.partition("-")
+        try:
+            first, last = (int(lo), int(hi)) if sep and lo else (int(text), int(text))
+        except ValueError:
+            raise VitlabError(
+                f"class {text!r} is neither a class name nor an index or range like 0-5.{closest(text, names)}"
+            ) from None
+        if not 0 <= first <= last < n:
+            raise VitlabError(f"classes {text!r} are out of range: the data has classes 0-{n - 1}")
+        chosen.update(range(first, last + 1))
+    if not chosen:
+        raise VitlabError(f"no class chosen by {spec!r}")
+    return sorted(chosen)
+
+
+def _select(dataset: Dataset, keep: list[int]) -> Dataset:
+    relabel = torch.full((max(keep) + 1,), -1, dtype=torch.int64)
+    relabel[keep] = torch.arange(len(keep))
+    labels = dataset.labels
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    for c in keep:
+        mask |= labels == c
+    indices = torch.nonzero(mask).flatten()
+    return dataset.subset(indices, relabel[labels[indices]])
+
+
+def subset_classes(splits: DatasetSplits, classes: ClassSpec, *, exclude: bool = False) -> DatasetSplits:
+    """``splits`` with only the chosen classes (or, with ``exclude``, only the others) in train, val and test,
+    relabelled 0..k-1 in their original order; ``class_names`` are theirs."""
+    chosen = parse_classes(classes, splits.class_names)
+    keep = [c for c in range(splits.num_classes) if c not in chosen] if exclude else chosen
+    if not keep:
+        raise VitlabError(f"excluding classes {classes!r} leaves no class")
+    names = [splits.class_names[c] for c in keep]
+    train, val = _select(splits.train, keep), _select(splits.val, keep)
+    test = _select(splits.test, keep) if splits.test is not None else None
+    if len(train) == 0:
+        raise VitlabError(f"classes {', '.join(names)} have no training image")
+    held = {"val": val.labels, **({"test": test.labels} if test is not None else {})}
+    spec = str(classes) if isinstance(classes, str | int) else ",".join(map(str, classes))
+    label = f"{'all but ' if exclude else ''}{spec}"
+    return dataclasses.replace(
+        splits,
+        name=f"{splits.name} (classes {label})",
+        train=train,
+        val=val,
+        test=test,
+        class_names=names,
+        notes=small_class_notes(names, {"train": train.labels, **held}),
+    )
+
+
+def limit_train_images(splits: DatasetSplits, images: int, *, seed: int = 0) -> DatasetSplits:
+    """``splits`` with a training split of ``images`` images drawn by class in proportion (`stratified_split`);
+    val, test and the normalisation statistics stay those of the whole dataset, so that runs at several sizes are
+    measured on the same images."""
+    n = len(splits.train)
+    if not 0 < images <= n:
+        raise VitlabError(f"train_images must be between 1 and the {n} images of the training split, got {images}")
+    if images == n:
+        return splits
+    _, chosen = stratified_split(splits.train.labels, images / n, seed)
+    train = splits.train.subset(chosen, splits.train.labels[chosen])
+    return dataclasses.replace(splits, name=f"{splits.name} ({images} training images)", train=train)

@@ -1,0 +1,112 @@
+"""A schedule sized to a wall-clock budget (`vitlab train --budget 10m`): warmup and cosine end at the budget.
+
+The number of optimizer steps that fit is measured, not guessed: the first steps of the run (at least
+``min_steps``, and about ``probe_fraction`` of the budget) run at learning rate 0 while their throughput is timed;
+Adam's moment estimates warm up on them, the weights do not move. Their rate, averaged over the processes, sizes the
+rest of the budget; the count is fixed once, recorded in the run's config (``steps``, ``probe_steps``), and a
+resumed run reads it back instead of measuring again, so resume stays exact. Only training time counts: evaluation
+and checkpoints are not in the budget (as in the trainer's ``train_time_s``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from vitlab.errors import VitlabError
+from vitlab.train.optim import lr_at
+
+_UNITS = {"s": 1, "m": 60, "h": 3600}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smh]?)")
+
+
+def parse_duration(text: str | float | int) -> float:
+    """Seconds from ``600``, ``"600"``, ``"90s"``, ``"10m"``, ``"1h30m"``."""
+    if isinstance(text, int | float):
+        seconds = float(text)
+    else:
+        s = str(text).strip().lower().replace(" ", "")
+        parts = _DURATION.findall(s)
+        if not s or "".join(n + u for n, u in parts) != s:
+            raise VitlabError(
+                f"cannot read the budget {text!r}: write seconds (600) or a duration like 90s, 10m, 1h30m"
+            )
+        seconds = sum(float(n) * _UNITS[u or "s"] for n, u in parts)
+    if not seconds > 0:
+        raise VitlabError(f"the budget must be positive, got {text!r}")
+    return seconds
+
+
+class BudgetProbe:
+    """Times the first steps of a run and fixes how many steps fit in ``budget_s`` of training time.
+
+    Call `observe` after every optimizer step with the step count and the training time so far; it returns None
+    while measuring and the total number of steps once (when it has enough). ``reduce`` sums a tensor over the
+    processes (``all_reduce_sum``), so that every process stops measuring at the same step and fixes the same
+    count."""
+
+    def __init__(
+        self,
+        budget_s: float,
+        *,
+        min_steps: int = 2,
+        probe_fraction: float = 0.02,
+        max_probe_s: float = 15.0,
+        reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+        world_size: int = 1,
+    ) -> None:
+        self.budget_s = budget_s
+        self.min_steps = max(min_steps, 1)  # timed steps, after the first one observed
+        self.probe_s = min(probe_fraction * budget_s, max_probe_s)
+        self.reduce, self.world_size = reduce, world_size
+        self.rate: float | None = None  # steps per second, once measured
+        self._start: tuple[int, float] | None = None
+
+    def observe(self, step: int, train_time: float) -> int | None:
+        if self._start is None:  # the first step is slow (allocation, caches): the clock starts after it
+            self._start = (step, train_time)
+            return None
+        s0, t0 = self._start
+        if step - s0 < self.min_steps:
+            return None
+        # (done here, rate here) summed over the processes: every process takes the same decision
+        done = float(train_time - t0 >= self.probe_s or train_time >= self.budget_s)
+        rate = (step - s0) / max(train_time - t0, 1e-9)
+        votes = self.reduce(torch.tensor([done, rate], dtype=torch.float64))
+        if votes[0].item() == 0:
+            return None
+        self.rate = votes[1].item() / self.world_size
+        return step + max(0, math.floor((self.budget_s - train_time) * self.rate))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The learning rate of every step: linear warmup then cosine to ``min_lr`` over steps ``probe_steps`` to
+    ``total_steps``; the ``probe_steps`` before them (a budget's throughput measurement) run at 0."""
+
+    total_steps: int
+    warmup_steps: int
+    lr: float
+    min_lr: float
+    probe_steps: int = 0
+
+    def lr_at(self, step: int) -> float:
+        if step < self.probe_steps:
+            return 0.0
+        return lr_at(
+            step - self.probe_steps,
+            total_steps=self.total_steps - self.probe_steps,
+            warmup_steps=self.warmup_steps,
+            lr=self.lr,
+            min_lr=self.min_lr,
+        )
+
+
+def budget_warmup(warmup_steps: int, total_steps: int, probe_steps: int) -> int:
+    """A budget's warmup: the recipe's, but at most a fifth of the steps that remain after the probe (a short
+    budget must not spend itself warming up)."""
+    return min(warmup_steps, (total_steps - probe_steps) // 5)
