@@ -236,3 +236,38 @@ def test_cli_commands_write_their_pictures(trained, tmp_path) -> None:
     shots = json.loads((tmp_path / "pr" / "probe.json").read_text())["shots"]
     assert set(shots) == {"1", "2", "4", "8", "16", "all"}
     assert (tmp_path / "pr" / "probe.png").exists()
+
+
+def test_openset_end_to_end(tmp_path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from vitlab.cli import cli
+
+    tiny = json.dumps({"depth": 1, "embed_dim": 32, "num_heads": 2})
+    args = [
+        "openset",
+        "--model",
+        "vit_tiny_patch7_28",
+        "--data",
+        "digits",
+        "--known",
+        "0-4",
+        "--out",
+        str(tmp_path),
+        "--set",
+        "epochs=2",
+        "--set",
+        "precision=fp32",
+        "--set",
+        f"model_args={tiny}",
+    ]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "openset.json").read_text())
+    assert res["known_classes"] == ["0", "1", "2", "3", "4"] and res["unknown_classes"] == ["5", "6", "7", "8", "9"]
+    assert res["known_test_images"] + res["unknown_test_images"] == 180
+    for name in ("max_logit", "max_softmax"):
+        assert 0.0 <= res[name]["auroc"] <= 1.0 and 0.0 <= res[name]["fpr95"] <= 1.0
+        assert (tmp_path / f"openset_{name}.png").stat().st_size > 1000

@@ -130,6 +130,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, on_eval: OnEval | None = No
 
 def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | None) -> dict[str, Any]:
     chosen = None
+    if cfg.data.startswith("captions:") and not cfg.text_model:  # caption sets train CLIP, not a classifier
+        raise VitlabError(f"{cfg.data} is a caption set: train a CLIP model on it with `vitlab clip train`")
     if cfg.model == "auto" and not cfg.init:  # a model and schedule that fit the data, recorded in config.yaml
         values, chosen = apply_data_defaults(cfg.to_dict(), cfg.explicit_fields(), world_size=info.world_size)
         cfg = TrainConfig.from_dict(values)
