@@ -10,17 +10,18 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import move_off_init, tiny_model
 from PIL import Image
+
+from conftest import move_off_init, tiny_model
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-import vitlab  # noqa: E402
-from vitlab._registry import get_variant  # noqa: E402
-from vitlab.cli import cli  # noqa: E402
-from vitlab.errors import VitlabError  # noqa: E402
-from vitlab.export import OnnxClassifier, export_onnx  # noqa: E402
+import vitlab
+from vitlab._registry import get_variant
+from vitlab.cli import cli
+from vitlab.errors import VitlabError
+from vitlab.export import OnnxClassifier, export_onnx
 
 # one variant per family, with what makes the family hard to trace: class attention (CaiT), a distillation token
 # (DeiT), a conditional position encoding (CPVT), shifted windows with masks (Swin), convolutional projections

@@ -54,7 +54,7 @@ def explain_support(model: nn.Module | None) -> str | None:
 
 
 def overlay_png(image: Tensor, relevance: Tensor) -> bytes:
-    """uint8 ``[C, H, W]`` image and ``[gh, gw]`` relevance in [0, 1] -> PNG of the blended heat map."""
+    """uint8 ``[C, H, W]`` image and ``[gh, gw]`` relevance -> PNG of the image blended with the heat map."""
     import matplotlib
 
     C, H, W = image.shape
@@ -63,7 +63,10 @@ def overlay_png(image: Tensor, relevance: Tensor) -> bytes:
     rgb = image.expand(3, H, W) if C == 1 else image[:3]
     rgb = F.interpolate(rgb[None].float(), size=size, mode="bicubic", align_corners=False)[0].clamp(0, 255) / 255
     heat = F.interpolate(relevance[None, None].float(), size=size, mode="bilinear", align_corners=False)[0, 0]
-    colour = matplotlib.colormaps["jet"](heat.clamp(0, 1).numpy())[..., :3]  # (H, W, 3), no pyplot: thread-safe
+    # the colours span the map's own range (blue: least relevant patch, red: most), so a flat-ish map still shows
+    # where it peaks; the absolute values are in `relevance_map`
+    heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-12)
+    colour = matplotlib.colormaps["jet"](heat.numpy())[..., :3]  # (H, W, 3), no pyplot: thread-safe
     blend = (1 - ALPHA) * rgb.permute(1, 2, 0).numpy() + ALPHA * colour  # (C, H, W) -> (H, W, C)
     buf = io.BytesIO()
     Image.fromarray((blend * 255).round().astype(np.uint8)).save(buf, format="PNG")
