@@ -116,13 +116,18 @@ def test_explain_returns_the_rollout_overlay(client) -> None:
     assert len(overlay.getcolors(maxcolors=1 << 16)) > 10
 
 
-def test_a_model_without_attention_answers_explain_with_422() -> None:
-    model = tiny_model("resnet18_28").eval()
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [("resnet18_28", "no attention"), ("swin_tiny_patch2_window7_28", "windows"), ("cvt_7_28", "square")],
+)
+def test_a_model_without_global_attention_answers_explain_with_422(name, reason) -> None:
+    model = tiny_model(name).eval()
     model.pretrained_cfg = {}
     with TestClient(create_app(TorchClassifier(model))) as c:
-        assert c.get("/v1/model").json()["explain"] is False
+        info = c.get("/v1/model").json()
+        assert info["explain"] is False and reason in info["explain_note"]
         detail = assert_one_line_error(c.post("/v1/explain", **upload(png())), 422)
-        assert "no attention" in detail
+        assert reason in detail
         assert c.post("/v1/predict", **upload(png())).status_code == 200
 
 

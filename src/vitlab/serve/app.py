@@ -175,10 +175,13 @@ def create_app(
 ) -> FastAPI:
     """The app for ``classifier`` (`vitlab.predict.TorchClassifier` or `vitlab.export.OnnxClassifier`).
 
-    ``explain_model`` is the torch module whose attention `/v1/explain` rolls out (None: explanations are
-    refused with the reason). The returned app is wrapped by `_Guard` inside: ``app.state`` holds the batcher.
+    ``explain_model`` is the torch module whose attention `/v1/explain` rolls out (default: the classifier's own
+    module; an ONNX classifier without one refuses explanations with the reason). `_Guard` runs in front of
+    the app's routes; ``app.state.batcher`` is the `MicroBatcher`.
     """
     cfg = config or ServeConfig()
+    if explain_model is None:  # a TorchClassifier explains with its own module
+        explain_model = getattr(classifier, "model", None)
     in_chans, h, w = classifier.input_size
     names = list(classifier.class_names)
 
@@ -321,13 +324,10 @@ def load_app(checkpoint: str, *, runtime: str = "torch", config: ServeConfig | N
     from pathlib import Path
 
     from vitlab.checkpoint import from_pretrained
-    from vitlab.predict import TorchClassifier, load_classifier
+    from vitlab.predict import load_classifier
 
     classifier = load_classifier(checkpoint, runtime=runtime)
-    if isinstance(classifier, TorchClassifier):
-        model = classifier.model
-    else:
-        model = None if Path(checkpoint).suffix == ".onnx" else from_pretrained(checkpoint)
+    model = None if runtime == "torch" or Path(checkpoint).suffix == ".onnx" else from_pretrained(checkpoint)
     return create_app(classifier, explain_model=model, config=config, runtime=runtime)
 
 

@@ -29,13 +29,13 @@ def relevance_map(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     """(rollout relevance ``[B, gh, gw]`` normalised to a maximum of 1, logits ``[B, classes]``) of normalised
     input ``x``; `VitlabError` when the model's attention cannot be rolled out onto its patch grid."""
     maps, logits = attention_maps(model, x, return_output=True)
-    prefix, pool = _pooling(model)
-    relevance = attention_rollout(maps, num_prefix_tokens=prefix, pool=pool)  # (B', n)
-    if relevance.shape[0] != x.shape[0]:
+    if any(m.shape[0] != x.shape[0] for m in maps):  # (B * windows, h, N, N): each map sees one window
         raise VitlabError(
             f"{type(model).__name__}'s attention maps cover windows, not the whole image; rollout needs global "
             "attention"
         )
+    prefix, pool = _pooling(model)
+    relevance = attention_rollout(maps, num_prefix_tokens=prefix, pool=pool)  # (B, n)
     gh, gw = _grid(model, relevance.shape[1])
     relevance = relevance.view(-1, gh, gw)  # (B, n) -> (B, gh, gw)
     return relevance / relevance.amax((1, 2), keepdim=True).clamp_min(1e-12), logits
@@ -46,10 +46,14 @@ def explain_support(model: nn.Module | None) -> str | None:
     if model is None:
         return "the server runs an ONNX file without its checkpoint: there are no attention maps to explain"
     x = torch.zeros(1, *model.default_cfg["input_size"])
+    name = getattr(model, "model_name", type(model).__name__)
     try:
         relevance_map(model, x)
     except VitlabError as e:
-        return f"{getattr(model, 'model_name', type(model).__name__)} cannot be explained by attention rollout: {e}"
+        return f"{name} cannot be explained by attention rollout: {e}"
+    except RuntimeError as e:  # a family whose maps do not fit rollout in a way not foreseen here: say so
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return f"{name} cannot be explained by attention rollout: {first}"
     return None
 
 
