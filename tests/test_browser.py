@@ -9,6 +9,7 @@ that reason, only on a machine where they are not installed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,15 +41,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(digits_checkpoint, tmp_path_factory):
+@contextlib.contextmanager
+def _serve(checkpoint: Path, log: Path, api_key: str | None = None) -> Iterator[str]:
+    """`vitlab serve` in a subprocess on a free loopback port (the default host), until the block ends."""
     port = _free_port()
-    log = tmp_path_factory.mktemp("server") / "serve.log"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), *sys.path])}
     env.pop("VITLAB_API_KEY", None)
+    if api_key:
+        env["VITLAB_API_KEY"] = api_key
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "vitlab", "serve", str(digits_checkpoint), "--port", str(port)],
+            [sys.executable, "-m", "vitlab", "serve", str(checkpoint), "--port", str(port)],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,
@@ -72,6 +76,12 @@ def server(digits_checkpoint, tmp_path_factory):
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(digits_checkpoint, tmp_path_factory):
+    with _serve(digits_checkpoint, tmp_path_factory.mktemp("server") / "serve.log") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +154,19 @@ def test_a_bad_file_shows_the_servers_message(server, browser, tmp_path) -> None
     wait.until(lambda d: "not an image" in d.find_element(By.ID, "status").text)
     assert "error" in browser.find_element(By.ID, "status").get_attribute("class")
     assert not browser.find_elements(By.CSS_SELECTOR, "#predictions li")
+
+
+@pytest.mark.slow
+def test_with_an_api_key_the_browser_sends_it_for_the_page_and_its_requests(
+    digits_checkpoint, browser, digit, tmp_path
+) -> None:
+    with _serve(digits_checkpoint, tmp_path / "serve.log", api_key="k3y") as url:
+        browser.get(url + "/")
+        assert not browser.find_elements(By.ID, "model")  # no key: the browser's password prompt, not the page
+        # the credentials a browser's password prompt gives (any user name, the key as password)
+        browser.get(url.replace("http://", "http://user:k3y@") + "/")
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda d: "vit_tiny_patch7_28" in d.find_element(By.ID, "model").text)
+        browser.find_element(By.ID, "file").send_keys(str(digit))
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#predictions li")) == 5)
+        wait.until(lambda d: d.find_element(By.ID, "overlay").get_attribute("naturalWidth") == "224")

@@ -302,8 +302,15 @@ def test_api_key(digits_checkpoint) -> None:
         assert c.post("/v1/predict", headers={"X-API-Key": "s3cret"}, **upload(png())).status_code == 200
         assert c.post("/v1/explain", headers={"authorization": "bearer s3cret"}, **upload(png())).status_code == 200
         assert c.get("/health").status_code == 200  # liveness probes need no key
-        assert c.get("/").status_code == 200  # the page holds no model data; it asks for the key
-        schema = c.get("/openapi.json").json()
+        # pages a browser navigates to ask for the key as an HTTP Basic password (any user name)
+        for path in ("/", "/docs", "/openapi.json"):
+            r = c.get(path)
+            assert_one_line_error(r, 401)
+            assert r.headers["www-authenticate"].startswith("Basic")
+            assert c.get(path, auth=("anyone", "nope")).status_code == 401  # so that the browser asks again
+            assert c.get(path, auth=("anyone", "s3cret")).status_code == 200
+        assert c.post("/v1/predict", auth=("", "s3cret"), **upload(png())).status_code == 200  # what the page sends
+        schema = c.get("/openapi.json", headers={"X-API-Key": "s3cret"}).json()
         assert {"HTTPBearer", "APIKeyHeader"} <= set(schema["components"]["securitySchemes"])
 
 

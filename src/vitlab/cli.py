@@ -229,8 +229,8 @@ def export(checkpoint, fmt, out, opset, atol) -> None:
 @click.option(
     "--api-key",
     envvar="VITLAB_API_KEY",
-    help="Require this key on every endpoint but /health "
-    "(Authorization: Bearer KEY or X-API-Key: KEY). Default: $VITLAB_API_KEY.",
+    help="Require this key on every endpoint but /health: 'Authorization: Bearer KEY' or 'X-API-Key: KEY' (a "
+    "browser asks for it as a password). Default: $VITLAB_API_KEY.",
 )
 @click.option("--max-batch", type=int, default=16, show_default=True, help="Largest micro-batch.")
 @click.option("--max-wait-ms", type=float, default=5.0, show_default=True, help="Micro-batch wait window.")

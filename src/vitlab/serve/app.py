@@ -8,7 +8,8 @@
     GET  /docs         OpenAPI (Swagger UI); the schema at /openapi.json
 
 Every refusal is a 4xx with one line of JSON, ``{"detail": "..."}``. `_Guard`, an ASGI layer in front of the app,
-refuses before anything is parsed: a missing or wrong API key (401 / 403), an upload endpoint called without a
+refuses before anything is parsed: a missing or wrong API key (401 / 403; with a key set, every path but /health
+needs it, and the page and the docs ask a browser for it by HTTP Basic), an upload endpoint called without a
 multipart body (415), an empty body (400) and a body over the size limit (413, counted as it arrives, so a client
 that lies in Content-Length or sends chunks cannot pass it). The upload itself is checked in `images`: format,
 pixel count before decoding, truncation. Predictions go through the `MicroBatcher`; a model that raises answers
@@ -18,6 +19,7 @@ pixel count before decoding, truncation. Predictions go through the `MicroBatche
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
 import contextlib
 import hmac
@@ -42,7 +44,10 @@ from vitlab.serve.images import UploadError, decode_upload
 
 log = logging.getLogger("vitlab.serve")
 
-PUBLIC_PATHS = ("/health", "/", "/docs", "/docs/oauth2-redirect", "/openapi.json")
+PUBLIC_PATHS = ("/health",)  # liveness probes carry no key
+# Pages a browser navigates to cannot send a header: they ask for the key by HTTP Basic authentication (any user
+# name, the key as password), and the browser then sends it with the page's own API calls.
+BROWSER_PATHS = ("/", "/docs", "/docs/oauth2-redirect", "/openapi.json")
 UPLOAD_PATHS = ("/v1/predict", "/v1/explain")
 ImageField = Annotated[UploadFile, File(description="The image: PNG, JPEG, WebP, BMP or GIF.")]
 OK_PART_TYPES = ("image/", "application/octet-stream")  # what browsers and curl send for an image file
@@ -126,17 +131,20 @@ class _Guard:
     def _check_key(self, path: str, headers: dict[str, str]) -> JSONResponse | None:
         if self.api_key is None or path in PUBLIC_PATHS:
             return None
-        auth = headers.get("authorization", "")
-        given = auth[7:].strip() if auth.lower().startswith("bearer ") else headers.get("x-api-key")
-        if not given:
-            return _error(
-                401,
-                "this server needs an API key: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'",
-                **{"WWW-Authenticate": "Bearer"},
-            )
-        if not hmac.compare_digest(given.encode(), self.api_key.encode()):  # constant time: no timing oracle
+        given = _given_key(headers)
+        right = bool(given) and hmac.compare_digest(given.encode(), self.api_key.encode())  # constant time
+        if right:
+            return None
+        if path in BROWSER_PATHS:  # 401 with a Basic challenge, wrong key too: the browser asks (again)
+            message = "the API key is wrong" if given else "this page needs the server's API key"
+            return _error(401, message, **{"WWW-Authenticate": 'Basic realm="vitlab", charset="UTF-8"'})
+        if given:
             return _error(403, "the API key is wrong")
-        return None
+        return _error(
+            401,
+            "this server needs an API key: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'",
+            **{"WWW-Authenticate": "Bearer"},
+        )
 
     def _check_upload_headers(self, headers: dict[str, str]) -> JSONResponse | None:
         ctype = headers.get("content-type", "")
@@ -164,6 +172,19 @@ class _Guard:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks), None
+
+
+def _given_key(headers: dict[str, str]) -> str | None:
+    """The key a request carries: ``Authorization: Bearer KEY``, ``X-API-Key: KEY``, or HTTP Basic's password."""
+    scheme, _, value = headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer":
+        return value.strip()
+    if scheme.lower() == "basic":
+        try:
+            return base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")[2]
+        except (ValueError, UnicodeDecodeError):
+            return None
+    return headers.get("x-api-key")
 
 
 def create_app(
