@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup data demo test lint bench clean
+.PHONY: setup data browser demo test lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,10 +23,21 @@ data:
 		echo "note: could not install dataset-fashion-mnist; the demo will use digits"; \
 	fi
 
+# Headless Chromium and its driver from Debian's packages for the browser test (tests/test_browser.py); without
+# them (no apt-get, not root) that test skips and says why.
+browser:
+	@if ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
+		&& [ "$$(id -u)" = 0 ]; then \
+		echo "installing chromium and chromium-driver for the browser test"; \
+		(apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 || \
+		 (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1)) || \
+		echo "note: could not install chromium; the browser test will be skipped"; \
+	fi
+
 demo: setup data
 	$(BIN)/vitlab train --config configs/demo.yaml
 
-test: setup
+test: setup browser
 	$(BIN)/pytest -q
 
 lint: setup

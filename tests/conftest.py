@@ -148,3 +148,20 @@ def fit_one_batch(model: torch.nn.Module, steps: int = 20, lr: float = 1e-2) -> 
         opt.step()
         losses.append(loss.item())
     return losses
+
+
+@pytest.fixture(scope="session")
+def digits_checkpoint(tmp_path_factory):
+    """A tiny ViT trained on digits for one epoch through the CLI, as a user makes one (for export and serving)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from vitlab.cli import cli
+
+    run = tmp_path_factory.mktemp("digits-run")
+    model_args = json.dumps({"depth": 2, "embed_dim": 32, "num_heads": 2})
+    args = ["train", "--data", "digits", "--model", "vit_tiny_patch7_28", "--epochs", "1", "--precision", "fp32"]
+    r = CliRunner().invoke(cli, [*args, "--set", f"model_args={model_args}", "--out", str(run)])
+    assert r.exit_code == 0, r.output
+    return run / "checkpoints" / "best"

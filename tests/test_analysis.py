@@ -157,37 +157,8 @@ def test_few_shot_probe_on_digits_features() -> None:
     assert inter[0].shape == (50, 32)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny ViT trained on digits for one epoch through the CLI, as a user would make one."""
-    import json
-
-    from click.testing import CliRunner
-
-    from vitlab.cli import cli
-
-    run = tmp_path_factory.mktemp("run")
-    args = [
-        "train",
-        "--data",
-        "digits",
-        "--model",
-        "vit_tiny_patch7_28",
-        "--epochs",
-        "1",
-        "--precision",
-        "fp32",
-        "--set",
-        "model_args=" + json.dumps({"depth": 2, "embed_dim": 32, "num_heads": 2}),
-        "--out",
-        str(run),
-    ]
-    r = CliRunner().invoke(cli, args)
-    assert r.exit_code == 0, r.output
-    return run / "checkpoints" / "best"
-
-
-def test_cli_commands_write_their_pictures(trained, tmp_path) -> None:
+def test_cli_commands_write_their_pictures(digits_checkpoint, tmp_path) -> None:
+    trained = digits_checkpoint
     import json
 
     from click.testing import CliRunner

@@ -209,13 +209,20 @@ def eval_(checkpoint, data, data_dir, split, batch_size, precision, out) -> None
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option("--top-k", type=int, default=5, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def predict(checkpoint, images, top_k, as_json) -> None:
+@click.option(
+    "--runtime",
+    type=click.Choice(["torch", "onnx"]),
+    default="torch",
+    show_default=True,
+    help="onnx: onnxruntime on CHECKPOINT/model.onnx (from vitlab export) or on a .onnx file.",
+)
+def predict(checkpoint, images, top_k, as_json, runtime) -> None:
     """Top-k classes with probabilities for each image."""
     import json
 
     from vitlab.predict import predict_files
 
-    results = predict_files(checkpoint, list(images), top_k=top_k)
+    results = predict_files(checkpoint, list(images), top_k=top_k, runtime=runtime)
     if as_json:
         click.echo(json.dumps(results, indent=2))
         return
@@ -223,6 +230,51 @@ def predict(checkpoint, images, top_k, as_json) -> None:
         click.echo(r["image"])
         for p in r["top"]:
             click.echo(f"  {p['probability']:.4f}  {p['class']}")
+
+
+# --- deploying -------------------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True)
+@click.option("--out", help="Output file (default CHECKPOINT/model.onnx, or NAME.onnx beside a checkpoint file).")
+@click.option("--opset", type=int, help="ONNX opset version (default: the exporter's recommended one).")
+@click.option("--atol", type=float, default=1e-4, show_default=True, help="Largest logit difference accepted.")
+def export(checkpoint, fmt, out, opset, atol) -> None:
+    """Export a checkpoint to ONNX (dynamic batch, class names and normalisation in its metadata), checked
+    against eager PyTorch in onnxruntime."""
+    from vitlab.export import export_onnx
+
+    r = export_onnx(checkpoint, out, opset=opset, atol=atol)
+    click.echo(f"{r['path']}: opset {r['opset']}, largest logit difference to PyTorch {r['max_abs_diff']:.2e}")
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("--runtime", type=click.Choice(["torch", "onnx"]), default="torch", show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind; 0.0.0.0 for all.")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option(
+    "--api-key",
+    envvar="VITLAB_API_KEY",
+    help="Require this key on every endpoint but /health: 'Authorization: Bearer KEY' or 'X-API-Key: KEY' (a "
+    "browser asks for it as a password). Default: $VITLAB_API_KEY.",
+)
+@click.option("--max-batch", type=int, default=16, show_default=True, help="Largest micro-batch.")
+@click.option("--max-wait-ms", type=float, default=5.0, show_default=True, help="Micro-batch wait window.")
+@click.option("--max-upload-mb", type=float, default=10.0, show_default=True)
+@click.option("--max-pixels", type=int, default=40_000_000, show_default=True, help="Largest image (width x height).")
+def serve(checkpoint, runtime, host, port, api_key, max_batch, max_wait_ms, max_upload_mb, max_pixels) -> None:
+    """Serve a checkpoint over HTTP: a web page at /, the API at /v1 (docs at /docs)."""
+    from vitlab.serve import ServeConfig, run_server
+
+    cfg = ServeConfig(
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        max_upload_bytes=int(max_upload_mb * 2**20),
+        max_pixels=max_pixels,
+        api_key=api_key or None,
+    )
+    run_server(checkpoint, runtime=runtime, host=host, port=port, config=cfg)
 
 
 # --- looking inside ----------------------------------------------------------------------------------------------

@@ -86,24 +86,58 @@ def evaluate_checkpoint(
     }
 
 
-@torch.no_grad()
-def predict_files(checkpoint: str | Path, images: list[str], *, top_k: int = 5) -> list[dict[str, Any]]:
-    model = _classifier(from_pretrained(checkpoint), checkpoint)
-    in_chans, h, w = model.default_cfg["input_size"]
-    names = model.pretrained_cfg.get("class_names") or [str(i) for i in range(model.num_classes)]
-    mean, std = model.default_cfg["mean"], model.default_cfg["std"]  # the checkpoint's, set by from_pretrained
+class TorchClassifier:
+    """A checkpoint in eager PyTorch with the interface of `OnnxClassifier`: ``logits(x)`` on normalised
+    ``[B, C, H, W]`` input, ``model_name``, ``class_names``, ``input_size``, ``mean``, ``std``; ``model`` is the
+    module (for attention maps)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model.eval()
+        self.model_name = str(getattr(model, "model_name", type(model).__name__))
+        self.input_size = tuple(int(v) for v in model.default_cfg["input_size"])
+        self.mean = tuple(model.default_cfg["mean"])  # the checkpoint's, set by from_pretrained
+        self.std = tuple(model.default_cfg["std"])
+        self.class_names = model.pretrained_cfg.get("class_names") or [str(i) for i in range(model.num_classes)]
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).float()
+
+
+def load_classifier(checkpoint: str | Path, *, runtime: str = "torch"):
+    """A `TorchClassifier` (``runtime="torch"``: anything `from_pretrained` reads) or an `OnnxClassifier`
+    (``"onnx"``: a ``.onnx`` file, or a checkpoint that `vitlab export` has written ``model.onnx`` for)."""
+    if runtime == "torch":
+        return TorchClassifier(_classifier(from_pretrained(checkpoint), checkpoint))
+    if runtime == "onnx":
+        from vitlab.export import OnnxClassifier, resolve_onnx
+
+        return OnnxClassifier(resolve_onnx(checkpoint))
+    raise VitlabError(f"runtime must be torch or onnx, got {runtime!r}")
+
+
+def preprocess(image: torch.Tensor, classifier) -> torch.Tensor:
+    """uint8 ``[B, C, H, W]`` images -> the classifier's normalised float input."""
+    in_chans, h, w = classifier.input_size
+    return to_model_input(image, in_chans=in_chans, img_size=(h, w), mean=classifier.mean, std=classifier.std)
+
+
+def top_classes(probs: torch.Tensor, class_names: list[str], k: int) -> list[dict[str, Any]]:
+    """``[{"class", "probability"}, ...]`` for the ``k`` most probable classes of one image's ``probs``."""
+    p, idx = probs.topk(min(k, probs.numel()))
+    return [{"class": class_names[i], "probability": round(v, 6)} for v, i in zip(p.tolist(), idx.tolist())]
+
+
+def predict_files(
+    checkpoint: str | Path, images: list[str], *, top_k: int = 5, runtime: str = "torch"
+) -> list[dict[str, Any]]:
+    classifier = load_classifier(checkpoint, runtime=runtime)
+    in_chans, h, w = classifier.input_size
     results = []
     for path in images:
         image = load_image(path, in_chans=in_chans, img_size=(h, w))  # the reader that training uses
-        x = to_model_input(image[None], in_chans=in_chans, img_size=(h, w), mean=mean, std=std)
-        probs = model(x).softmax(-1)[0]
-        p, idx = probs.topk(min(top_k, probs.numel()))
-        results.append(
-            {
-                "image": str(path),
-                "top": [{"class": names[i], "probability": round(v, 6)} for v, i in zip(p.tolist(), idx.tolist())],
-            }
-        )
+        probs = classifier.logits(preprocess(image[None], classifier)).softmax(-1)[0]
+        results.append({"image": str(path), "top": top_classes(probs, classifier.class_names, top_k)})
     return results
 
 

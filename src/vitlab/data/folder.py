@@ -40,24 +40,28 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.Decompressio
 
 def load_image(path: str | Path, *, in_chans: int = 3, img_size: tuple[int, int] = DEFAULT_IMG_SIZE) -> Tensor:
     """Decode one image file to uint8 [in_chans, H, W] (bicubic resize); `VitlabError` if it cannot be read."""
-    H, W = img_size
     try:
         with Image.open(path) as img:
-            # A JPEG can decode at 1/2, 1/4 or 1/8 scale directly, much faster for large photos. Asking for
-            # max(H, W) on both sides keeps the draft at least as large as the target in either orientation.
-            img.draft(None, (max(H, W), max(H, W)))
-            img = ImageOps.exif_transpose(img)  # phone photos store their rotation in EXIF
-            img = img.convert(_MODES[in_chans])
-            if img.size != (W, H):
-                img = img.resize((W, H), Image.Resampling.BICUBIC)
-            array = np.array(img, dtype=np.uint8)
+            return image_to_tensor(img, in_chans=in_chans, img_size=img_size)
     except _DECODE_ERRORS as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise VitlabError(
             f"cannot read image {path}: {reason}. Fix or delete it, or pass --skip-bad-images to leave out unreadable"
             " images"
         ) from e
-    image = torch.from_numpy(array)
+
+
+def image_to_tensor(img: Image.Image, *, in_chans: int, img_size: tuple[int, int]) -> Tensor:
+    """Decode an opened image to uint8 [in_chans, H, W] (bicubic resize); Pillow's errors pass through."""
+    H, W = img_size
+    # A JPEG can decode at 1/2, 1/4 or 1/8 scale directly, much faster for large photos. Asking for max(H, W) on
+    # both sides keeps the draft at least as large as the target in either orientation.
+    img.draft(None, (max(H, W), max(H, W)))
+    img = ImageOps.exif_transpose(img)  # phone photos store their rotation in EXIF
+    img = img.convert(_MODES[in_chans])
+    if img.size != (W, H):
+        img = img.resize((W, H), Image.Resampling.BICUBIC)
+    image = torch.from_numpy(np.array(img, dtype=np.uint8))
     return image[None] if image.ndim == 2 else image.permute(2, 0, 1).contiguous()  # (H, W, C) -> (C, H, W)
 
 
