@@ -37,6 +37,11 @@ FAMILIES = [
     "vit_tiny_r11_s4_28",
     "resnet18_28",
     "convnext_atto_28",
+    "nonlocal_cnn_tiny_28",
+    "axial_vit_tiny_patch2_28",
+    "sasa_vit_tiny_patch2_28",
+    "soft_attention_cnn_28",
+    "hard_attention_cnn_28",
 ]
 
 

@@ -1,10 +1,10 @@
 """The rollout overlay the server returns: the image with the attention-rollout relevance of each patch as a heat
 map (Abnar & Zuidema 2020, `vitlab.analysis.attention_rollout`), drawn straight into PNG bytes.
 
-Rollout needs global self-attention over a grid of patch tokens. Models without attention (ResNet, ConvNeXt),
-with windowed attention (Swin: each map covers one window) or with squeezed keys (CvT's strided key/value
-projections: no square maps) have nothing to roll out; `explain_support` says why, and the server answers such
-requests with 422 and that reason.
+Rollout needs self-attention over a grid of patch tokens. Swin's window attention is mapped back to image
+positions by `attention_maps`, and rolled out over its last stage (the tokens its head pools). Models without
+attention (ResNet, ConvNeXt) or with squeezed keys (CvT's strided key/value projections: no square maps) have
+nothing to roll out; `explain_support` says why, and the server answers such requests with 422 and that reason.
 """
 
 from __future__ import annotations
