@@ -283,6 +283,8 @@ def test_hard_attention_auxiliary_loss() -> None:
     assert model.attn.score.weight.grad.abs().sum() > 0 and model.head.weight.grad is None
     with pytest.raises(vitlab.VitlabError, match="training forward"):
         model.auxiliary_loss(y)  # consumed: the next call needs a new forward
+    model(x)
+    assert torch.isfinite(model.auxiliary_loss(F.one_hot(y, 5).float() * 0.8 + 0.04))  # mixed (mixup) targets
     # evaluation picks the most attended location, deterministically
     model.eval()
     feats = model.forward_features(x)
