@@ -273,6 +273,8 @@ def evaluate_bow(run_dir: str | os.PathLike, data: str, *, split: str = "test", 
     """Accuracy of a trained run's model on a split of ``data`` (built with the run's seed and val fraction)."""
     import joblib
 
+    if split not in ("test", "val"):
+        raise VitlabError(f"split must be 'test' or 'val', got {split!r}")
     path = Path(run_dir) / MODEL_FILE
     if not path.exists():
         raise VitlabError(f"no bag-of-words model at {path}; train one with 'vitlab bow train'")
@@ -281,8 +283,6 @@ def evaluate_bow(run_dir: str | os.PathLike, data: str, *, split: str = "test", 
     splits = build_dataset(data, data_dir=data_dir, seed=cfg["seed"], val_fraction=cfg["val_fraction"])
     if splits.class_names != model["class_names"]:
         raise VitlabError(f"{data} has classes {splits.class_names[:5]}..., the model was trained on other classes")
-    if split not in ("test", "val"):
-        raise VitlabError(f"split must be 'test' or 'val', got {split!r}")
     part = splits.val if split == "val" or splits.test is None else splits.test
     r = _evaluate(model, part, len(splits.class_names))
     return {**r, "data": splits.name, "split": split, "class_names": splits.class_names}
