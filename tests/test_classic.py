@@ -188,6 +188,18 @@ def test_batched_hog_equals_scikit_image(channels: int, size: tuple[int, int], c
         np.testing.assert_allclose(got[b].numpy(), ref.reshape(*ref.shape[:2], -1), atol=1e-6)
 
 
+def test_spatial_pyramid_histogram() -> None:
+    from vitlab.classic.bow import BowConfig, encode
+
+    codebook = np.eye(3, dtype=np.float32)
+    descs = codebook[[0, 0, 1, 2]][None]  # one image, words 0, 0, 1, 2, one in each quadrant
+    centres = np.array([[0.25, 0.25], [0.25, 0.75], [0.75, 0.25], [0.75, 0.75]], dtype=np.float32)
+    x = encode(descs, centres, codebook, BowConfig(pyramid=(1, 2), norm="l1"))
+    whole = 0.5 * np.array([2, 1, 1]) / 4  # the coarse level weighs half the fine one (Lazebnik et al.)
+    quadrants = np.array([1, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1]) / 4
+    np.testing.assert_allclose(x[0], np.concatenate([whole, quadrants]) / 1.5, rtol=1e-6)
+
+
 def test_daisy_descriptors_on_a_grid() -> None:
     from joblib import Parallel
 
@@ -271,6 +283,8 @@ def test_hard_attention_auxiliary_loss() -> None:
     assert model.attn.score.weight.grad.abs().sum() > 0 and model.head.weight.grad is None
     with pytest.raises(vitlab.VitlabError, match="training forward"):
         model.auxiliary_loss(y)  # consumed: the next call needs a new forward
+    model(x)
+    assert torch.isfinite(model.auxiliary_loss(F.one_hot(y, 5).float() * 0.8 + 0.04))  # mixed (mixup) targets
     # evaluation picks the most attended location, deterministically
     model.eval()
     feats = model.forward_features(x)

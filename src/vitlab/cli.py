@@ -421,7 +421,7 @@ def bow() -> None:
 @click.option("--norm", type=click.Choice(["l1", "l2"]), default="l1", show_default=True)
 @click.option("--svm", type=click.Choice(["linear", "chi2"]), default="chi2", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--jobs", type=int, default=1, show_default=True, help="Processes for descriptors (-1: all cores).")
+@click.option("--jobs", type=int, default=1, show_default=True, help="Processes for DAISY (-1: all cores).")
 def bow_train(data, data_dir, out, pyramid, **options) -> None:
     """Train and test a bag-of-words classifier; writes model.joblib and summary.json into the run directory."""
     from vitlab.classic.bow import parse_ints, train_bow

@@ -56,7 +56,7 @@ class BowConfig:
     pyramid: tuple[int, ...] = (1, 2)  # grid sides of the spatial pyramid levels; (1,) is a plain bag of words
     norm: Literal["l1", "l2"] = "l1"
     svm: Literal["linear", "chi2"] = "chi2"
-    C: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0)  # tried on the val split, best kept
+    C: tuple[float, ...] = (0.1, 1.0, 10.0)  # tried on the val split, best kept
     seed: int = 0
     val_fraction: float = 0.1
     jobs: int = 1  # processes for DAISY descriptors (-1: every core); HOG runs batched in torch
@@ -190,8 +190,9 @@ def encode(descs: np.ndarray, centres: np.ndarray, codebook: np.ndarray, cfg: Bo
     L = len(cfg.pyramid)
     for li, side in enumerate(cfg.pyramid):
         cell = np.minimum((centres * side).astype(np.int64), side - 1)  # (G, 2) grid cell of each descriptor
-        bins = (cell[:, 0] * side + cell[:, 1])[None] * K + words  # (N, G)
-        hist = np.stack([np.bincount(b, minlength=side * side * K) for b in bins]).astype(np.float64)
+        nb = side * side * K
+        bins = (cell[:, 0] * side + cell[:, 1])[None] * K + words + np.arange(N)[:, None] * nb  # (N, G), per image
+        hist = np.bincount(bins.ravel(), minlength=N * nb).reshape(N, nb).astype(np.float64)
         weight = 1.0 / 2 ** (L - 1 - li)  # Lazebnik et al.: finer levels count more
         levels.append(weight * hist / np.maximum(hist.sum(1, keepdims=True), 1))
     x = np.concatenate(levels, 1)
@@ -272,6 +273,8 @@ def evaluate_bow(run_dir: str | os.PathLike, data: str, *, split: str = "test", 
     """Accuracy of a trained run's model on a split of ``data`` (built with the run's seed and val fraction)."""
     import joblib
 
+    if split not in ("test", "val"):
+        raise VitlabError(f"split must be 'test' or 'val', got {split!r}")
     path = Path(run_dir) / MODEL_FILE
     if not path.exists():
         raise VitlabError(f"no bag-of-words model at {path}; train one with 'vitlab bow train'")
@@ -280,8 +283,6 @@ def evaluate_bow(run_dir: str | os.PathLike, data: str, *, split: str = "test", 
     splits = build_dataset(data, data_dir=data_dir, seed=cfg["seed"], val_fraction=cfg["val_fraction"])
     if splits.class_names != model["class_names"]:
         raise VitlabError(f"{data} has classes {splits.class_names[:5]}..., the model was trained on other classes")
-    if split not in ("test", "val"):
-        raise VitlabError(f"split must be 'test' or 'val', got {split!r}")
     part = splits.val if split == "val" or splits.test is None else splits.test
     r = _evaluate(model, part, len(splits.class_names))
     return {**r, "data": splits.name, "split": split, "class_names": splits.class_names}
