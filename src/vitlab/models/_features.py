@@ -43,15 +43,17 @@ def stage_intermediates(
     stages: Sequence[Callable[[torch.Tensor], torch.Tensor]],
     indices: int | Sequence[int] | None,
     intermediates_only: bool,
+    keep: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]] | list[torch.Tensor]:
-    """Run ``x`` through ``stages`` in turn, keeping the outputs of those ``indices`` picks: the body of
-    `forward_intermediates` for a model that is a stem followed by stages (call it on the stem's output)."""
+    """Run ``x`` through ``stages`` (or blocks) in turn, keeping the outputs of those ``indices`` picks, passed
+    through ``keep`` if given (a final norm): the body of `forward_intermediates` for a model that is an embedding
+    followed by stages or blocks (call it on the embedding's output)."""
     take = take_indices(len(stages), indices)
     out = []
     for i, stage in enumerate(stages):
         x = stage(x)
         if i in take:
-            out.append(x)
+            out.append(keep(x) if keep is not None else x)
         if intermediates_only and i == take[-1]:
             return out  # the stages after the last one asked for need not run
     return x, out

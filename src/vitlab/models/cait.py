@@ -48,7 +48,7 @@ from vitlab.layers import (
     resample_pos_embed,
     to_2tuple,
 )
-from vitlab.models._features import take_indices
+from vitlab.models._features import stage_intermediates
 from vitlab.models._head import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
@@ -268,15 +268,11 @@ class CaiT(nn.Module):
     ) -> tuple[torch.Tensor, list[torch.Tensor]] | list[torch.Tensor]:
         """The patch tokens [B, N, D] after the chosen self-attention blocks (see `vitlab.models._features`);
         as in timm, the class-attention layers, which update only the class token, are not among them."""
-        take = take_indices(len(self.blocks), indices)
         x = self._embed(x)
-        out = []
-        for i, block in enumerate(self.blocks):
-            x = block(x)
-            if i in take:
-                out.append(self.norm(x) if norm else x)
-            if intermediates_only and i == take[-1]:
-                return out
+        res = stage_intermediates(x, self.blocks, indices, intermediates_only, keep=self.norm if norm else None)
+        if intermediates_only:
+            return res
+        x, out = res
         return self.norm(self._class_attention(x)), out
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

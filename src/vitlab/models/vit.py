@@ -42,7 +42,7 @@ from vitlab.layers import (
     sincos_pos_embed_2d,
     to_2tuple,
 )
-from vitlab.models._features import take_indices
+from vitlab.models._features import stage_intermediates
 from vitlab.models._head import record_num_classes, zero_classifier
 
 IMAGENET_INCEPTION_MEAN = (0.5, 0.5, 0.5)
@@ -266,15 +266,11 @@ class VisionTransformer(nn.Module):
         intermediates_only: bool = False,
     ) -> tuple[torch.Tensor, list[torch.Tensor]] | list[torch.Tensor]:
         """The output tokens [B, prefix + N, D] of the chosen blocks (see `vitlab.models._features`)."""
-        take = take_indices(len(self.blocks), indices)
         x = low_precision_inference(self.norm_pre(self._pos_embed(self.patch_embed(x))))
-        out = []
-        for i, block in enumerate(self.blocks):
-            x = block(x)
-            if i in take:
-                out.append(self.norm(x) if norm else x)
-            if intermediates_only and i == take[-1]:
-                return out  # the blocks after the last one asked for need not run
+        res = stage_intermediates(x, self.blocks, indices, intermediates_only, keep=self.norm if norm else None)
+        if intermediates_only:
+            return res
+        x, out = res
         return self.norm(x), out
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
