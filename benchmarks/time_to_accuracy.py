@@ -1,6 +1,7 @@
 """Time to accuracy: train a recipe under a wall-clock budget and record test accuracy against training time.
 
-The recipe's own schedule runs (size its epochs to the budget); every ``--eval-every`` epochs the trainer
+The schedule is sized to the budget (`vitlab train --budget`: throughput measured over the first steps, warmup
+and cosine ending at the budget), so the recipe's ``epochs`` is replaced by what fits; every ``--eval-every`` epochs the trainer
 evaluates on the validation split and this script also scores the test split, so the curve shows what a run
 stopped at that time would be worth. Evaluation time is not training time. Model selection uses validation only.
 
@@ -33,7 +34,7 @@ def main() -> None:
     import yaml
 
     overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in a.set)}
-    cfg = TrainConfig.from_sources(a.config, out=a.out, time_budget_s=a.budget, threads=a.threads, **overrides)
+    cfg = TrainConfig.from_sources(a.config, out=a.out, budget_s=a.budget, threads=a.threads, **overrides)
     probe = TrainConfig.from_sources(a.config)  # steps per epoch: the training split size over the global batch
     from vitlab.data import build_dataset
 
