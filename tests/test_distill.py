@@ -13,7 +13,7 @@ import yaml
 from click.testing import CliRunner
 
 import vitlab
-from conftest import move_off_init
+from conftest import move_off_init, tiny_model
 from test_train import TINY, cli_args, metrics, weights
 from vitlab.cli import cli
 from vitlab.train import TrainConfig, train
@@ -147,12 +147,25 @@ def teacher_dir(tmp_path_factory):
     return vitlab.save_pretrained(teacher, tmp_path_factory.mktemp("teacher") / "ckpt")
 
 
+@pytest.fixture(scope="module")
+def cnn_teacher_dir(tmp_path_factory):
+    """A small ResNet teacher (the paper's best kind of teacher is a CNN), random weights moved off init."""
+    torch.manual_seed(2)
+    teacher = move_off_init(tiny_model("resnet18_28", num_classes=10), std=0.5)
+    return vitlab.save_pretrained(teacher, tmp_path_factory.mktemp("cnn_teacher") / "ckpt")
+
+
+TEACHERS = ["teacher_dir", "cnn_teacher_dir"]  # a ViT and a CNN
+
+
 def distill_args(out, teacher, *extra: str, model: str = STUDENT) -> list[str]:
     return cli_args(out, "--model", model, "--teacher", str(teacher), *extra)  # the later --model wins
 
 
+@pytest.mark.parametrize("teacher", TEACHERS)
 @pytest.mark.parametrize("kind", ["hard", "soft"])
-def test_distilled_deit_trains_from_a_teacher_checkpoint(kind, teacher_dir, tmp_path) -> None:
+def test_distilled_deit_trains_from_a_teacher_checkpoint(kind, teacher, request, tmp_path) -> None:
+    teacher_dir = request.getfixturevalue(teacher)
     run = tmp_path / kind
     r = CliRunner().invoke(cli, distill_args(run, teacher_dir, "--distill", kind, "--max-steps", "4"))
     assert r.exit_code == 0, r.output
@@ -207,9 +220,11 @@ def test_distillation_flags_are_checked(args, message, tmp_path) -> None:
     assert r.exit_code == 2 and r.output.startswith("error:") and message in r.output, r.output
 
 
-def test_resume_with_a_teacher_is_exact(teacher_dir, tmp_path) -> None:
+@pytest.mark.parametrize("teacher", TEACHERS)
+def test_resume_with_a_teacher_is_exact(teacher, request, tmp_path) -> None:
     """One epoch straight through vs. the same run stopped by a failure at step 6 (last checkpoint: step 4) and
-    resumed with --resume, which reads the teacher from the run's config."""
+    resumed with --resume, which reads the teacher from the run's config (a ViT or a CNN teacher)."""
+    teacher_dir = request.getfixturevalue(teacher)
     extra = ("--distill", "soft", "--epochs", "1", "--set", "checkpoint_every=4", "--set", "eval_every=6")
     full, stopped = tmp_path / "full", tmp_path / "stopped"
     runner = CliRunner()
