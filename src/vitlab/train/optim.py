@@ -84,8 +84,9 @@ def build_optimizer(
     """AdamW over the trainable parameters; each group's learning rate is ``lr * group["lr_scale"]``.
 
     The fused kernel (one pass over each parameter instead of a chain of multi-tensor ops) where the parameters'
-    device has one: on 2 CPU cores it takes the AdamW step from 49.5 to 8.6 ms for ViT-Ti's 5.4M parameters
-    (`benchmarks/levers.py`, docs/benchmarks.md). Its results differ from the foreach kernel's in the last bits.
+    device has one: on 2 CPU cores it takes the AdamW step from 17.5 to 6.0 ms for ViT-Ti's 5.4M parameters and
+    from 59 to 25 ms for ViT-S/16's 22M (`benchmarks/levers.py`, docs/benchmarks.md). Its results differ from the
+    foreach kernel's in the last bits.
     """
     groups = param_groups(model, weight_decay, layer_decay)
     devices = {p.device.type for g in groups for p in g["params"]}
