@@ -1,9 +1,10 @@
 """Time to accuracy: train a recipe under a wall-clock budget and record test accuracy against training time.
 
 The schedule is sized to the budget (`vitlab train --budget`: throughput measured over the first steps, warmup
-and cosine ending at the budget), so the recipe's ``epochs`` is replaced by what fits; every ``--eval-every`` epochs the trainer
-evaluates on the validation split and this script also scores the test split, so the curve shows what a run
-stopped at that time would be worth. Evaluation time is not training time. Model selection uses validation only.
+and cosine ending at the budget), so the recipe's ``epochs`` is replaced by what fits; every ``--eval-every``
+epochs the trainer evaluates on the validation split and this script also scores the test split, so the curve
+shows what a run stopped at that time would be worth. Evaluation time is not training time.
+Model selection uses validation only.
 
     python benchmarks/time_to_accuracy.py --config configs/fashion_mnist_vit.yaml --budget 600
 """
