@@ -326,7 +326,7 @@ def main() -> None:
         if size != FULL and not size.isdigit():
             raise SystemExit(f"--sizes takes 'full' or a number of images, not {size!r}")
     names = zoo_models(args.models)
-    if any(is_distilled(n) for n in names) and TEACHER not in names:
+    if any(is_distilled(n) for n in names) and TEACHER not in names and not args.teacher:
         names.insert(0, TEACHER)
     if not names:
         raise SystemExit(f"no 1x28x28 model matches {args.models}")
