@@ -13,7 +13,7 @@ from vitlab.layers.axial import AxialAttention, AxialAttention2d
 from vitlab.layers.block import Block, QuickGELU, get_act_layer, low_precision_inference
 from vitlab.layers.conv_attention import ConvAttention, ConvProjection
 from vitlab.layers.conv_embed import ConvEmbed
-from vitlab.layers.drop import DropPath, drop_path
+from vitlab.layers.drop import DropPath, drop_path, drop_path_rates
 from vitlab.layers.layer_scale import LayerScale
 from vitlab.layers.local_attention import LocalSelfAttention
 from vitlab.layers.mlp import Mlp
@@ -57,6 +57,7 @@ __all__ = [
     "attention_modules",
     "check_image",
     "drop_path",
+    "drop_path_rates",
     "explicit_attention",
     "get_act_layer",
     "low_precision_inference",

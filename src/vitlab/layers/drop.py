@@ -10,6 +10,12 @@ import torch
 from torch import nn
 
 
+def drop_path_rates(rate: float, depth: int) -> list[float]:
+    """The per-block drop probabilities of the linear rule (Huang et al., section 3): 0 for the first of ``depth``
+    blocks, ``rate`` for the last."""
+    return [rate * i / max(depth - 1, 1) for i in range(depth)]
+
+
 def drop_path(x: torch.Tensor, drop_prob: float = 0.0, training: bool = False) -> torch.Tensor:
     if drop_prob == 0.0 or not training:
         return x

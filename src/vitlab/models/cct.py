@@ -38,6 +38,7 @@ from vitlab.errors import VitlabError
 from vitlab.layers import (
     Block,
     check_image,
+    drop_path_rates,
     low_precision_inference,
     map_to_tokens,
     resample_pos_embed,
@@ -210,7 +211,7 @@ class CCT(nn.Module):
         # is right at any input size and never resampled as a learned table would be
         self._sine_cache: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
         self.pos_drop = nn.Dropout(pos_drop_rate)
-        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linear in depth, as the official code
+        dpr = drop_path_rates(drop_path_rate, depth)  # linear in depth, as the official code
         self.blocks = nn.Sequential(
             *[
                 CCTBlock(

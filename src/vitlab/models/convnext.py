@@ -52,7 +52,7 @@ from vitlab._registry import (
     register_timm_converter,
 )
 from vitlab.errors import VitlabError
-from vitlab.layers import DropPath, LayerNorm2d, LayerScale, Mlp, get_act_layer
+from vitlab.layers import DropPath, LayerNorm2d, LayerScale, Mlp, drop_path_rates, get_act_layer
 from vitlab.models._features import stage_intermediates
 from vitlab.models._head import imagenet_cfg, record_num_classes, zero_classifier
 from vitlab.models.vit import hf_act
@@ -130,7 +130,7 @@ class ConvNeXt(nn.Module):
             nn.Conv2d(in_chans, dims[0], patch_size, stride=patch_size), LayerNorm2d(dims[0], eps=norm_eps)
         )
         n = sum(depths)
-        dpr = [drop_path_rate * k / max(n - 1, 1) for k in range(n)]  # stochastic depth grows with depth
+        dpr = drop_path_rates(drop_path_rate, n)
         stages, k = [], 0
         for i, (depth, dim) in enumerate(zip(depths, dims)):
             if i == 0:

@@ -28,7 +28,14 @@ from torch import nn
 
 from vitlab._registry import register_architecture, register_model
 from vitlab.errors import VitlabError
-from vitlab.layers import AxialAttention2d, Block, LocalSelfAttention, PatchEmbed, low_precision_inference
+from vitlab.layers import (
+    AxialAttention2d,
+    Block,
+    LocalSelfAttention,
+    PatchEmbed,
+    drop_path_rates,
+    low_precision_inference,
+)
 from vitlab.models._features import take_indices
 from vitlab.models._head import image_cfg, record_num_classes, zero_classifier
 
@@ -80,7 +87,7 @@ class GridVisionTransformer(nn.Module):
             attn_layer = functools.partial(LocalSelfAttention, kernel_size=kernel_size, rel_pos=rel_pos)
         else:
             raise VitlabError(f"attn_type must be 'axial' or 'local', got {attn_type!r}")
-        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth grows with depth
+        dpr = drop_path_rates(drop_path_rate, depth)
         self.blocks = nn.Sequential(
             *[
                 Block(

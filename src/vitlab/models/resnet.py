@@ -58,7 +58,7 @@ from vitlab._registry import (
     register_timm_converter,
 )
 from vitlab.errors import VitlabError
-from vitlab.layers import DropPath, get_act_layer
+from vitlab.layers import DropPath, drop_path_rates, get_act_layer
 from vitlab.models._features import stage_intermediates
 from vitlab.models._head import imagenet_cfg, record_num_classes, zero_classifier
 from vitlab.models.vit import hf_act
@@ -201,7 +201,7 @@ class ResNet(nn.Module):
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1) if stem_type == "imagenet" else nn.Identity()
 
         n = sum(layers)
-        dpr = [drop_path_rate * k / max(n - 1, 1) for k in range(n)]  # stochastic depth grows with depth
+        dpr = drop_path_rates(drop_path_rate, n)
         self.stage_names: list[str] = []
         in_chs, k = stem_width, 0
         for i, (depth, planes) in enumerate(zip(layers, channels)):

@@ -52,6 +52,7 @@ from vitlab.layers import (
     Mlp,
     PatchEmbed,
     WindowAttention,
+    drop_path_rates,
     get_act_layer,
     low_precision_inference,
     shifted_window_mask,
@@ -245,7 +246,7 @@ class SwinTransformer(nn.Module):
         )
         # stochastic depth grows linearly over all blocks of all stages (section 4.1)
         total = sum(depths)
-        dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
+        dpr = drop_path_rates(drop_path_rate, total)
         self.layers = nn.Sequential(
             *[
                 SwinStage(

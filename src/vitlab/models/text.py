@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from vitlab.errors import VitlabError
-from vitlab.layers import Block
+from vitlab.layers import Block, drop_path_rates
 
 SOT, EOT, PAD = "<|startoftext|>", "<|endoftext|>", "<|pad|>"
 TOKENIZER_FILE = "tokenizer.json"
@@ -174,7 +174,7 @@ class TextTransformer(nn.Module):
         self.num_features = width
         self.token_embed = nn.Embedding(vocab_size, width)
         self.pos_embed = nn.Parameter(torch.zeros(1, context_length, width))
-        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        dpr = drop_path_rates(drop_path_rate, depth)
         self.blocks = nn.ModuleList(
             Block(width, num_heads=num_heads, mlp_ratio=mlp_ratio, norm_eps=norm_eps, act=act, drop_path=dpr[i])
             for i in range(depth)

@@ -37,6 +37,7 @@ from vitlab.errors import VitlabError
 from vitlab.layers import (
     Block,
     PatchEmbed,
+    drop_path_rates,
     low_precision_inference,
     resample_pos_embed,
     sincos_pos_embed_2d,
@@ -129,9 +130,7 @@ class VisionTransformer(nn.Module):
         # pre_norm: a LayerNorm on the embedded tokens before the first block, as CLIP's ViT (``ln_pre``)
         self.norm_pre = nn.LayerNorm(embed_dim, eps=norm_eps) if pre_norm else nn.Identity()
 
-        dpr = [
-            drop_path_rate * i / max(depth - 1, 1) for i in range(depth)
-        ]  # stochastic depth grows linearly with depth
+        dpr = drop_path_rates(drop_path_rate, depth)
         self.blocks = nn.Sequential(
             *[
                 Block(
