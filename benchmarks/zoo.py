@@ -11,9 +11,10 @@ later (non-local, axial, local-attention models) join without an edit here. Each
 warmup and cosine ending at the budget). Distilled DeiT variants learn from a ResNet teacher (``TEACHER``) trained
 first, in the same run, at the same size and budget (DeiT, Touvron et al. 2021, section 4: the CNN teacher).
 
-Recorded per model and size: test accuracy (the best-validation checkpoint on the 10,000 test images), parameters,
-GFLOPs (one image, multiply-add = 2), training images/s (the trainer's mean), inference images/s (batch 256), and a
-curve of test accuracy against training time (a fixed stratified 2,000 of the test images at every evaluation).
+Recorded per model and size: test accuracy (the best-validation checkpoint on the 10,000 test images, or on a
+stratified ``--test-images`` of them), parameters, GFLOPs (one image, multiply-add = 2), training images/s (the
+trainer's mean), inference images/s (batch 256), and a curve of test accuracy against training time (a fixed
+stratified 2,000 of the test images at every evaluation).
 Runs live in ``--out``/<size>/<model>/; a finished one holds ``zoo.json`` and is skipped when the zoo runs again, an
 interrupted one is resumed exactly from its last checkpoint. ``docs/zoo.md`` gets the tables (between its markers;
 the rest of the file is left alone) and ``docs/zoo.png`` the plot.
@@ -133,6 +134,7 @@ def run_entry(name: str, size: str, args: argparse.Namespace, teacher: Path | No
         "threads": args.threads,
         "val_fraction": args.val_fraction,
         "train_images": None if size == FULL else int(size),
+        "test_images": args.test_images,
         **({"teacher": str(teacher)} if teacher else {}),
         **args.set,
     }
@@ -176,6 +178,7 @@ def run_entry(name: str, size: str, args: argparse.Namespace, teacher: Path | No
 def markdown(results: list[dict[str, Any]], args: argparse.Namespace, command: str, plot: Path) -> str:
     cpu = cpu_name()
     recipe = ", ".join(f"{k} {v}" for k, v in {**RECIPE, **args.set}.items())
+    tested = f"a stratified {args.test_images:,} of the test images" if args.test_images else "the whole test split"
     lines = [
         BEGIN,
         "",
@@ -184,7 +187,7 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace, command: s
         f"{args.data}, measured on {date.today()}: {cpu}, {args.threads} threads, torch {torch.__version__}; every "
         f"model trained for {args.budget:.0f} s of training time (evaluation not counted) with the shared recipe of "
         f"`benchmarks/zoo.py` ({recipe}; warmup + cosine sized to the budget). Test accuracy: the best-validation "
-        "checkpoint on the whole test split. Distilled DeiT "
+        f"checkpoint on {tested} (the curves: {args.curve_images:,} of them). Distilled DeiT "
         + (
             f"variants learn from the checkpoint `{args.teacher}`, trained beforehand (hard distillation)."
             if args.teacher
@@ -284,6 +287,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--curve-images", type=int, help=f"test images scored per evaluation ({CURVE_TEST_IMAGES})")
+    p.add_argument(
+        "--test-images",
+        type=int,
+        help="score the final test on a stratified subset of this many test images, the same for every model "
+        "(default: the whole test split; scoring 10,000 images takes minutes for the slowest variants on a CPU)",
+    )
     p.add_argument("--out", help="default runs/zoo")
     p.add_argument("--doc", help="default docs/zoo.md")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="recipe overrides (YAML values)")

@@ -176,11 +176,11 @@ def test_cli_classes_trains_and_evaluates_on_the_subset(tmp_path) -> None:
     assert summary["test_count"] == test_images and f"on {test_images} images" in r.output
 
 
-def test_limit_train_images_draws_by_class_and_keeps_val_and_test() -> None:
-    from vitlab.data import limit_train_images
+def test_limit_images_draws_by_class_and_keeps_val() -> None:
+    from vitlab.data import limit_images
 
     full = build_dataset("digits")
-    small = limit_train_images(full, 200, seed=3)
+    small = limit_images(full, train=200, seed=3)
     assert len(small.train) == 200 and small.val is full.val and small.test is full.test
     share = 200 / len(full.train)
     for n_c, got in zip(torch.bincount(full.train.labels).tolist(), torch.bincount(small.train.labels).tolist()):
@@ -188,4 +188,10 @@ def test_limit_train_images_draws_by_class_and_keeps_val_and_test() -> None:
     rows = {tuple(x.flatten().tolist()) for x in full.train.images}
     assert all(tuple(x.flatten().tolist()) in rows for x in small.train.images)  # images of the training split
     with pytest.raises(vitlab.VitlabError, match="train_images must be between 1 and the 1437"):
-        limit_train_images(full, 5000)
+        limit_images(full, train=5000)
+    few = limit_images(full, test=90, seed=3)  # a test subset: by class too, the training split untouched
+    assert len(few.test) == 90 and few.train is full.train and few.val is full.val
+    assert torch.bincount(few.test.labels, minlength=10).tolist() == [9] * 10
+    assert torch.equal(limit_images(full, test=90, seed=3).test.labels, few.test.labels)  # the same images again
+    with pytest.raises(vitlab.VitlabError, match="test_images must be between 1 and the 180"):
+        limit_images(full, test=0)

@@ -10,7 +10,7 @@ from vitlab.data.augment import build_augment, mixup_cutmix
 from vitlab.data.base import DatasetSplits, InMemoryDataset
 from vitlab.data.folder import FolderDataset
 from vitlab.data.sources import DATASET_NAMES, build_dataset
-from vitlab.data.subset import limit_train_images, parse_classes, subset_classes
+from vitlab.data.subset import limit_images, parse_classes, subset_classes
 from vitlab.data.transforms import normalize, to_float, to_model_input
 
 __all__ = [
@@ -20,7 +20,7 @@ __all__ = [
     "InMemoryDataset",
     "build_augment",
     "build_dataset",
-    "limit_train_images",
+    "limit_images",
     "mixup_cutmix",
     "normalize",
     "parse_classes",

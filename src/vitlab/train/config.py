@@ -31,6 +31,7 @@ class TrainConfig:
     val_fraction: float = 0.1
     classes: str | int | list[str | int] | None = None  # a class subset, e.g. "0-5" or "cat,dog" (relabelled 0..k-1)
     train_images: int | None = None  # a stratified subset of the training split of this size (small-data studies)
+    test_images: int | None = None  # the test report on a stratified subset of the test split (quick studies)
     skip_bad_images: bool = False
     num_workers: int = 2  # folder datasets only; in-memory datasets are batched by indexing
     # schedule

@@ -32,7 +32,7 @@ from vitlab.checkpoint import from_pretrained, load_checkpoint_state, read_state
 from vitlab.data import (
     build_augment,
     build_dataset,
-    limit_train_images,
+    limit_images,
     mixup_cutmix,
     normalize,
     subset_classes,
@@ -184,8 +184,8 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
             f"training on {splits.num_classes} classes ({', '.join(splits.class_names)}), relabelled 0-"
             f"{splits.num_classes - 1}"
         )
-    if cfg.train_images is not None:
-        splits = limit_train_images(splits, cfg.train_images, seed=cfg.seed)
+    if cfg.train_images is not None or cfg.test_images is not None:
+        splits = limit_images(splits, train=cfg.train_images, test=cfg.test_images, seed=cfg.seed)
     intro += splits.notes
     mean, std = splits.mean, splits.std
     num_classes = splits.num_classes
