@@ -10,7 +10,7 @@ from vitlab.layers.attention import (
     set_fused_attn,
 )
 from vitlab.layers.axial import AxialAttention, AxialAttention2d
-from vitlab.layers.block import Block, QuickGELU, get_act_layer, low_precision_inference
+from vitlab.layers.block import Block, QuickGELU, block_stack, get_act_layer, low_precision_inference
 from vitlab.layers.conv_attention import ConvAttention, ConvProjection
 from vitlab.layers.conv_embed import ConvEmbed
 from vitlab.layers.drop import DropPath, drop_path, drop_path_rates
@@ -55,6 +55,7 @@ __all__ = [
     "StdConv2d",
     "WindowAttention",
     "attention_modules",
+    "block_stack",
     "check_image",
     "drop_path",
     "drop_path_rates",

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from vitlab.layers.attention import Attention
-from vitlab.layers.drop import DropPath
+from vitlab.layers.drop import DropPath, drop_path_rates
 from vitlab.layers.layer_scale import LayerScale
 from vitlab.layers.mlp import Mlp
 
@@ -100,3 +100,9 @@ class Block(nn.Module):
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask)))  # eq. 2
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))  # eq. 3
         return x
+
+
+def block_stack(depth: int, dim: int, *, drop_path_rate: float = 0.0, **block_kwargs) -> nn.Sequential:
+    """``depth`` Blocks of width ``dim`` with stochastic depth rising linearly to ``drop_path_rate`` (DeiT's rule,
+    `drop_path_rates`); every other keyword argument goes to each Block (heads, MLP ratio, ``attn_layer``, ...)."""
+    return nn.Sequential(*[Block(dim, drop_path=p, **block_kwargs) for p in drop_path_rates(drop_path_rate, depth)])

@@ -38,7 +38,7 @@ from torch import nn
 
 from vitlab._registry import register_architecture, register_model
 from vitlab.errors import VitlabError
-from vitlab.layers import DropPath
+from vitlab.layers import DropPath, drop_path_rates
 from vitlab.models._features import take_indices
 
 PAPER = (
@@ -126,13 +126,10 @@ class AttentionCNN(nn.Module):
         self.stem = nn.Sequential(
             nn.Conv2d(in_chans, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()
         )
-        n = len(widths) - 1
         # each stage halves the map: 28 -> 14 -> 7 locations per side with the default three widths
+        dpr = drop_path_rates(drop_path_rate, len(widths) - 1)
         self.stages = nn.Sequential(
-            *[
-                ResidualBlock(widths[i], widths[i + 1], stride=2, drop_path=drop_path_rate * i / max(n - 1, 1))
-                for i in range(n)
-            ]
+            *[ResidualBlock(widths[i], widths[i + 1], stride=2, drop_path=p) for i, p in enumerate(dpr)]
         )
         self.num_features = widths[-1]
         self.attn = LocationAttention(widths[-1], attn_dim)

@@ -30,10 +30,9 @@ from vitlab._registry import register_architecture, register_model
 from vitlab.errors import VitlabError
 from vitlab.layers import (
     AxialAttention2d,
-    Block,
     LocalSelfAttention,
     PatchEmbed,
-    drop_path_rates,
+    block_stack,
     low_precision_inference,
 )
 from vitlab.models._features import take_indices
@@ -87,25 +86,20 @@ class GridVisionTransformer(nn.Module):
             attn_layer = functools.partial(LocalSelfAttention, kernel_size=kernel_size, rel_pos=rel_pos)
         else:
             raise VitlabError(f"attn_type must be 'axial' or 'local', got {attn_type!r}")
-        dpr = drop_path_rates(drop_path_rate, depth)
-        self.blocks = nn.Sequential(
-            *[
-                Block(
-                    embed_dim,
-                    num_heads=num_heads,
-                    mlp_ratio=mlp_ratio,
-                    qkv_bias=qkv_bias,
-                    qk_norm=qk_norm,
-                    proj_drop=proj_drop_rate,
-                    attn_drop=attn_drop_rate,
-                    drop_path=dpr[i],
-                    init_values=init_values,
-                    norm_eps=norm_eps,
-                    act=act,
-                    attn_layer=attn_layer,
-                )
-                for i in range(depth)
-            ]
+        self.blocks = block_stack(
+            depth,
+            embed_dim,
+            drop_path_rate=drop_path_rate,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            qk_norm=qk_norm,
+            proj_drop=proj_drop_rate,
+            attn_drop=attn_drop_rate,
+            init_values=init_values,
+            norm_eps=norm_eps,
+            act=act,
+            attn_layer=attn_layer,
         )
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
         self.num_features = embed_dim

@@ -35,9 +35,8 @@ from vitlab._registry import (
 )
 from vitlab.errors import VitlabError
 from vitlab.layers import (
-    Block,
     PatchEmbed,
-    drop_path_rates,
+    block_stack,
     low_precision_inference,
     resample_pos_embed,
     sincos_pos_embed_2d,
@@ -130,24 +129,19 @@ class VisionTransformer(nn.Module):
         # pre_norm: a LayerNorm on the embedded tokens before the first block, as CLIP's ViT (``ln_pre``)
         self.norm_pre = nn.LayerNorm(embed_dim, eps=norm_eps) if pre_norm else nn.Identity()
 
-        dpr = drop_path_rates(drop_path_rate, depth)
-        self.blocks = nn.Sequential(
-            *[
-                Block(
-                    embed_dim,
-                    num_heads=num_heads,
-                    mlp_ratio=mlp_ratio,
-                    qkv_bias=qkv_bias,
-                    qk_norm=qk_norm,
-                    proj_drop=proj_drop_rate,
-                    attn_drop=attn_drop_rate,
-                    drop_path=dpr[i],
-                    init_values=init_values,
-                    norm_eps=norm_eps,
-                    act=act,
-                )
-                for i in range(depth)
-            ]
+        self.blocks = block_stack(
+            depth,
+            embed_dim,
+            drop_path_rate=drop_path_rate,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            qk_norm=qk_norm,
+            proj_drop=proj_drop_rate,
+            attn_drop=attn_drop_rate,
+            init_values=init_values,
+            norm_eps=norm_eps,
+            act=act,
         )
         # eq. 4 applies LN to the output tokens; with fc_norm the LN moves after pooling instead (as in MAE/BEiT).
         self.norm = nn.Identity() if fc_norm else nn.LayerNorm(embed_dim, eps=norm_eps)
