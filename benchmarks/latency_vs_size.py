@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 import vitlab
+from vitlab._plot import pyplot
 from vitlab.errors import VitlabError
 from vitlab.layers.attention import explicit_attention
 
@@ -127,10 +128,7 @@ def slope(points: list[dict], key: str) -> float:
 
 
 def plot(points: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 5))
     for ax, key, label in ((axes[0], "latency_s", "latency (s, batch 1)"), (axes[1], "peak_bytes", "peak MiB")):

@@ -35,6 +35,7 @@ import torch
 
 from vitlab import list_models
 from vitlab._io import write_json
+from vitlab._plot import pyplot
 from vitlab._registry import get_variant
 from vitlab.checkpoint import from_pretrained
 from vitlab.data import build_dataset
@@ -250,10 +251,7 @@ CNN_FAMILIES = {"resnet", "convnext"}
 
 def plot(results: list[dict[str, Any]], sizes: list[str], data: str, curve_images: int, out: Path) -> None:
     """Test accuracy against training time, one panel per training-set size; CNNs dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     sizes = [s for s in sizes if any(r["size"] == s and r.get("curve") for r in results)]
     if not sizes:

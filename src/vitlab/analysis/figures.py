@@ -10,14 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from vitlab._plot import pyplot
 
 
 def _image(img: Tensor) -> np.ndarray:
@@ -34,7 +27,7 @@ def _upsample(grid_map: Tensor, size: tuple[int, int]) -> np.ndarray:
 
 def explain_figure(image: Tensor, relevance: Tensor, title: str, out: Path) -> None:
     """The image, and the image with the rollout relevance ``[gh, gw]`` overlaid as a heat map."""
-    plt = _plt()
+    plt = pyplot()
     rgb = _image(image)
     # stretched from the least to the most relevant patch: rollout spreads relevance thinly, so max-scaling alone
     # would paint the whole image in the top colours
@@ -58,7 +51,7 @@ def explain_figure(image: Tensor, relevance: Tensor, title: str, out: Path) -> N
 def head_grid_figure(rows: Sequence[Tensor], grid: tuple[int, int], title: str, out: Path) -> None:
     """One small map per layer (rows) and head (columns): the class token's (or the mean token's) attention over
     the patches. ``rows[l]`` is ``[heads, gh * gw]``."""
-    plt = _plt()
+    plt = pyplot()
     L, H = len(rows), max(r.shape[0] for r in rows)
     fig, axes = plt.subplots(L, H, figsize=(1.3 * H + 0.6, 1.3 * L + 0.6), squeeze=False)
     for i, r in enumerate(rows):
@@ -78,7 +71,7 @@ def head_grid_figure(rows: Sequence[Tensor], grid: tuple[int, int], title: str, 
 
 def distance_figure(dist: Tensor, out: Path, title: str = "mean attention distance") -> None:
     """ViT paper Figure 7 right: one dot per head at each layer."""
-    plt = _plt()
+    plt = pyplot()
     L, H = dist.shape
     fig, ax = plt.subplots(figsize=(5, 4))
     for h in range(H):
@@ -94,7 +87,7 @@ def distance_figure(dist: Tensor, out: Path, title: str = "mean attention distan
 
 def pos_embed_figure(sim: Tensor, grid: tuple[int, int], out: Path) -> None:
     """ViT paper Figure 7 centre: at each patch position, that patch's cosine similarity with every patch."""
-    plt = _plt()
+    plt = pyplot()
     gh, gw = grid
     fig, axes = plt.subplots(gh, gw, figsize=(0.9 * gw + 1.2, 0.9 * gh + 0.6), squeeze=False)
     im = None
@@ -116,7 +109,7 @@ def pos_embed_figure(sim: Tensor, grid: tuple[int, int], out: Path) -> None:
 
 def erf_figure(panels: Sequence[tuple[str, Tensor]], out: Path, title: str) -> None:
     """Effective receptive fields side by side, each normalised to its own maximum."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 3), squeeze=False)
     for ax, (label, grad) in zip(axes[0], panels):
         ax.imshow((grad / grad.max().clamp_min(1e-30)).numpy(), cmap="magma", vmin=0, vmax=1)
@@ -130,7 +123,7 @@ def erf_figure(panels: Sequence[tuple[str, Tensor]], out: Path, title: str) -> N
 
 def histogram_figure(known: Tensor, unknown: Tensor, name: str, metrics: dict[str, float], out: Path) -> None:
     """Score histograms of known-class and unknown-class test images."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     bins = np.linspace(min(known.min(), unknown.min()).item(), max(known.max(), unknown.max()).item(), 40)
     ax.hist(known.numpy(), bins=bins, alpha=0.6, density=True, label=f"known classes ({len(known)})")

@@ -248,9 +248,9 @@ def probe(
 
 
 def _probe_figure(res: dict[str, dict[str, float]], num_classes: int, path: Path, title: str) -> None:
-    from vitlab.analysis.figures import _plt
+    from vitlab._plot import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     ks = [k for k in res if k != "all"]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.errorbar(

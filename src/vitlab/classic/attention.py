@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from vitlab._plot import pyplot
 from vitlab.checkpoint import from_pretrained
 from vitlab.data import build_dataset, to_model_input
 from vitlab.errors import VitlabError
@@ -26,10 +27,7 @@ def plot_attention_locations(
 ) -> str:
     """Draw the first ``count`` test images of ``data`` with the checkpoint's attention over locations (top row:
     images and the most attended location; bottom row: the attention map). Writes ``out`` (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.patches import Rectangle
 
     model = from_pretrained(checkpoint).eval()

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitlab._plot import pyplot
 from vitlab.classic.nl_means import H_PER_SIGMA, ArrayLike, _as_tensor, nl_means_weights, patch_kernel, reflect_pad
 from vitlab.errors import VitlabError
 from vitlab.layers import AttentionBase, record_attention
@@ -93,10 +94,7 @@ def plot_nl_means_bridge(
 ) -> str:
     """Draw one pixel's NL-means weights over its search window beside the attention probabilities of that pixel's
     query over the same window (they are equal). Writes ``out`` (PNG) and returns its path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     weights = nl_means_weights(image, sigma, pixel, patch_size, search_size, h, subtract_noise=False)
     _, probs = nl_means_attention(image, sigma, patch_size, search_size, h, pixels=[pixel])

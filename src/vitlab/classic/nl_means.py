@@ -40,6 +40,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from vitlab._plot import pyplot
 from vitlab.errors import VitlabError
 
 # h = H_PER_SIGMA * sigma when h is not given: chosen by measurement on scikit-image's sample images (camera,
@@ -224,10 +225,7 @@ def plot_nl_means_weights(
 ) -> str:
     """Draw, as the lecture slides do, the image with ``pixel``'s search window and patch outlined, beside the
     weights w(pixel, .) over that window. Writes ``out`` (PNG) and returns its path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.patches import Rectangle
 
     w = nl_means_weights(image, sigma, pixel, patch_size, search_size, h).numpy()

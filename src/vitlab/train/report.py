@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from vitlab._plot import pyplot
+
 
 def format_duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
@@ -95,10 +97,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 def plot_curves(metrics: list[dict[str, Any]], out: Path) -> None:
     """Loss and accuracy against epochs, train and validation, in one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     if not metrics:
         return
@@ -121,10 +120,7 @@ def plot_curves(metrics: list[dict[str, Any]], out: Path) -> None:
 
 def plot_confusion(confusion: torch.Tensor, class_names: Sequence[str], out: Path, title: str = "") -> None:
     """Row-normalised confusion matrix (rows: true class) with the counts written in the cells."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     cm = confusion.double()
     norm = cm / cm.sum(1, keepdim=True).clamp(min=1)
