@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -96,8 +97,10 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask)))  # eq. 2
+    def forward(self, x: torch.Tensor, *attn_args: Any) -> torch.Tensor:
+        """``attn_args`` go to the attention after the tokens: a mask, or the grid size a convolutional
+        projection needs (CvT)."""
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), *attn_args)))  # eq. 2
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))  # eq. 3
         return x
 

@@ -19,6 +19,8 @@ The attention logits are scaled by 1 / sqrt(D) over the full width D, not 1 / sq
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -53,10 +55,9 @@ class ConvAttention(AttentionBase):
         kernel_size: int = 3,
         stride_kv: int = 2,
         num_prefix_tokens: int = 0,
-        attn_drop: float = 0.0,
-        proj_drop: float = 0.0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(dim, num_heads=num_heads, attn_drop=attn_drop, proj_drop=proj_drop)
+        super().__init__(dim, num_heads=num_heads, **kwargs)  # dropouts, qk_norm (as `Block` passes them)
         self.num_prefix_tokens = num_prefix_tokens
         self.conv_proj_q = ConvProjection(dim, kernel_size=kernel_size, stride=1)
         self.conv_proj_k = ConvProjection(dim, kernel_size=kernel_size, stride=stride_kv)

@@ -24,6 +24,7 @@ parameters at 1000 classes); CvT-21 is 1 + 4 + 16 blocks (31,622,696); CvT-W24 i
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -32,52 +33,11 @@ from torch import nn
 
 from vitlab._registry import Converted, register_architecture, register_hf_converter, register_model
 from vitlab.errors import VitlabError
-from vitlab.layers import ConvAttention, ConvEmbed, DropPath, Mlp, get_act_layer, low_precision_inference
+from vitlab.layers import Block, ConvAttention, ConvEmbed, low_precision_inference
 from vitlab.models._features import take_indices
 from vitlab.models._head import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, record_num_classes, zero_classifier
 
 PAPER = "Wu et al., CvT: Introducing Convolutions to Vision Transformers, ICCV 2021 (arXiv:2103.15808)"
-
-
-class CvtBlock(nn.Module):
-    """Pre-norm transformer block whose attention has convolutional projections (it needs the grid size)."""
-
-    def __init__(
-        self,
-        dim: int,
-        *,
-        num_heads: int,
-        mlp_ratio: float,
-        qkv_bias: bool,
-        kernel_size: int,
-        stride_kv: int,
-        num_prefix_tokens: int,
-        proj_drop: float,
-        attn_drop: float,
-        drop_path: float,
-        norm_eps: float,
-        act: str,
-    ) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = ConvAttention(
-            dim,
-            num_heads=num_heads,
-            qkv_bias=qkv_bias,
-            kernel_size=kernel_size,
-            stride_kv=stride_kv,
-            num_prefix_tokens=num_prefix_tokens,
-            attn_drop=attn_drop,
-            proj_drop=proj_drop,
-        )
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), act_layer=get_act_layer(act), drop=proj_drop)
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-
-    def forward(self, x: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
-        x = x + self.drop_path1(self.attn(self.norm1(x), grid_size))
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
 class CvtStage(nn.Module):
@@ -96,6 +56,8 @@ class CvtStage(nn.Module):
         drop_path: Sequence[float],
         pos_drop: float,
         norm_eps: float,
+        kernel_size: int,
+        stride_kv: int,
         **block_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -105,10 +67,12 @@ class CvtStage(nn.Module):
         self.num_prefix_tokens = 1 if class_token else 0
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if class_token else None
         self.pos_drop = nn.Dropout(pos_drop)  # dropout on the embedded tokens; there is no position embedding
+        # pre-norm blocks whose attention has convolutional projections; it is called with the grid size
+        conv_attention = functools.partial(
+            ConvAttention, kernel_size=kernel_size, stride_kv=stride_kv, num_prefix_tokens=self.num_prefix_tokens
+        )
         self.blocks = nn.ModuleList(
-            CvtBlock(
-                dim, num_prefix_tokens=self.num_prefix_tokens, drop_path=drop_path[j], norm_eps=norm_eps, **block_kwargs
-            )
+            Block(dim, drop_path=drop_path[j], norm_eps=norm_eps, attn_layer=conv_attention, **block_kwargs)
             for j in range(depth)
         )
 
