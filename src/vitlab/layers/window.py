@@ -16,7 +16,10 @@ The helpers here know nothing of Swin's blocks and are shared by every windowed 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vitlab.layers.attention import AttentionBase
@@ -120,9 +123,10 @@ def window_attention_to_image(
 class WindowAttention(AttentionBase):
     """Window multi-head self-attention (W-MSA / SW-MSA) with a learned relative position bias (eq. 4).
 
-    Takes windows [B * nW, N, C] and an optional shift mask [nW, N, N]; bias and mask go to `attend` as one additive
-    float mask, so the fused and explicit paths compute the same function and the maps pass through ``attn_probs``
-    (recorded as [B * nW, heads, N, N], windows in `window_partition`'s order).
+    Takes a map [B, H, W, C], pads it to window multiples, shifts it (SW-MSA) and cuts it into windows [B * nW, N, C];
+    with a shift, the shift mask [nW, N, N] keeps apart tokens the shift brought together. Bias and mask go to
+    `attend` as one additive float mask, so the fused and explicit paths compute the same function and the maps pass
+    through ``attn_probs`` (recorded as [B * nW, heads, N, N], windows in `window_partition`'s order).
     """
 
     def __init__(
@@ -132,17 +136,16 @@ class WindowAttention(AttentionBase):
         num_heads: int,
         window_size: int | tuple[int, int] = 7,
         qkv_bias: bool = True,
-        attn_drop: float = 0.0,
-        proj_drop: float = 0.0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(dim, num_heads=num_heads, attn_drop=attn_drop, proj_drop=proj_drop)
+        super().__init__(dim, num_heads=num_heads, **kwargs)  # dropouts, qk_norm (as `Block` passes them)
         self.window_size = to_2tuple(window_size)
         wh, ww = self.window_size
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * wh - 1) * (2 * ww - 1), num_heads))
         # derived from the window size alone, so not saved (timm and HF leave it out of checkpoints too)
         self.register_buffer("relative_position_index", relative_position_index(self.window_size), persistent=False)
-        # (padded map size, window, shift) of the last call, set by the block; what `to_image_attention` needs
+        # (padded map size, window, shift) of the last call: what `to_image_attention` needs
         self.layout: tuple[tuple[int, int], tuple[int, int], tuple[int, int]] | None = None
 
     def to_image_attention(self, probs: torch.Tensor) -> torch.Tensor:
@@ -162,8 +165,34 @@ class WindowAttention(AttentionBase):
         return self.relative_position_bias_table[index.view(-1)].view(N, N, -1).permute(2, 0, 1)  # (h, N, N)
 
     def forward(
-        self, x: torch.Tensor, *, window: tuple[int, int] | None = None, mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        window: tuple[int, int] | None = None,
+        shift: tuple[int, int] = (0, 0),
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """A map [B, H, W, C] -> [B, H, W, C]: attention within ``window``s of the map shifted by ``shift`` (SW-MSA;
+        ``mask`` is then the shift mask of `shifted_window_mask`), W-MSA without a shift."""
+        B, H, W, C = x.shape
+        window = window or self.window_size
+        # zeros at the bottom and right up to a window multiple, before the shift, as HF and the official detection
+        # code (timm shifts first, which computes something else at such sizes). Padded tokens are keys like any
+        # other, as in all three.
+        x = F.pad(x, (0, 0, 0, -W % window[1], 0, -H % window[0]))  # (B, Hp, Wp, C)
+        Hp, Wp = x.shape[1], x.shape[2]
+        if any(shift):
+            x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))  # cyclic shift towards the top left
+        self.layout = ((Hp, Wp), window, shift)  # for maps over image positions (analysis)
+        windows = self.window_attention(window_partition(x, window), window, mask)  # (B * nW, wh * ww, C)
+        x = window_reverse(windows, window, Hp, Wp)  # (B, Hp, Wp, C)
+        if any(shift):
+            x = torch.roll(x, shifts=shift, dims=(1, 2))
+        return x[:, :H, :W]
+
+    def window_attention(
+        self, x: torch.Tensor, window: tuple[int, int], mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Windows [B * nW, N, C] (image-major, `window_partition`'s order) -> [B * nW, N, C]."""
         B_, N, C = x.shape  # B_ = batch * windows
         qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B_, h, N, hd)
         q, k, v = qkv.unbind(0)

@@ -48,17 +48,13 @@ from vitlab._registry import (
 )
 from vitlab.errors import VitlabError
 from vitlab.layers import (
-    DropPath,
-    Mlp,
+    Block,
     PatchEmbed,
     WindowAttention,
     drop_path_rates,
-    get_act_layer,
     low_precision_inference,
     shifted_window_mask,
     to_2tuple,
-    window_partition,
-    window_reverse,
 )
 from vitlab.models._features import take_indices
 from vitlab.models._head import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, record_num_classes, zero_classifier
@@ -75,68 +71,6 @@ def window_and_shift(size: tuple[int, int], window: int) -> tuple[tuple[int, int
     win = (min(window, H), min(window, W))
     shift = (0, 0) if min(H, W) <= window else (window // 2, window // 2)
     return win, shift
-
-
-class SwinTransformerBlock(nn.Module):
-    """One block of eq. 3: (S)W-MSA then MLP, each pre-norm with a residual. ``shifted`` marks SW-MSA blocks."""
-
-    def __init__(
-        self,
-        dim: int,
-        *,
-        num_heads: int,
-        window_size: int = 7,
-        shifted: bool = False,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        proj_drop: float = 0.0,
-        attn_drop: float = 0.0,
-        drop_path: float = 0.0,
-        norm_eps: float = 1e-5,
-        act: str = "gelu",
-    ) -> None:
-        super().__init__()
-        self.shifted = shifted
-        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = WindowAttention(
-            dim,
-            num_heads=num_heads,
-            window_size=window_size,
-            qkv_bias=qkv_bias,
-            attn_drop=attn_drop,
-            proj_drop=proj_drop,
-        )
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), act_layer=get_act_layer(act), drop=proj_drop)
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-
-    def _attn(
-        self, x: torch.Tensor, window: tuple[int, int], shift: tuple[int, int], mask: torch.Tensor | None
-    ) -> torch.Tensor:
-        B, H, W, C = x.shape
-        # zeros at the bottom and right up to a window multiple, before the shift, as HF and the official detection
-        # code (timm shifts first, which computes something else at such sizes). Padded tokens are keys like any
-        # other, as in all three.
-        x = F.pad(x, (0, 0, 0, -W % window[1], 0, -H % window[0]))  # (B, Hp, Wp, C)
-        Hp, Wp = x.shape[1], x.shape[2]
-        if any(shift):
-            x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))  # cyclic shift towards the top left
-        self.attn.layout = ((Hp, Wp), window, shift)  # for maps over image positions (analysis)
-        windows = self.attn(window_partition(x, window), window=window, mask=mask)  # (B * nW, wh * ww, C)
-        x = window_reverse(windows, window, Hp, Wp)  # (B, Hp, Wp, C)
-        if any(shift):
-            x = torch.roll(x, shifts=shift, dims=(1, 2))
-        return x[:, :H, :W]
-
-    def forward(
-        self, x: torch.Tensor, window: tuple[int, int], shift: tuple[int, int], mask: torch.Tensor | None
-    ) -> torch.Tensor:
-        """x: [B, H, W, C]; ``shift`` and ``mask`` are the stage's, used only if this block is shifted."""
-        if not self.shifted:
-            shift, mask = (0, 0), None
-        x = x + self.drop_path1(self._attn(self.norm1(x), window, shift, mask))
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
 class PatchMerging(nn.Module):
@@ -157,15 +91,14 @@ class PatchMerging(nn.Module):
 
 
 class SwinStage(nn.Module):
-    """Patch merging (all stages but the first, as timm) and ``depth`` blocks alternating W-MSA and SW-MSA."""
+    """Patch merging (all stages but the first, as timm) and one block per ``drop_path`` rate, alternating W-MSA and
+    SW-MSA."""
 
     def __init__(
         self,
         dim: int,
         out_dim: int,
         *,
-        depth: int,
-        num_heads: int,
         window_size: int,
         downsample: bool,
         drop_path: Sequence[float],
@@ -175,17 +108,10 @@ class SwinStage(nn.Module):
         super().__init__()
         self.window_size = window_size
         self.downsample = PatchMerging(dim, out_dim, norm_eps=norm_eps) if downsample else nn.Identity()
+        # pre-norm blocks (eq. 3) over the map [B, H, W, C]; the odd ones shift their windows (SW-MSA)
+        attention = partial(WindowAttention, window_size=window_size)
         self.blocks = nn.ModuleList(
-            SwinTransformerBlock(
-                out_dim,
-                num_heads=num_heads,
-                window_size=window_size,
-                shifted=i % 2 == 1,
-                drop_path=drop_path[i],
-                norm_eps=norm_eps,
-                **block_kwargs,
-            )
-            for i in range(depth)
+            Block(out_dim, drop_path=p, norm_eps=norm_eps, attn_layer=attention, **block_kwargs) for p in drop_path
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -196,8 +122,8 @@ class SwinStage(nn.Module):
         if any(shift) and len(self.blocks) > 1:  # one mask for the stage's SW-MSA blocks, for this size
             padded = (math.ceil(H / window[0]) * window[0], math.ceil(W / window[1]) * window[1])
             mask = shifted_window_mask(padded, window, shift, device=x.device)  # (nW, N, N)
-        for block in self.blocks:
-            x = block(x, window, shift, mask)
+        for i, block in enumerate(self.blocks):
+            x = block(x, window, shift, mask) if i % 2 else block(x, window)
         return x
 
 
@@ -252,7 +178,6 @@ class SwinTransformer(nn.Module):
                 SwinStage(
                     dims[max(i - 1, 0)],
                     dims[i],
-                    depth=depths[i],
                     num_heads=num_heads[i],
                     window_size=windows[i],
                     downsample=i > 0,
