@@ -114,6 +114,25 @@ def input_for(model: torch.nn.Module, batch: int = 2) -> torch.Tensor:
     return torch.randn(batch, *model.default_cfg["input_size"])
 
 
+def hf_parity(hf: torch.nn.Module, case: tuple, tmp_path) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, Any]:
+    """Save the HF model, load it into vitlab and run both on a batch ``x`` of 3 images of ``case`` (size, _,
+    channels): (our model, x, our logits, HF's output)."""
+    hf.save_pretrained(tmp_path)
+    ours = vitlab.from_pretrained(tmp_path)
+    size = case[0] if isinstance(case[0], tuple | list) else (case[0], case[0])
+    x = torch.randn(3, case[2], *size)
+    with torch.no_grad():
+        return ours, x, ours(x), hf(pixel_values=x)
+
+
+def assert_hf_classifier_parity(hf: torch.nn.Module, case: tuple, tmp_path) -> None:
+    """vitlab loads the saved HF classifier and gives its logits, with its class names."""
+    ours, _, got, out = hf_parity(hf, case, tmp_path)
+    assert out.logits.abs().max() > 0.1  # a real signal, not zeros on both sides
+    torch.testing.assert_close(got, out.logits, atol=1e-4, rtol=1e-4)
+    assert ours.pretrained_cfg["class_names"] == [f"class{i}" for i in range(7)]
+
+
 @torch.no_grad()
 def move_off_init(model: torch.nn.Module, std: float = 0.05) -> torch.nn.Module:
     """Add noise to every parameter and floating buffer (BatchNorm statistics included): zero-initialised

@@ -13,6 +13,8 @@ import vitlab
 transformers = pytest.importorskip("transformers")
 from transformers import ViTConfig, ViTForImageClassification, ViTModel  # noqa: E402
 
+from conftest import assert_hf_classifier_parity  # noqa: E402
+
 HF_CASES = [
     # (image size, patch, channels, hidden, heads, layers)
     (28, 4, 1, 64, 4, 2),  # grayscale, patch 4
@@ -43,22 +45,9 @@ def hf_vit(cls, img, patch, chans, hidden, heads, layers, **kw):
     return model
 
 
-def hw(img):
-    return (img, img) if isinstance(img, int) else img
-
-
 @pytest.mark.parametrize("case", HF_CASES)
 def test_hf_vit_for_image_classification_parity(case, tmp_path) -> None:
-    hf = hf_vit(ViTForImageClassification, *case)
-    hf.save_pretrained(tmp_path)
-    ours = vitlab.from_pretrained(tmp_path)
-    x = torch.randn(3, case[2], *hw(case[0]))
-    with torch.no_grad():
-        expected = hf(pixel_values=x).logits
-        got = ours(x)
-    assert expected.abs().max() > 0.1  # a real signal, not zeros on both sides
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
-    assert ours.pretrained_cfg["class_names"] == [f"class{i}" for i in range(7)]
+    assert_hf_classifier_parity(hf_vit(ViTForImageClassification, *case), case, tmp_path)
 
 
 def test_hf_vit_model_parity_with_pooler(tmp_path) -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import vitlab
-from conftest import move_off_init
+from conftest import hf_parity, move_off_init
 from vitlab.models.deit import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, VisionTransformerDistilled
 from vitlab.stats import model_stats
 
@@ -133,21 +133,13 @@ def hf_deit(cls, img, patch, chans, hidden, heads, layers, num_labels=7, **kw):
     return model
 
 
-def hw(img):
-    return (img, img) if isinstance(img, int) else img
-
-
 @pytest.mark.parametrize("case", HF_CASES)
 @pytest.mark.parametrize("cls", [DeiTForImageClassificationWithTeacher, DeiTForImageClassification])
 def test_hf_classification_parity(cls, case, tmp_path) -> None:
     hf = hf_deit(cls, *case)
-    hf.save_pretrained(tmp_path)
-    ours = vitlab.from_pretrained(tmp_path)
+    ours, x, got, out = hf_parity(hf, case, tmp_path)
     assert isinstance(ours, VisionTransformerDistilled) and ours.dist_head == (cls is not DeiTForImageClassification)
-    x = torch.randn(3, case[2], *hw(case[0]))
     with torch.no_grad():
-        out = hf(pixel_values=x)
-        got = ours(x)
         tokens = ours.forward_features(x)
     assert out.logits.abs().max() > 0.1  # a real signal, not zeros on both sides
     torch.testing.assert_close(got, out.logits, atol=1e-4, rtol=1e-4)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import vitlab
-from conftest import move_off_init
+from conftest import assert_hf_classifier_parity, move_off_init
 from vitlab.layers import record_attention, relative_position_index, window_partition, window_reverse
 from vitlab.stats import count_flops, model_stats
 
@@ -42,22 +42,9 @@ def hf_swin(cls, img, patch, chans, dim, depths, heads, window, **kw):
     return move_off_init(cls(cfg).eval(), std=0.2)
 
 
-def hw(img):
-    return (img, img) if isinstance(img, int) else img
-
-
 @pytest.mark.parametrize("case", HF_CASES)
 def test_hf_swin_for_image_classification_parity(case, tmp_path) -> None:
-    hf = hf_swin(SwinForImageClassification, *case)
-    hf.save_pretrained(tmp_path)
-    ours = vitlab.from_pretrained(tmp_path)
-    x = torch.randn(3, case[2], *hw(case[0]))
-    with torch.no_grad():
-        expected = hf(pixel_values=x).logits
-        got = ours(x)
-    assert expected.abs().max() > 0.1  # a real signal, not zeros on both sides
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
-    assert ours.pretrained_cfg["class_names"] == [f"class{i}" for i in range(7)]
+    assert_hf_classifier_parity(hf_swin(SwinForImageClassification, *case), case, tmp_path)
 
 
 def test_hf_parity_at_several_sizes_of_one_model(tmp_path) -> None:
