@@ -246,33 +246,48 @@ def write_markdown(doc: Path, block: str) -> None:
     doc.write_text(text)
 
 
-CNN_FAMILIES = {"resnet", "convnext"}
+CNN_FAMILIES = {"resnet", "convnext", "nonlocal_cnn", "attention_cnn"}
+MARKERS = "o^sDvP*X"
 
 
 def plot(results: list[dict[str, Any]], sizes: list[str], data: str, curve_images: int, out: Path) -> None:
-    """Test accuracy against training time, one panel per training-set size; CNNs dashed."""
+    """Test accuracy against training time, one panel per training-set size: a colour per family, a marker per
+    variant within it, CNNs dashed."""
     plt = pyplot()
 
     sizes = [s for s in sizes if any(r["size"] == s and r.get("curve") for r in results)]
     if not sizes:
         return
-    fig, axes = plt.subplots(1, len(sizes), figsize=(7 * len(sizes), 5.5), squeeze=False)
+    tab20 = plt.get_cmap("tab20")
+    families = sorted({r["family"] for r in results if r.get("curve")})
+    # the ten strong colours of tab20 first, then their light partners
+    colour = {f: tab20((2 * i) % 20 + (2 * i) // 20) for i, f in enumerate(families)}
+    fig, axes = plt.subplots(1, len(sizes), figsize=(10 * len(sizes), 6), squeeze=False)
     for ax, size in zip(axes[0], sizes):
+        variant: dict[str, int] = {}
         for r in sorted((r for r in results if r["size"] == size and r.get("curve")), key=lambda r: r["model"]):
             t, acc = zip(*r["curve"])
-            style = "--" if r["family"] in CNN_FAMILIES else "-"
-            ax.plot(t, [100 * a for a in acc], style, marker=".", label=r["model"])
+            k = variant[r["family"]] = variant.get(r["family"], -1) + 1
+            ax.plot(
+                t,
+                [100 * a for a in acc],
+                "--" if r["family"] in CNN_FAMILIES else "-",
+                color=colour[r["family"]],
+                marker=MARKERS[k % len(MARKERS)],
+                markersize=4,
+                label=f"{r['model']} ({100 * r['test_accuracy']:.1f}%)",
+            )
         n = next((r["train_images"] for r in results if r["size"] == size and r.get("train_images")), None)
         ax.set(
             xlabel="training time (s)",
             ylabel=f"test accuracy (%, {curve_images:,} test images)",
-            title=f"{data}, {f'{n:,}' if n else 'all'} training images",
+            title=f"{data}, {f'{n:,}' if n else 'all'} training images (CNNs dashed)",
         )
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), title="final test accuracy", title_fontsize=7)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    fig.savefig(out, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 
