@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import vitlab
 from vitlab.train import TrainConfig, train
-from vitlab.train.budget import BudgetProbe, Schedule, parse_duration
+from vitlab.train.budget import BudgetProbe, Schedule, parse_duration, refit_steps
 from vitlab.train.defaults import DEFAULTS, apply_data_defaults, choose_default
 
 TINY = {"depth": 1, "embed_dim": 16, "num_heads": 2}
@@ -98,6 +98,14 @@ def test_the_probe_sizes_the_schedule_from_a_fake_clock() -> None:
     assert results[-1] == 5 + int(95.0 * 3.0) and probe2.rate == pytest.approx(3.0)
 
 
+def test_the_count_is_measured_again_over_every_step_so_far() -> None:
+    # the probe saw 2 steps/s; over the first 100 steps (50 s) the run managed 1.6: the rest is sized at 1.6
+    assert refit_steps(100.0, 80, 50.0) == 80 + int(50.0 * 1.6)
+    assert refit_steps(100.0, 80, 120.0) == 80  # already past the budget: stop here
+    other = torch.tensor([2.4], dtype=torch.float64)  # a second process at 2.4 steps/s: the mean, 2.0
+    assert refit_steps(100.0, 80, 50.0, reduce=lambda t: t + other, world_size=2) == 80 + 100
+
+
 def test_a_budget_smaller_than_the_probe_ends_at_once() -> None:
     probe = BudgetProbe(1.0, min_steps=1)
     assert probe.observe(1, 0.6) is None and probe.observe(2, 1.2) == 2
@@ -119,24 +127,26 @@ def _budget_cfg(out, **kw) -> TrainConfig:
     return TrainConfig(**{**args, **kw})
 
 
-def test_a_budget_run_records_its_step_count_and_resumes_exactly(tmp_path) -> None:
+def test_a_budget_run_records_its_step_count_and_resumes_exactly(tmp_path, monkeypatch) -> None:
     class Interrupted(Exception):
         pass
 
     cut = tmp_path / "cut"
+    # the count measured again at the end of the warmup: a fixed one here, so that the test does not depend on the
+    # machine's speed (refit_steps itself is tested on a fake clock)
+    monkeypatch.setattr("vitlab.train.trainer.refit_steps", lambda budget, step, *a, **k: step + 40)
 
-    def stop_two_evaluations_after_the_probe(model, splits, record):
-        # how many steps the probe takes depends on the machine's speed; the count is in the config once fixed
-        fixed = yaml.safe_load((cut / "config.yaml").read_text()).get("probe_steps")
-        if fixed is not None and record["step"] >= fixed + 10:
-            raise Interrupted  # after a checkpoint taken with the step count fixed
+    def stop_after_the_warmup(model, splits, record):
+        saved = yaml.safe_load((cut / "config.yaml").read_text())
+        if saved.get("warmup_steps") is not None and record["step"] >= saved["probe_steps"] + saved["warmup_steps"] + 5:
+            raise Interrupted  # after a checkpoint taken with the final step count
         return None
 
     with pytest.raises(Interrupted):
-        train(_budget_cfg(cut), on_eval=stop_two_evaluations_after_the_probe)
+        train(_budget_cfg(cut), on_eval=stop_after_the_warmup)
     saved = yaml.safe_load((cut / "config.yaml").read_text())
-    steps, probe_steps = saved["steps"], saved["probe_steps"]
-    assert probe_steps >= 3 and steps > probe_steps + 20, "the tiny model should take more than 20 steps in 3 s"
+    steps, probe_steps, warmup = saved["steps"], saved["probe_steps"], saved["warmup_steps"]
+    assert probe_steps >= 3 and warmup > 0 and steps == probe_steps + warmup + 40
     summary = train(TrainConfig.from_dict(saved), resume=True)  # as `vitlab train --resume` reads it back
     assert summary["steps"] == steps
     lines = [json.loads(x) for x in (cut / "metrics.jsonl").read_text().splitlines()]
@@ -145,7 +155,7 @@ def test_a_budget_run_records_its_step_count_and_resumes_exactly(tmp_path) -> No
     assert lines[-1]["step"] == steps and 1e-5 <= lines[-1]["lr"] < 1e-5 + 0.02 * (1e-3 - 1e-5)
     # a fresh run given the recorded count takes the very same steps: nothing depended on the timing
     again = tmp_path / "again"
-    train(_budget_cfg(again, steps=steps, probe_steps=probe_steps))
+    train(_budget_cfg(again, steps=steps, probe_steps=probe_steps, warmup_steps=warmup))
     first = [{k: v for k, v in m.items() if k not in ("images_per_s", "time_s")} for m in lines]
     second = [
         {k: v for k, v in json.loads(x).items() if k not in ("images_per_s", "time_s")}

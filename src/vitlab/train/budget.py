@@ -3,8 +3,9 @@
 The number of optimizer steps that fit is measured, not guessed: the first steps of the run (at least
 ``min_steps``, and about ``probe_fraction`` of the budget) run at learning rate 0 while their throughput is timed;
 Adam's moment estimates warm up on them, the weights do not move. Their rate, averaged over the processes, sizes the
-rest of the budget; the count is fixed once, recorded in the run's config (``steps``, ``probe_steps``), and a
-resumed run reads it back instead of measuring again, so resume stays exact. Only training time counts: evaluation
+rest of the budget, and is measured once more, over all the steps so far, when the warmup ends (`refit_steps`);
+the count is recorded in the run's config (``steps``, ``probe_steps``, ``warmup_steps``), and a resumed run reads
+it back instead of measuring again, so resume stays exact. Only training time counts: evaluation
 and checkpoints are not in the budget (as in the trainer's ``train_time_s``).
 """
 
@@ -104,6 +105,22 @@ class Schedule:
             lr=self.lr,
             min_lr=self.min_lr,
         )
+
+
+def refit_steps(
+    budget_s: float,
+    step: int,
+    train_time: float,
+    *,
+    reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+    world_size: int = 1,
+) -> int:
+    """The step count measured again at the end of the warmup, over every step so far: the probe's first seconds
+    can run faster than the run's average (a 10-minute run overshot its budget by 13% on the probe's count alone).
+    Until the warmup ends the learning rates do not depend on the count, so changing it there changes no step
+    already taken; the trainer does it once, in the run that probed, and records the result."""
+    rate = reduce(torch.tensor([step / max(train_time, 1e-9)], dtype=torch.float64)).item() / world_size
+    return step + max(0, math.floor((budget_s - train_time) * rate))
 
 
 def budget_warmup(warmup_steps: int, total_steps: int, probe_steps: int) -> int:

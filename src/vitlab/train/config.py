@@ -85,6 +85,7 @@ class TrainConfig:
     budget_s: float | str | None = None
     steps: int | None = None  # the schedule's length in optimizer steps (instead of epochs); --budget records it
     probe_steps: int | None = None  # --budget: the first steps, at lr 0, whose throughput sized the schedule
+    warmup_steps: int | None = None  # the warmup in optimizer steps (instead of warmup_epochs); --budget records it
 
     @classmethod
     def from_sources(cls, yaml_file: str | Path | None = None, **overrides: Any) -> TrainConfig:

@@ -41,7 +41,7 @@ from vitlab.data import (
 from vitlab.errors import VitlabError
 from vitlab.layers import to_2tuple
 from vitlab.stats import count_params
-from vitlab.train.budget import BudgetProbe, Schedule, budget_warmup
+from vitlab.train.budget import BudgetProbe, Schedule, budget_warmup, refit_steps
 from vitlab.train.config import TrainConfig, save_yaml
 from vitlab.train.defaults import apply_data_defaults
 from vitlab.train.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
@@ -253,7 +253,7 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
     micro_per_epoch = splits.train.num_batches(batch_size, world_size=info.world_size, drop_last=True, rank=info.rank)
     steps_per_epoch = micro_per_epoch // cfg.accum_steps
     planned = cfg.steps or cfg.epochs * steps_per_epoch  # --budget fixes cfg.steps after its first steps
-    probe = None
+    probe, refit_at = None, None  # refit_at: the end of the warmup, where the probing run measures once more
     if cfg.budget_s and not cfg.steps:
         probe = BudgetProbe(cfg.budget_s, reduce=lambda t: all_reduce_sum(t, info), world_size=info.world_size)
         planned = 2**62  # until the first steps have been timed
@@ -261,10 +261,11 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
     def sized_schedule() -> tuple[int, Schedule, int]:
         """Steps, learning rates and evaluation cadence; a budget's are known once its probe has timed steps."""
         total = min(planned, cfg.max_steps) if cfg.max_steps else planned
-        warmup = round(cfg.warmup_epochs * steps_per_epoch)
+        warmup = round(cfg.warmup_epochs * steps_per_epoch) if cfg.warmup_steps is None else cfg.warmup_steps
         every = cfg.eval_every or steps_per_epoch
         if cfg.budget_s:  # a short budget must not spend itself warming up, nor evaluating a tiny split's epochs
-            warmup = budget_warmup(warmup, total, cfg.probe_steps or 0)
+            if cfg.warmup_steps is None:
+                warmup = budget_warmup(warmup, total, cfg.probe_steps or 0)
             every = cfg.eval_every or max(steps_per_epoch, total // 10)
         probe_steps = cfg.probe_steps or (total if probe is not None else 0)  # lr 0 while the probe times steps
         return total, Schedule(total, warmup, cfg.lr, cfg.min_lr, probe_steps=probe_steps), every
@@ -402,6 +403,8 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
             if probe is not None and (fixed := probe.observe(step, train_time)) is not None:
                 cfg.steps, cfg.probe_steps, planned, probe_rate, probe = fixed, step, fixed, probe.rate, None
                 total_steps, schedule, eval_every = sized_schedule()
+                cfg.warmup_steps = schedule.warmup_steps  # fixed now: a later count leaves the ramp as it is
+                refit_at = step + schedule.warmup_steps if schedule.warmup_steps and fixed > step else None
                 ckpt_every = cfg.checkpoint_every or eval_every
                 progress.set_total(total_steps)
                 if info.is_main:  # the count is part of the recipe from now on: --resume reads it back
@@ -410,6 +413,20 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
                     f"budget {format_duration(cfg.budget_s)}: {probe_rate:.2f} steps/s over the first {step} steps "
                     f"(at lr 0) -> {fixed} steps in all, {fixed / steps_per_epoch:.1f} epochs (recorded in config.yaml)"
                     + ("; measuring took the whole budget, no step is left to learn: raise --budget" * (fixed == step))
+                )
+            elif step == refit_at:
+                refit_at, before = None, cfg.steps
+                cfg.steps = planned = refit_steps(
+                    cfg.budget_s, step, train_time, reduce=lambda t: all_reduce_sum(t, info), world_size=info.world_size
+                )
+                total_steps, schedule, eval_every = sized_schedule()
+                ckpt_every = cfg.checkpoint_every or eval_every
+                progress.set_total(total_steps)
+                if info.is_main:
+                    save_yaml(cfg, run_dir / "config.yaml")
+                progress.message(
+                    f"budget {format_duration(cfg.budget_s)}: measured again over the first {step} steps (the "
+                    f"warmup) -> {cfg.steps} steps in all instead of {before} (recorded in config.yaml)"
                 )
             rate = window_images / max(now - window_t, 1e-9)
             progress.update(
