@@ -101,6 +101,8 @@ def test_the_probe_sizes_the_schedule_from_a_fake_clock() -> None:
 def test_the_count_is_measured_again_over_every_step_so_far() -> None:
     # the probe saw 2 steps/s; over the first 100 steps (50 s) the run managed 1.6: the rest is sized at 1.6
     assert refit_steps(100.0, 80, 50.0) == 80 + int(50.0 * 1.6)
+    # counted from where the probe's clock started, after a slow first step: 79 steps in 47.5 s
+    assert refit_steps(100.0, 80, 50.0, since=(1, 2.5)) == 80 + int(50.0 * 79 / 47.5)
     assert refit_steps(100.0, 80, 120.0) == 80  # already past the budget: stop here
     other = torch.tensor([2.4], dtype=torch.float64)  # a second process at 2.4 steps/s: the mean, 2.0
     assert refit_steps(100.0, 80, 50.0, reduce=lambda t: t + other, world_size=2) == 80 + 100

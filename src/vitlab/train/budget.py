@@ -65,13 +65,13 @@ class BudgetProbe:
         self.probe_s = min(probe_fraction * budget_s, max_probe_s)
         self.reduce, self.world_size = reduce, world_size
         self.rate: float | None = None  # steps per second, once measured
-        self._start: tuple[int, float] | None = None
+        self.start: tuple[int, float] | None = None  # (step, training time) where the clock started
 
     def observe(self, step: int, train_time: float) -> int | None:
-        if self._start is None:  # the first step is slow (allocation, caches): the clock starts after it
-            self._start = (step, train_time)
+        if self.start is None:  # the first step is slow (allocation, caches): the clock starts after it
+            self.start = (step, train_time)
             return None
-        s0, t0 = self._start
+        s0, t0 = self.start
         if step - s0 < self.min_steps:
             return None
         # (done here, rate here) summed over the processes: every process takes the same decision
@@ -112,14 +112,18 @@ def refit_steps(
     step: int,
     train_time: float,
     *,
+    since: tuple[int, float] = (0, 0.0),
     reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
     world_size: int = 1,
 ) -> int:
-    """The step count measured again at the end of the warmup, over every step so far: the probe's first seconds
+    """The step count measured again at the end of the warmup, over every step ``since`` the probe's clock
+    started (`BudgetProbe.start`): the probe's first seconds
     can run faster than the run's average (a 10-minute run overshot its budget by 13% on the probe's count alone).
     Until the warmup ends the learning rates do not depend on the count, so changing it there changes no step
     already taken; the trainer does it once, in the run that probed, and records the result."""
-    rate = reduce(torch.tensor([step / max(train_time, 1e-9)], dtype=torch.float64)).item() / world_size
+    s0, t0 = since  # where the probe's clock started: after the slow first step
+    rate = (step - s0) / max(train_time - t0, 1e-9)
+    rate = reduce(torch.tensor([rate], dtype=torch.float64)).item() / world_size
     return step + max(0, math.floor((budget_s - train_time) * rate))
 
 

@@ -253,7 +253,7 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
     micro_per_epoch = splits.train.num_batches(batch_size, world_size=info.world_size, drop_last=True, rank=info.rank)
     steps_per_epoch = micro_per_epoch // cfg.accum_steps
     planned = cfg.steps or cfg.epochs * steps_per_epoch  # --budget fixes cfg.steps after its first steps
-    probe, refit_at = None, None  # refit_at: the end of the warmup, where the probing run measures once more
+    probe, refit_at, probe_start = None, None, (0, 0.0)  # refit_at: the warmup's end, where the probing run re-measures
     if cfg.budget_s and not cfg.steps:
         probe = BudgetProbe(cfg.budget_s, reduce=lambda t: all_reduce_sum(t, info), world_size=info.world_size)
         planned = 2**62  # until the first steps have been timed
@@ -401,7 +401,8 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
             t_step = now
             window_images += global_batch
             if probe is not None and (fixed := probe.observe(step, train_time)) is not None:
-                cfg.steps, cfg.probe_steps, planned, probe_rate, probe = fixed, step, fixed, probe.rate, None
+                cfg.steps, cfg.probe_steps, planned, probe_rate = fixed, step, fixed, probe.rate
+                probe_start, probe = probe.start, None
                 total_steps, schedule, eval_every = sized_schedule()
                 cfg.warmup_steps = schedule.warmup_steps  # fixed now: a later count leaves the ramp as it is
                 refit_at = step + schedule.warmup_steps if schedule.warmup_steps and fixed > step else None
@@ -417,7 +418,12 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
             elif step == refit_at:
                 refit_at, before = None, cfg.steps
                 cfg.steps = planned = refit_steps(
-                    cfg.budget_s, step, train_time, reduce=lambda t: all_reduce_sum(t, info), world_size=info.world_size
+                    cfg.budget_s,
+                    step,
+                    train_time,
+                    since=probe_start,
+                    reduce=lambda t: all_reduce_sum(t, info),
+                    world_size=info.world_size,
                 )
                 total_steps, schedule, eval_every = sized_schedule()
                 ckpt_every = cfg.checkpoint_every or eval_every
