@@ -35,6 +35,15 @@ def record_num_classes(model: nn.Module, num_classes: int) -> None:
         model.init_kwargs["num_classes"] = num_classes
 
 
+def record_img_size(model: nn.Module, img_size: int | tuple[int, int]) -> None:
+    """Keep ``default_cfg`` and ``init_kwargs`` in step with a new input resolution (`set_input_size`)."""
+    h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    if hasattr(model, "default_cfg"):
+        model.default_cfg["input_size"] = (model.default_cfg["input_size"][0], h, w)
+    if hasattr(model, "init_kwargs"):
+        model.init_kwargs["img_size"] = [h, w]
+
+
 def imagenet_cfg(img_size: int, in_chans: int, paper: str, **extra: Any) -> dict[str, Any]:
     """default_cfg of a model trained with ImageNet's mean and std (grayscale and other inputs: 0.5 and 0.5)."""
     rgb = in_chans == 3

@@ -46,13 +46,13 @@ from vitlab.layers import (
     PatchEmbed,
     low_precision_inference,
     resample_pos_embed,
-    to_2tuple,
 )
 from vitlab.models._features import stage_intermediates
 from vitlab.models._head import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
     image_cfg,
+    record_img_size,
     record_num_classes,
     zero_classifier,
 )
@@ -228,11 +228,7 @@ class CaiT(nn.Module):
         self.patch_embed.set_img_size(img_size)
         new = resample_pos_embed(self.pos_embed.data, self.patch_embed.grid_size, old_grid, num_prefix_tokens=0)
         self.pos_embed = nn.Parameter(new)
-        if hasattr(self, "default_cfg"):
-            h, w = to_2tuple(img_size)
-            self.default_cfg["input_size"] = (self.default_cfg["input_size"][0], h, w)
-        if hasattr(self, "init_kwargs"):
-            self.init_kwargs["img_size"] = list(to_2tuple(img_size))
+        record_img_size(self, img_size)
 
     # --- forward --------------------------------------------------------------------------------------------
     def _embed(self, x: torch.Tensor) -> torch.Tensor:

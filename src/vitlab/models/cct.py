@@ -46,7 +46,7 @@ from vitlab.layers import (
     to_2tuple,
 )
 from vitlab.models._features import stage_intermediates
-from vitlab.models._head import record_num_classes, zero_classifier
+from vitlab.models._head import record_img_size, record_num_classes, zero_classifier
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -272,11 +272,7 @@ class CCT(nn.Module):
         if self.pos_embed is not None:
             new = resample_pos_embed(self.pos_embed.data, self.patch_embed.grid_size, old_grid, num_prefix_tokens=0)
             self.pos_embed = nn.Parameter(new)
-        if hasattr(self, "default_cfg"):
-            h, w = to_2tuple(img_size)
-            self.default_cfg["input_size"] = (self.default_cfg["input_size"][0], h, w)
-        if hasattr(self, "init_kwargs"):
-            self.init_kwargs["img_size"] = list(to_2tuple(img_size))
+        record_img_size(self, img_size)
 
     # --- forward --------------------------------------------------------------------------------------------
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:

@@ -40,10 +40,9 @@ from vitlab.layers import (
     low_precision_inference,
     resample_pos_embed,
     sincos_pos_embed_2d,
-    to_2tuple,
 )
 from vitlab.models._features import stage_intermediates
-from vitlab.models._head import record_num_classes, zero_classifier
+from vitlab.models._head import record_img_size, record_num_classes, zero_classifier
 
 IMAGENET_INCEPTION_MEAN = (0.5, 0.5, 0.5)
 IMAGENET_INCEPTION_STD = (0.5, 0.5, 0.5)
@@ -217,11 +216,7 @@ class VisionTransformer(nn.Module):
         else:
             new = resample_pos_embed(self.pos_embed.data, self.patch_embed.grid_size, old_grid, self.num_prefix_tokens)
             self.pos_embed = nn.Parameter(new)
-        if hasattr(self, "default_cfg"):
-            h, w = to_2tuple(img_size)
-            self.default_cfg["input_size"] = (self.default_cfg["input_size"][0], h, w)
-        if hasattr(self, "init_kwargs"):
-            self.init_kwargs["img_size"] = list(to_2tuple(img_size))
+        record_img_size(self, img_size)
 
     # --- forward --------------------------------------------------------------------------------------------
     def prefix_tokens(self) -> list[torch.Tensor]:
