@@ -24,6 +24,7 @@ from vitlab.layers.patch_embed import PatchEmbed, check_image, map_to_tokens, to
 from vitlab.layers.peg import PEG
 from vitlab.layers.pos_embed import resample_pos_embed, sincos_pos_embed_1d, sincos_pos_embed_2d
 from vitlab.layers.std_conv import StdConv2d
+from vitlab.layers.weight_init import trunc_normal_init, zero_init
 from vitlab.layers.window import (
     WindowAttention,
     relative_position_index,
@@ -72,6 +73,8 @@ __all__ = [
     "sincos_pos_embed_1d",
     "sincos_pos_embed_2d",
     "to_2tuple",
+    "trunc_normal_init",
     "window_partition",
     "window_reverse",
+    "zero_init",
 ]

@@ -38,7 +38,7 @@ from torch import nn
 
 from vitlab._registry import register_architecture, register_model
 from vitlab.errors import VitlabError
-from vitlab.layers import DropPath, drop_path_rates
+from vitlab.layers import DropPath, drop_path_rates, trunc_normal_init, zero_init
 from vitlab.models._features import take_indices
 
 PAPER = (
@@ -144,18 +144,15 @@ class AttentionCNN(nn.Module):
     def init_weights(self) -> None:
         """He-normal convolutions, truncated-normal(0.02) linear maps; a zero classifier as the other vitlab
         models; the last BN of each residual branch at zero, so every block starts as its shortcut (Goyal et al.)."""
-        for m in self.modules():
+
+        def he_normal(m: nn.Module) -> None:
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+
+        trunc_normal_init(self, norms=(), other=he_normal)
         for block in self.stages:
             nn.init.zeros_(block.bn2.weight)
-        if isinstance(self.head, nn.Linear):
-            nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
+        zero_init(self.head)
 
     # --- forward --------------------------------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

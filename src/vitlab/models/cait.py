@@ -46,6 +46,8 @@ from vitlab.layers import (
     PatchEmbed,
     low_precision_inference,
     resample_pos_embed,
+    trunc_normal_init,
+    zero_init,
 )
 from vitlab.models._features import stage_intermediates
 from vitlab.models._head import (
@@ -205,19 +207,10 @@ class CaiT(nn.Module):
         """As the official code: truncated-normal(0.02) for every linear map (talking-heads mixing included), the
         class token and the position embedding; zero biases; the patch convolution keeps PyTorch's default; a zero
         classifier, as vitlab's ViT. LayerScale keeps the eps it was built with."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        trunc_normal_init(self)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
-        if isinstance(self.head, nn.Linear):
-            nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
+        zero_init(self.head)
 
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token"}

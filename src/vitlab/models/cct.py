@@ -44,6 +44,8 @@ from vitlab.layers import (
     resample_pos_embed,
     sincos_pos_embed_1d,
     to_2tuple,
+    trunc_normal_init,
+    zero_init,
 )
 from vitlab.models._features import stage_intermediates
 from vitlab.models._head import record_img_size, record_num_classes, zero_classifier
@@ -237,19 +239,13 @@ class CCT(nn.Module):
     def init_weights(self) -> None:
         """As the official code: He-normal tokenizer convolutions (they feed ReLUs), truncated-normal(0.02) linear
         maps with zero biases, a learned position embedding at std 0.2; plus vitlab's zero classifier."""
-        for m in self.modules():
+
+        def he_normal(m: nn.Module) -> None:
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-            elif isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        if isinstance(self.head, nn.Linear):
-            nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
+
+        trunc_normal_init(self, other=he_normal)
+        zero_init(self.head)
         if self.pos_embed is not None:
             nn.init.trunc_normal_(self.pos_embed, std=0.2)
 

@@ -52,7 +52,7 @@ from vitlab._registry import (
     register_timm_converter,
 )
 from vitlab.errors import VitlabError
-from vitlab.layers import DropPath, LayerNorm2d, LayerScale, Mlp, drop_path_rates, get_act_layer
+from vitlab.layers import DropPath, LayerNorm2d, LayerScale, Mlp, drop_path_rates, get_act_layer, trunc_normal_init
 from vitlab.models._features import stage_intermediates
 from vitlab.models._head import imagenet_cfg, record_num_classes, zero_classifier
 from vitlab.models.vit import hf_act
@@ -160,16 +160,7 @@ class ConvNeXt(nn.Module):
     def init_weights(self) -> None:
         """Truncated-normal(0.02) weights and zero biases for convolutions and linear maps (the official code),
         unit LayerNorms; the classifier stays zero (`zero_classifier`)."""
-        for m in self.modules():
-            if m is self.head.fc:
-                continue
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        trunc_normal_init(self, types=(nn.Conv2d, nn.Linear), skip=self.head.fc)
 
     # --- forward --------------------------------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

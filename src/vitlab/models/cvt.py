@@ -33,7 +33,7 @@ from torch import nn
 
 from vitlab._registry import Converted, register_architecture, register_hf_converter, register_model
 from vitlab.errors import VitlabError
-from vitlab.layers import Block, ConvAttention, ConvEmbed, low_precision_inference
+from vitlab.layers import Block, ConvAttention, ConvEmbed, low_precision_inference, trunc_normal_init, zero_init
 from vitlab.models._features import take_indices
 from vitlab.models._head import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, record_num_classes, zero_classifier
 
@@ -188,20 +188,11 @@ class ConvolutionalVisionTransformer(nn.Module):
     def init_weights(self) -> None:
         """As the official code: truncated-normal(0.02) linear weights and class token, zero biases, unit norms;
         convolutions keep PyTorch's default. The classifier starts at zero (uniform predictions), as ViT's."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.LayerNorm, nn.BatchNorm2d)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        trunc_normal_init(self, norms=(nn.LayerNorm, nn.BatchNorm2d))
         for stage in self.stages:
             if stage.cls_token is not None:
                 nn.init.trunc_normal_(stage.cls_token, std=0.02)
-        if isinstance(self.head, nn.Linear):
-            nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
+        zero_init(self.head)
 
     def no_weight_decay(self) -> set[str]:
         return {f"stages.{i}.cls_token" for i, s in enumerate(self.stages) if s.cls_token is not None}

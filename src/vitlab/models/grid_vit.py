@@ -34,6 +34,7 @@ from vitlab.layers import (
     PatchEmbed,
     block_stack,
     low_precision_inference,
+    trunc_normal_init,
 )
 from vitlab.models._features import take_indices
 from vitlab.models._head import image_cfg, record_num_classes, zero_classifier
@@ -111,14 +112,7 @@ class GridVisionTransformer(nn.Module):
     def init_weights(self) -> None:
         """As ViT's: truncated-normal(0.02) linear maps and zero biases, lecun-normal patch embedding; the zero
         classifier (`zero_classifier`) and the relative embeddings (truncated-normal(0.02)) keep their own start."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear) and m is not self.head:
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        trunc_normal_init(self, skip=self.head)
         w = self.patch_embed.proj.weight
         nn.init.trunc_normal_(w, std=(1.0 / w[0].numel()) ** 0.5)
         nn.init.zeros_(self.patch_embed.proj.bias)

@@ -55,6 +55,8 @@ from vitlab.layers import (
     low_precision_inference,
     shifted_window_mask,
     to_2tuple,
+    trunc_normal_init,
+    zero_init,
 )
 from vitlab.models._features import take_indices
 from vitlab.models._head import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, record_num_classes, zero_classifier
@@ -201,19 +203,13 @@ class SwinTransformer(nn.Module):
     def init_weights(self) -> None:
         """Truncated-normal(0.02) linear maps and bias tables, zero biases, unit LayerNorms (the official code;
         the patch-embedding convolution keeps PyTorch's default, as there); zero classifier, as vitlab's ViT."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, WindowAttention):
+
+        def bias_table(m: nn.Module) -> None:
+            if isinstance(m, WindowAttention):
                 nn.init.trunc_normal_(m.relative_position_bias_table, std=0.02)
-        if isinstance(self.head, nn.Linear):
-            nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
+
+        trunc_normal_init(self, other=bias_table)
+        zero_init(self.head)
 
     def no_weight_decay(self) -> set[str]:
         """The relative position bias tables, as the official code and timm."""

@@ -40,6 +40,8 @@ from vitlab.layers import (
     low_precision_inference,
     resample_pos_embed,
     sincos_pos_embed_2d,
+    trunc_normal_init,
+    zero_init,
 )
 from vitlab.models._features import stage_intermediates
 from vitlab.models._head import record_img_size, record_num_classes, zero_classifier
@@ -161,20 +163,11 @@ class VisionTransformer(nn.Module):
     def init_weights(self) -> None:
         """Truncated-normal(0.02) weights and zero biases for every linear map, as DeiT and timm; zero classifier,
         as the ViT paper's code (the head starts from uniform predictions); a 2D sine-cosine table if asked."""
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        trunc_normal_init(self, types=(nn.Linear, nn.Conv2d))
         # lecun-normal patch embedding (fan-in = P^2 C): keeps token scale independent of patch size and channels
         w = self.patch_embed.proj.weight
         nn.init.trunc_normal_(w, std=(1.0 / w[0].numel()) ** 0.5)
-        if isinstance(self.head, nn.Linear):
-            nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
+        zero_init(self.head)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)
         self._init_pos_embed()
