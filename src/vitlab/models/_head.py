@@ -47,32 +47,30 @@ def record_img_size(model: nn.Module, img_size: int | tuple[int, int]) -> None:
 def imagenet_cfg(img_size: int, in_chans: int, paper: str, **extra: Any) -> dict[str, Any]:
     """default_cfg of a model trained with ImageNet's mean and std (grayscale and other inputs: 0.5 and 0.5)."""
     rgb = in_chans == 3
-    return {
-        "input_size": (in_chans, img_size, img_size),
-        "mean": IMAGENET_DEFAULT_MEAN if rgb else (0.5,) * in_chans,
-        "std": IMAGENET_DEFAULT_STD if rgb else (0.5,) * in_chans,
-        "num_classes": 1000,
-        "interpolation": "bicubic",
-        "paper": paper,
-        **extra,
-    }
+    mean, std = (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD) if rgb else (None, None)
+    return image_cfg(img_size, in_chans, paper=paper, mean=mean, std=std, **extra)
 
 
 def image_cfg(
-    img_size: int,
+    img_size: int | tuple[int, int],
     in_chans: int,
     *,
-    num_classes: int,
     paper: str,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    num_classes: int = 1000,
+    interpolation: str = "bicubic",
+    **extra: Any,
 ) -> dict[str, Any]:
-    """Without ``mean`` / ``std``, 0.5 for every channel (data scaled to [-1, 1]), as vitlab's small variants."""
+    """The default_cfg of an image model, the one place its keys are written. Without ``mean`` / ``std``, 0.5 for
+    every channel (data scaled to [-1, 1]), as vitlab's small variants."""
+    h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
     return {
-        "input_size": (in_chans, img_size, img_size),
+        "input_size": (in_chans, h, w),
         "mean": tuple(mean) if mean is not None else (0.5,) * in_chans,
         "std": tuple(std) if std is not None else (0.5,) * in_chans,
         "num_classes": num_classes,
-        "interpolation": "bicubic",
+        "interpolation": interpolation,
         "paper": paper,
+        **extra,
     }

@@ -40,6 +40,7 @@ from vitlab._registry import register_architecture, register_model
 from vitlab.errors import VitlabError
 from vitlab.layers import DropPath, drop_path_rates, trunc_normal_init, zero_init
 from vitlab.models._features import take_indices
+from vitlab.models._head import image_cfg
 
 PAPER = (
     "Xu et al., Show, Attend and Tell: Neural Image Caption Generation with Visual Attention, ICML 2015"
@@ -242,14 +243,7 @@ class AttentionCNN(nn.Module):
 
 # --- registered variants -------------------------------------------------------------------------------------
 def _cfg(img_size: int, in_chans: int, num_classes: int) -> dict[str, Any]:
-    return {
-        "input_size": (in_chans, img_size, img_size),
-        "mean": (0.5,) * in_chans,
-        "std": (0.5,) * in_chans,
-        "num_classes": num_classes,
-        "interpolation": "bilinear",
-        "paper": PAPER,
-    }
+    return image_cfg(img_size, in_chans, paper=PAPER, num_classes=num_classes, interpolation="bilinear")
 
 
 def _add_variant(attention: str, img: int, in_chans: int) -> None:

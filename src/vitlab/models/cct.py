@@ -48,7 +48,7 @@ from vitlab.layers import (
     zero_init,
 )
 from vitlab.models._features import stage_intermediates
-from vitlab.models._head import record_img_size, record_num_classes, zero_classifier
+from vitlab.models._head import image_cfg, record_img_size, record_num_classes, zero_classifier
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -436,16 +436,8 @@ def _cfg(img_size: int, in_chans: int = 3, **extra: Any) -> dict[str, Any]:
     small = img_size <= 64
     mean, std = (CIFAR_MEAN, CIFAR_STD) if small else (IMAGENET_MEAN, IMAGENET_STD)
     if in_chans != 3:
-        mean, std = (0.5,) * in_chans, (0.5,) * in_chans
-    return {
-        "input_size": (in_chans, img_size, img_size),
-        "mean": mean,
-        "std": std,
-        "num_classes": 1000,
-        "interpolation": "bicubic",
-        "paper": PAPER,
-        **extra,
-    }
+        mean, std = None, None  # 0.5
+    return image_cfg(img_size, in_chans, paper=PAPER, mean=mean, std=std, **extra)
 
 
 def _add_variant(

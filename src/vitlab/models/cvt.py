@@ -35,7 +35,13 @@ from vitlab._registry import Converted, register_architecture, register_hf_conve
 from vitlab.errors import VitlabError
 from vitlab.layers import Block, ConvAttention, ConvEmbed, low_precision_inference, trunc_normal_init, zero_init
 from vitlab.models._features import take_indices
-from vitlab.models._head import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, record_num_classes, zero_classifier
+from vitlab.models._head import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    image_cfg,
+    record_num_classes,
+    zero_classifier,
+)
 
 PAPER = "Wu et al., CvT: Introducing Convolutions to Vision Transformers, ICCV 2021 (arXiv:2103.15808)"
 
@@ -347,15 +353,8 @@ def convert_hf_cvt(config: dict[str, Any], raw: dict[str, torch.Tensor]) -> Conv
 
 # --- registered variants -------------------------------------------------------------------------------------
 def _cfg(img_size: int, in_chans: int = 3, **extra: Any) -> dict[str, Any]:
-    return {
-        "input_size": (in_chans, img_size, img_size),
-        "mean": IMAGENET_DEFAULT_MEAN[:in_chans] if in_chans <= 3 else (0.5,) * in_chans,
-        "std": IMAGENET_DEFAULT_STD[:in_chans] if in_chans <= 3 else (0.5,) * in_chans,
-        "num_classes": 1000,
-        "interpolation": "bicubic",
-        "paper": PAPER,
-        **extra,
-    }
+    mean, std = (IMAGENET_DEFAULT_MEAN[:in_chans], IMAGENET_DEFAULT_STD[:in_chans]) if in_chans <= 3 else (None, None)
+    return image_cfg(img_size, in_chans, paper=PAPER, mean=mean, std=std, **extra)
 
 
 # name -> (embed_dim, depth, num_heads) per stage (Table 2)

@@ -37,7 +37,7 @@ from vitlab._registry import (
     register_variant,
 )
 from vitlab.errors import VitlabError
-from vitlab.models._head import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from vitlab.models._head import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, image_cfg
 from vitlab.models.vit import (
     HF_VIT_NAMES,
     VisionTransformer,
@@ -192,15 +192,8 @@ def _cfg(img_size: int, in_chans: int = 3, **extra: Any) -> dict[str, Any]:
     # ImageNet statistics; another number of channels gets their channel average (grayscale: 0.449 / 0.226)
     mean = IMAGENET_DEFAULT_MEAN if in_chans == 3 else (sum(IMAGENET_DEFAULT_MEAN) / 3,) * in_chans
     std = IMAGENET_DEFAULT_STD if in_chans == 3 else (sum(IMAGENET_DEFAULT_STD) / 3,) * in_chans
-    return {
-        "input_size": (in_chans, img_size, img_size),
-        "mean": tuple(round(m, 3) for m in mean),
-        "std": tuple(round(s, 3) for s in std),
-        "num_classes": 1000,
-        "interpolation": "bicubic",
-        "paper": PAPER,
-        **extra,
-    }
+    rounded = {"mean": tuple(round(m, 3) for m in mean), "std": tuple(round(s, 3) for s in std)}
+    return image_cfg(img_size, in_chans, paper=PAPER, **rounded, **extra)
 
 
 def _add_variant(size: str, patch: int, img: int, *, distilled: bool, in_chans: int = 3, num_classes: int = 1000):

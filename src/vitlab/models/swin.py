@@ -59,7 +59,13 @@ from vitlab.layers import (
     zero_init,
 )
 from vitlab.models._features import take_indices
-from vitlab.models._head import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, record_num_classes, zero_classifier
+from vitlab.models._head import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    image_cfg,
+    record_num_classes,
+    zero_classifier,
+)
 from vitlab.models.vit import HF_LAYER_NAMES, HF_QKV_NAMES, hf_act
 
 PAPER = (
@@ -421,17 +427,9 @@ _SIZES = {
 
 def _cfg(img_size: int | tuple[int, int], in_chans: int = 3, *, imagenet: bool = True, **extra: Any) -> dict[str, Any]:
     """ImageNet statistics for RGB ImageNet models (timm's and HF's Swin preprocessing), 0.5 otherwise (as ViT)."""
-    h, w = to_2tuple(img_size)
     imagenet = imagenet and in_chans == 3
-    return {
-        "input_size": (in_chans, h, w),
-        "mean": IMAGENET_DEFAULT_MEAN if imagenet else (0.5,) * in_chans,
-        "std": IMAGENET_DEFAULT_STD if imagenet else (0.5,) * in_chans,
-        "num_classes": 1000,
-        "interpolation": "bicubic",
-        "paper": PAPER,
-        **extra,
-    }
+    mean, std = (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD) if imagenet else (None, None)
+    return image_cfg(to_2tuple(img_size), in_chans, paper=PAPER, mean=mean, std=std, **extra)
 
 
 def _add_variant(size: str, patch: int, window: int, img: int, in_chans: int = 3, num_classes: int = 1000) -> None:

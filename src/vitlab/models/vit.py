@@ -44,7 +44,7 @@ from vitlab.layers import (
     zero_init,
 )
 from vitlab.models._features import stage_intermediates
-from vitlab.models._head import record_img_size, record_num_classes, zero_classifier
+from vitlab.models._head import image_cfg, record_img_size, record_num_classes, zero_classifier
 
 IMAGENET_INCEPTION_MEAN = (0.5, 0.5, 0.5)
 IMAGENET_INCEPTION_STD = (0.5, 0.5, 0.5)
@@ -474,15 +474,9 @@ _SIZES = {
 
 
 def _cfg(img_size: int, in_chans: int = 3, **extra: Any) -> dict[str, Any]:
-    return {
-        "input_size": (in_chans, img_size, img_size),
-        "mean": IMAGENET_INCEPTION_MEAN[:in_chans] if in_chans <= 3 else (0.5,) * in_chans,
-        "std": IMAGENET_INCEPTION_STD[:in_chans] if in_chans <= 3 else (0.5,) * in_chans,
-        "num_classes": 1000,
-        "interpolation": "bicubic",
-        "paper": PAPER,
-        **extra,
-    }
+    if in_chans <= 3:
+        extra = {"mean": IMAGENET_INCEPTION_MEAN[:in_chans], "std": IMAGENET_INCEPTION_STD[:in_chans], **extra}
+    return image_cfg(img_size, in_chans, paper=PAPER, **extra)
 
 
 # Published weights of the same architecture (timm's Hub repositories, ImageNet-21k pre-trained, fine-tuned on
