@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import vitlab
 from vitlab.train import TrainConfig, train
-from vitlab.train.budget import BudgetProbe, Schedule, parse_duration, refit_steps
+from vitlab.train.budget import BudgetProbe, Schedule, parse_duration
 from vitlab.train.defaults import DEFAULTS, apply_data_defaults, choose_default
 
 TINY = {"depth": 1, "embed_dim": 16, "num_heads": 2}
@@ -98,14 +98,17 @@ def test_the_probe_sizes_the_schedule_from_a_fake_clock() -> None:
     assert results[-1] == 5 + int(95.0 * 3.0) and probe2.rate == pytest.approx(3.0)
 
 
-def test_the_count_is_measured_again_over_every_step_so_far() -> None:
-    # the probe saw 2 steps/s; over the first 100 steps (50 s) the run managed 1.6: the rest is sized at 1.6
-    assert refit_steps(100.0, 80, 50.0) == 80 + int(50.0 * 1.6)
-    # counted from where the probe's clock started, after a slow first step: 79 steps in 47.5 s
-    assert refit_steps(100.0, 80, 50.0, since=(1, 2.5)) == 80 + int(50.0 * 79 / 47.5)
-    assert refit_steps(100.0, 80, 120.0) == 80  # already past the budget: stop here
-    other = torch.tensor([2.4], dtype=torch.float64)  # a second process at 2.4 steps/s: the mean, 2.0
-    assert refit_steps(100.0, 80, 50.0, reduce=lambda t: t + other, world_size=2) == 80 + 100
+def test_the_count_is_measured_again_over_every_step_since_the_clock_started() -> None:
+    probe = BudgetProbe(100.0, min_steps=2, probe_fraction=0.02)
+    clock = {1: 2.5, 2: 3.0, 3: 3.5, 4: 4.0, 5: 4.5}  # a slow first step, then 2 steps/s
+    assert [probe.observe(step, clock[step]) for step in range(1, 6)][-1] == 5 + int(95.5 * 2.0)
+    # over the first 80 steps (50 s) the run managed 79 steps in 47.5 s after the first: the rest is sized at that
+    assert probe.refit(80, 50.0) == 80 + int(50.0 * 79 / 47.5) and probe.rate == pytest.approx(79 / 47.5)
+    assert probe.refit(80, 120.0) == 80  # already past the budget: stop here
+    other = torch.tensor([3.0], dtype=torch.float64)  # a second process at 3 steps/s, this one at 1: the mean, 2
+    two = BudgetProbe(100.0, reduce=lambda t: t + other, world_size=2)
+    two.start = (0, 0.0)
+    assert two.refit(40, 40.0) == 40 + 60 * 2
 
 
 def test_a_budget_smaller_than_the_probe_ends_at_once() -> None:
@@ -135,8 +138,8 @@ def test_a_budget_run_records_its_step_count_and_resumes_exactly(tmp_path, monke
 
     cut = tmp_path / "cut"
     # the count measured again at the end of the warmup: a fixed one here, so that the test does not depend on the
-    # machine's speed (refit_steps itself is tested on a fake clock)
-    monkeypatch.setattr("vitlab.train.trainer.refit_steps", lambda budget, step, *a, **k: step + 40)
+    # machine's speed (BudgetProbe.refit itself is tested on a fake clock)
+    monkeypatch.setattr("vitlab.train.budget.BudgetProbe.refit", lambda self, step, train_time: step + 40)
 
     def stop_after_the_warmup(model, splits, record):
         saved = yaml.safe_load((cut / "config.yaml").read_text())

@@ -3,7 +3,7 @@
 The number of optimizer steps that fit is measured, not guessed: the first steps of the run (at least
 ``min_steps``, and about ``probe_fraction`` of the budget) run at learning rate 0 while their throughput is timed;
 Adam's moment estimates warm up on them, the weights do not move. Their rate, averaged over the processes, sizes the
-rest of the budget, and is measured once more, over all the steps so far, when the warmup ends (`refit_steps`);
+rest of the budget, and is measured once more, over all the steps so far, when the warmup ends (`refit`);
 the count is recorded in the run's config (``steps``, ``probe_steps``, ``warmup_steps``), and a resumed run reads
 it back instead of measuring again, so resume stays exact. Only training time counts: evaluation
 and checkpoints are not in the budget (as in the trainer's ``train_time_s``).
@@ -46,9 +46,9 @@ class BudgetProbe:
     """Times the first steps of a run and fixes how many steps fit in ``budget_s`` of training time.
 
     Call `observe` after every optimizer step with the step count and the training time so far; it returns None
-    while measuring and the total number of steps once (when it has enough). ``reduce`` sums a tensor over the
-    processes (``all_reduce_sum``), so that every process stops measuring at the same step and fixes the same
-    count."""
+    while measuring and the total number of steps once (when it has enough); `refit` measures it again later.
+    ``reduce`` sums a tensor over the processes (``all_reduce_sum``), so that every process stops measuring at the
+    same step and fixes the same count."""
 
     def __init__(
         self,
@@ -81,6 +81,20 @@ class BudgetProbe:
         if votes[0].item() == 0:
             return None
         self.rate = votes[1].item() / self.world_size
+        return self._count(step, train_time)
+
+    def refit(self, step: int, train_time: float) -> int:
+        """The count measured again (the trainer does it when the warmup ends), over every step since the clock
+        started: the probe's first seconds can run faster than the run's average (a 10-minute run overshot its
+        budget by 13% on the probe's count alone). Until the warmup ends the learning rates do not depend on the
+        count, so changing it there changes no step already taken."""
+        s0, t0 = self.start
+        rate = (step - s0) / max(train_time - t0, 1e-9)
+        self.rate = self.reduce(torch.tensor([rate], dtype=torch.float64)).item() / self.world_size
+        return self._count(step, train_time)
+
+    def _count(self, step: int, train_time: float) -> int:
+        """Steps in all: those taken and those the rest of the budget holds at ``self.rate``."""
         return step + max(0, math.floor((self.budget_s - train_time) * self.rate))
 
 
@@ -105,26 +119,6 @@ class Schedule:
             lr=self.lr,
             min_lr=self.min_lr,
         )
-
-
-def refit_steps(
-    budget_s: float,
-    step: int,
-    train_time: float,
-    *,
-    since: tuple[int, float] = (0, 0.0),
-    reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
-    world_size: int = 1,
-) -> int:
-    """The step count measured again at the end of the warmup, over every step ``since`` the probe's clock
-    started (`BudgetProbe.start`): the probe's first seconds
-    can run faster than the run's average (a 10-minute run overshot its budget by 13% on the probe's count alone).
-    Until the warmup ends the learning rates do not depend on the count, so changing it there changes no step
-    already taken; the trainer does it once, in the run that probed, and records the result."""
-    s0, t0 = since  # where the probe's clock started: after the slow first step
-    rate = (step - s0) / max(train_time - t0, 1e-9)
-    rate = reduce(torch.tensor([rate], dtype=torch.float64)).item() / world_size
-    return step + max(0, math.floor((budget_s - train_time) * rate))
 
 
 def budget_warmup(warmup_steps: int, total_steps: int, probe_steps: int) -> int:

@@ -41,7 +41,7 @@ from vitlab.data import (
 from vitlab.errors import VitlabError
 from vitlab.layers import to_2tuple
 from vitlab.stats import count_params
-from vitlab.train.budget import BudgetProbe, Schedule, budget_warmup, refit_steps
+from vitlab.train.budget import BudgetProbe, Schedule, budget_warmup
 from vitlab.train.config import TrainConfig, save_yaml
 from vitlab.train.defaults import apply_data_defaults
 from vitlab.train.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
@@ -253,7 +253,7 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
     micro_per_epoch = splits.train.num_batches(batch_size, world_size=info.world_size, drop_last=True, rank=info.rank)
     steps_per_epoch = micro_per_epoch // cfg.accum_steps
     planned = cfg.steps or cfg.epochs * steps_per_epoch  # --budget fixes cfg.steps after its first steps
-    probe, refit_at, probe_start = None, None, (0, 0.0)  # refit_at: the warmup's end, where the probing run re-measures
+    probe, refit_at = None, None  # refit_at: the warmup's end, where the run that probed measures again
     if cfg.budget_s and not cfg.steps:
         probe = BudgetProbe(cfg.budget_s, reduce=lambda t: all_reduce_sum(t, info), world_size=info.world_size)
         planned = 2**62  # until the first steps have been timed
@@ -400,39 +400,29 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
             train_time += now - t_step
             t_step = now
             window_images += global_batch
-            if probe is not None and (fixed := probe.observe(step, train_time)) is not None:
-                cfg.steps, cfg.probe_steps, planned, probe_rate = fixed, step, fixed, probe.rate
-                probe_start, probe = probe.start, None
+            fixed, why = None, ""  # a budget's step count: fixed by the probe, then measured once more
+            if probe is not None and probe.rate is None:
+                if (fixed := probe.observe(step, train_time)) is not None:
+                    cfg.probe_steps = step
+                    why = f"{probe.rate:.2f} steps/s over the first {step} steps (at lr 0)"
+                    if fixed == step:
+                        why += "; measuring took the whole budget, no step is left to learn: raise --budget"
+            elif step == refit_at:
+                fixed, refit_at = probe.refit(step, train_time), None
+                why = f"{probe.rate:.2f} steps/s over the first {step} steps (the warmup), {cfg.steps} before"
+            if fixed is not None:
+                cfg.steps = planned = fixed
                 total_steps, schedule, eval_every = sized_schedule()
-                cfg.warmup_steps = schedule.warmup_steps  # fixed now: a later count leaves the ramp as it is
-                refit_at = step + schedule.warmup_steps if schedule.warmup_steps and fixed > step else None
+                if cfg.probe_steps == step:  # the warmup is fixed with the first count: a later one leaves the ramp
+                    cfg.warmup_steps = schedule.warmup_steps
+                    refit_at = step + cfg.warmup_steps if cfg.warmup_steps and fixed > step else None
                 ckpt_every = cfg.checkpoint_every or eval_every
                 progress.set_total(total_steps)
                 if info.is_main:  # the count is part of the recipe from now on: --resume reads it back
                     save_yaml(cfg, run_dir / "config.yaml")
                 progress.message(
-                    f"budget {format_duration(cfg.budget_s)}: {probe_rate:.2f} steps/s over the first {step} steps "
-                    f"(at lr 0) -> {fixed} steps in all, {fixed / steps_per_epoch:.1f} epochs (recorded in config.yaml)"
-                    + ("; measuring took the whole budget, no step is left to learn: raise --budget" * (fixed == step))
-                )
-            elif step == refit_at:
-                refit_at, before = None, cfg.steps
-                cfg.steps = planned = refit_steps(
-                    cfg.budget_s,
-                    step,
-                    train_time,
-                    since=probe_start,
-                    reduce=lambda t: all_reduce_sum(t, info),
-                    world_size=info.world_size,
-                )
-                total_steps, schedule, eval_every = sized_schedule()
-                ckpt_every = cfg.checkpoint_every or eval_every
-                progress.set_total(total_steps)
-                if info.is_main:
-                    save_yaml(cfg, run_dir / "config.yaml")
-                progress.message(
-                    f"budget {format_duration(cfg.budget_s)}: measured again over the first {step} steps (the "
-                    f"warmup) -> {cfg.steps} steps in all instead of {before} (recorded in config.yaml)"
+                    f"budget {format_duration(cfg.budget_s)}: {why} -> {fixed} steps in all, "
+                    f"{fixed / steps_per_epoch:.1f} epochs (recorded in config.yaml)"
                 )
             rate = window_images / max(now - window_t, 1e-9)
             progress.update(
