@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from vitlab.layers import to_2tuple
+
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 
@@ -37,7 +39,7 @@ def record_num_classes(model: nn.Module, num_classes: int) -> None:
 
 def record_img_size(model: nn.Module, img_size: int | tuple[int, int]) -> None:
     """Keep ``default_cfg`` and ``init_kwargs`` in step with a new input resolution (`set_input_size`)."""
-    h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    h, w = to_2tuple(img_size)
     if hasattr(model, "default_cfg"):
         model.default_cfg["input_size"] = (model.default_cfg["input_size"][0], h, w)
     if hasattr(model, "init_kwargs"):
@@ -64,7 +66,7 @@ def image_cfg(
 ) -> dict[str, Any]:
     """The default_cfg of an image model, the one place its keys are written. Without ``mean`` / ``std``, 0.5 for
     every channel (data scaled to [-1, 1]), as vitlab's small variants."""
-    h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
+    h, w = to_2tuple(img_size)
     return {
         "input_size": (in_chans, h, w),
         "mean": tuple(mean) if mean is not None else (0.5,) * in_chans,

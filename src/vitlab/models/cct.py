@@ -139,8 +139,8 @@ class CCTBlock(Block):
     (``TransformerEncoderLayer`` in SHI-Labs/Compact-Transformers, which trained the paper's numbers). The
     parameters are the same as a pre-norm block's; only where LN_2's output goes differs."""
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask)))
+    def forward(self, x: torch.Tensor, *attn_args: Any) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), *attn_args)))
         x = self.norm2(x)
         return x + self.drop_path2(self.ls2(self.mlp(x)))
 
