@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -35,6 +35,7 @@ from vitlab._registry import (
 )
 from vitlab.errors import VitlabError
 from vitlab.layers import (
+    Attention,
     PatchEmbed,
     block_stack,
     low_precision_inference,
@@ -89,6 +90,7 @@ class VisionTransformer(nn.Module):
         act: str = "gelu",
         dynamic_img_size: bool = False,
         embed_layer: nn.Module | None = None,
+        attn_layer: Callable[..., nn.Module] = Attention,
     ) -> None:
         super().__init__()
         if global_pool not in ("token", "avg"):
@@ -143,6 +145,7 @@ class VisionTransformer(nn.Module):
             init_values=init_values,
             norm_eps=norm_eps,
             act=act,
+            attn_layer=attn_layer,  # a subclass's attention (locality self-attention), as embed_layer its tokenizer
         )
         # eq. 4 applies LN to the output tokens; with fc_norm the LN moves after pooling instead (as in MAE/BEiT).
         self.norm = nn.Identity() if fc_norm else nn.LayerNorm(embed_dim, eps=norm_eps)
