@@ -1,4 +1,4 @@
-"""File-system helpers: atomic directory writes and JSON."""
+"""File-system helpers: atomic writes of directories, files and JSON."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -58,5 +59,23 @@ def to_jsonable(obj: Any) -> Any:
     return obj
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` so that a reader (or a kill) sees the old file or the new one, never part of it:
+    a temporary file beside it, flushed to the disk, then renamed over it."""
+    path = Path(path)
+    # a unique name opened like any file (mkstemp would make it private, 0600, whatever the umask says)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "x") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    Path(path).write_text(json.dumps(to_jsonable(obj), indent=2) + "\n")
+    """Write ``obj`` as indented JSON, atomically (`write_text_atomic`)."""
+    write_text_atomic(path, json.dumps(to_jsonable(obj), indent=2) + "\n")
