@@ -11,7 +11,7 @@ import torch
 from vitlab._io import write_json
 from vitlab.checkpoint import from_pretrained
 from vitlab.data import build_dataset, subset_classes, to_model_input
-from vitlab.data.folder import load_image
+from vitlab.data.images import decode_image
 from vitlab.errors import VitlabError
 
 
@@ -135,7 +135,7 @@ def predict_files(
     in_chans, h, w = classifier.input_size
     results = []
     for path in images:
-        image = load_image(path, in_chans=in_chans, img_size=(h, w))  # the reader that training uses
+        image = decode_image(path, in_chans=in_chans, img_size=(h, w))  # the decoder training uses
         probs = classifier.logits(preprocess(image[None], classifier)).softmax(-1)[0]
         results.append({"image": str(path), "top": top_classes(probs, classifier.class_names, top_k)})
     return results

@@ -173,14 +173,14 @@ def predict_images(
 ) -> list[dict[str, Any]]:
     """Zero-shot class probabilities of image files among ``classes``."""
     from vitlab.checkpoint import from_pretrained
-    from vitlab.data.folder import load_image
+    from vitlab.data.images import decode_image
 
     model = _clip(from_pretrained(checkpoint), checkpoint)
     in_chans, size, mean, std = _input_spec(model)
     class_emb = class_embeddings(model, name_prompts(classes, templates))
     results = []
     for path in images:
-        x = to_model_input(load_image(path, in_chans=in_chans, img_size=size)[None], in_chans=in_chans, img_size=size,
+        x = to_model_input(decode_image(path, in_chans=in_chans, img_size=size)[None], in_chans=in_chans, img_size=size,
                            mean=mean, std=std)  # fmt: skip
         probs = (model.scale() * model.encode_image(x) @ class_emb.t()).softmax(-1)[0]
         p, idx = probs.topk(min(top_k, len(classes)))

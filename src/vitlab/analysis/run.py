@@ -24,7 +24,7 @@ from vitlab.analysis.figures import (
 from vitlab.analysis.probe import extract_features, few_shot_probe
 from vitlab.checkpoint import from_pretrained
 from vitlab.data import build_dataset, to_model_input
-from vitlab.data.folder import load_image
+from vitlab.data.images import decode_image
 from vitlab.errors import VitlabError
 
 
@@ -71,7 +71,7 @@ def explain(
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for path in images:
-        image = load_image(path, in_chans=in_chans, img_size=(h, w))
+        image = decode_image(path, in_chans=in_chans, img_size=(h, w))
         x = to_model_input(image[None], in_chans=in_chans, img_size=(h, w), **_norm(model))
         maps, logits = attention_maps(model, x, return_output=True)
         relevance = attention_rollout(

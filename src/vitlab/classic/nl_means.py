@@ -294,21 +294,14 @@ def _check_odd(name: str, size: int) -> None:
 # --- files -----------------------------------------------------------------------------------------------------
 def read_image(path: str | Path) -> np.ndarray:
     """An image file at its own size as float32 in [0, 1]: (H, W) for grayscale, (H, W, 3) for anything in
-    colour (alpha dropped). `VitlabError` if it is missing or cannot be decoded."""
-    from PIL import Image
+    colour, decoded as everywhere else (`vitlab.data.images.decode_image`: 16-bit values keep their high byte,
+    transparency is composited on white). `VitlabError` if it is missing or cannot be decoded."""
+    from vitlab.data.images import decode_image
 
     if not Path(path).is_file():
         raise VitlabError(f"image {path} does not exist")
-    try:
-        with Image.open(path) as img:
-            gray = img.mode in ("1", "L", "LA", "I", "I;16", "F")
-            if img.mode in ("I", "I;16", "F"):  # 16-bit or float grayscale: keep the precision
-                arr = np.asarray(img, dtype=np.float32)
-                return arr / (65535.0 if arr.max() > 255 else 255.0)
-            arr = np.asarray(img.convert("L" if gray else "RGB"), dtype=np.float32) / 255
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
-        raise VitlabError(f"cannot read image {path}: {str(e).splitlines()[0] or type(e).__name__}") from e
-    return arr
+    image = decode_image(path).numpy().astype(np.float32) / 255  # (C, H, W), C the image's own channels
+    return image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
 
 
 def write_png(image: np.ndarray, path: str | Path) -> None:

@@ -11,9 +11,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader
 
@@ -25,6 +24,7 @@ from vitlab.data.base import (
     stats_from_histograms,
     stratified_split,
 )
+from vitlab.data.images import CHANNEL_MODES, DECODE_ERRORS, decode_image, stored_channels
 from vitlab.errors import VitlabError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -32,37 +32,14 @@ DEFAULT_IMG_SIZE = (224, 224)
 STATS_IMAGES = 500  # train images decoded to estimate mean / std
 TEST_SPLIT_SEED = 0  # the test split is the same for every run seed, so runs are compared on the same images
 
-_MODES = {1: "L", 3: "RGB"}
-# What Pillow raises on a file it cannot decode: unknown format and truncation are OSError, some plugins raise
-# SyntaxError or ValueError on a broken header, and an absurdly large image raises DecompressionBombError.
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
-
 
 def load_image(path: str | Path, *, in_chans: int = 3, img_size: tuple[int, int] = DEFAULT_IMG_SIZE) -> Tensor:
-    """Decode one image file to uint8 [in_chans, H, W] (bicubic resize); `VitlabError` if it cannot be read."""
+    """Decode one image file of a dataset to uint8 [in_chans, H, W] (`vitlab.data.images.decode_image`); the
+    `VitlabError` of an unreadable file says how to leave it out."""
     try:
-        with Image.open(path) as img:
-            return image_to_tensor(img, in_chans=in_chans, img_size=img_size)
-    except _DECODE_ERRORS as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise VitlabError(
-            f"cannot read image {path}: {reason}. Fix or delete it, or pass --skip-bad-images to leave out unreadable"
-            " images"
-        ) from e
-
-
-def image_to_tensor(img: Image.Image, *, in_chans: int, img_size: tuple[int, int]) -> Tensor:
-    """Decode an opened image to uint8 [in_chans, H, W] (bicubic resize); Pillow's errors pass through."""
-    H, W = img_size
-    # A JPEG can decode at 1/2, 1/4 or 1/8 scale directly, much faster for large photos. Asking for max(H, W) on
-    # both sides keeps the draft at least as large as the target in either orientation.
-    img.draft(None, (max(H, W), max(H, W)))
-    img = ImageOps.exif_transpose(img)  # phone photos store their rotation in EXIF
-    img = img.convert(_MODES[in_chans])
-    if img.size != (W, H):
-        img = img.resize((W, H), Image.Resampling.BICUBIC)
-    image = torch.from_numpy(np.array(img, dtype=np.uint8))
-    return image[None] if image.ndim == 2 else image.permute(2, 0, 1).contiguous()  # (H, W, C) -> (C, H, W)
+        return decode_image(path, in_chans=in_chans, img_size=img_size)
+    except VitlabError as e:
+        raise VitlabError(f"{e}. Fix or delete it, or pass --skip-bad-images to leave out unreadable images") from e
 
 
 class _Unreadable(NamedTuple):
@@ -88,7 +65,7 @@ class FolderDataset(Dataset, torch.utils.data.Dataset):
         in_chans: int = 3,
         img_size: tuple[int, int] = DEFAULT_IMG_SIZE,
     ) -> None:
-        if in_chans not in _MODES:
+        if in_chans not in CHANNEL_MODES:
             raise VitlabError(f"images can be loaded with 1 or 3 channels, not {in_chans}")
         self.samples = [(str(path), int(label)) for path, label in samples]
         self.labels = _labels(self.samples)
@@ -194,8 +171,8 @@ def folder_facts(path: str, *, val_fraction: float, sample: int = 25) -> dict[st
         try:
             with Image.open(f) as img:
                 sides.append(max(img.size))
-                chans.append(1 if img.mode in ("1", "L", "LA", "I", "I;16", "F") else 3)
-        except _DECODE_ERRORS:
+                chans.append(stored_channels(img))
+        except DECODE_ERRORS:
             continue  # unreadable files are the split's business (--skip-bad-images)
     side = sorted(sides)[len(sides) // 2] if sides else DEFAULT_IMG_SIZE[0]
     return {
@@ -227,7 +204,7 @@ def build_folder_dataset(
         raise VitlabError(f"folder dataset {path!r} is not a directory")
     in_chans = 3 if in_chans is None else in_chans
     img_size = DEFAULT_IMG_SIZE if img_size is None else (int(img_size[0]), int(img_size[1]))
-    if in_chans not in _MODES:
+    if in_chans not in CHANNEL_MODES:
         raise VitlabError(f"images can be loaded with 1 or 3 channels, not {in_chans}")
 
     if (root / "train").is_dir():

@@ -13,7 +13,7 @@ import io
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from vitlab.data.folder import image_to_tensor
+from vitlab.data.images import decode_image
 from vitlab.errors import VitlabError
 
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
@@ -48,9 +48,9 @@ def decode_upload(data: bytes, *, in_chans: int, img_size: tuple[int, int], max_
         if w == 0 or h == 0:
             raise UploadError(400, f"the image is {w}x{h} pixels")
         try:
-            return image_to_tensor(img, in_chans=in_chans, img_size=img_size)
-        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
-            raise UploadError(400, f"the image is truncated or corrupt: {_first_line(e)}") from None
+            return decode_image(img, in_chans=in_chans, img_size=img_size)  # the decoder training used
+        except VitlabError as e:  # what Pillow raised on the pixels, in one line
+            raise UploadError(400, f"the image is truncated or corrupt: {_first_line(e.__cause__ or e)}") from None
 
 
 def _first_line(e: BaseException) -> str:
