@@ -66,6 +66,26 @@ class BudgetProbe:
         self.reduce, self.world_size = reduce, world_size
         self.rate: float | None = None  # steps per second, once measured
         self.start: tuple[int, float] | None = None  # (step, training time) where the clock started
+        self.count: int | None = None  # the step count, once fixed
+        self.refit_at: int | None = None  # the step where `after_step` measures again (the trainer's warmup end)
+
+    def after_step(self, step: int, train_time: float) -> tuple[int, str] | None:
+        """(the step count, why) when this step fixes it: the probe's first count, or the count measured again at
+        ``refit_at``; None on every other step."""
+        if self.rate is None:
+            if (count := self.observe(step, train_time)) is None:
+                return None
+            why = f"{self.rate:.2f} steps/s over the first {step} steps (at lr 0)"
+            if count == step:
+                why += "; measuring took the whole budget, no step is left to learn: raise --budget"
+        elif step == self.refit_at:
+            before, self.refit_at = self.count, None
+            count = self.refit(step, train_time)
+            why = f"{self.rate:.2f} steps/s over the first {step} steps (the warmup), {before} before"
+        else:
+            return None
+        self.count = count
+        return count, why
 
     def observe(self, step: int, train_time: float) -> int | None:
         if self.start is None:  # the first step is slow (allocation, caches): the clock starts after it

@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitlab._registry import create_model
+from vitlab.factory import create_model
 from vitlab.data import DatasetSplits
 from vitlab.errors import VitlabError
 from vitlab.train.config import TrainConfig
@@ -289,32 +289,3 @@ def load_teacher(
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise VitlabError(f"{name} returns {shape} for one image, not logits over {num_classes} classes")
     return teacher
-
-
-def build_task(
-    cfg: TrainConfig,
-    *,
-    num_classes: int,
-    in_chans: int,
-    img_size: tuple[int, int],
-    mean: Sequence[float],
-    std: Sequence[float],
-    device: torch.device | str = "cpu",
-    splits: DatasetSplits | None = None,
-) -> Task:
-    """The task a `TrainConfig` asks for: contrastive image-text training when it names a text tower, distillation
-    when it names a teacher, else classification."""
-    if cfg.text_model:
-        from vitlab.train.contrastive import ContrastiveTask
-
-        if splits is None:
-            raise VitlabError("contrastive training needs the caption set to build its task")
-        return ContrastiveTask(cfg, splits)
-    if splits is not None and hasattr(splits.train, "captions"):  # a caption set's labels are sample indices
-        raise VitlabError(f"{splits.name} pairs images with captions: train it with `vitlab clip train`")
-    if not cfg.teacher:
-        return ClassificationTask()
-    teacher = load_teacher(cfg.teacher, num_classes=num_classes, in_chans=in_chans, img_size=img_size, device=device)
-    return DistillationTask(
-        teacher, kind=cfg.distill, tau=cfg.distill_tau, alpha=cfg.distill_alpha, data_mean=mean, data_std=std
-    )

@@ -17,8 +17,9 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from vitlab._io import atomic_directory, recover_directory, write_json
 from vitlab._registry import get_variant
 from vitlab.checkpoint import from_pretrained, load_checkpoint_state, read_state_dict, write_pretrained
 from vitlab.data import (
+    DatasetSplits,
     build_augment,
     build_dataset,
     limit_images,
@@ -43,13 +45,14 @@ from vitlab.layers import to_2tuple
 from vitlab.stats import count_params
 from vitlab.train.budget import BudgetProbe, Schedule, budget_warmup
 from vitlab.train.config import TrainConfig, save_yaml
+from vitlab.train.contrastive import ContrastiveTask
 from vitlab.train.defaults import apply_data_defaults
 from vitlab.train.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
 from vitlab.train.evaluate import autocast
 from vitlab.train.optim import ModelEma, build_optimizer
 from vitlab.train.precision import resolve_precision
 from vitlab.train.report import Progress, format_duration, plot_curves, read_metrics
-from vitlab.train.tasks import build_task
+from vitlab.train.tasks import ClassificationTask, DistillationTask, Task, load_teacher
 from vitlab.train.transfer import freeze_backbone, hold_backbone_in_eval, init_model
 
 STATE_NAME = "trainer_state.pt"
@@ -129,6 +132,113 @@ def train(cfg: TrainConfig, *, resume: bool = False, on_eval: OnEval | None = No
 
 
 def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | None) -> dict[str, Any]:
+    run = prepare_run(cfg, resume, info)
+    splits = prepare_data(run)
+    parts = build_parts(run, splits)
+    plan = plan_steps(run, splits)
+    state = restore(run, parts, plan) if resume else start(run)
+    loop = Loop(run, splits, parts, plan, on_eval)
+    step_until_done(loop, state)
+    return report(loop, state)
+
+
+# --- what the phases hand each other -----------------------------------------------------------------------------
+@dataclass
+class Run:
+    """What the run is before its data is read: the configuration, where it runs and where it writes."""
+
+    cfg: TrainConfig  # a budget run records its step count here once measured
+    info: DistInfo
+    resume: bool
+    device: torch.device
+    precision: str
+    run_dir: Path
+    log: Progress  # lines before the loop's progress bar
+    intro: list[str]  # what the run chose and adapted, said once it has started (a user error before stays one line)
+
+    @property
+    def last_dir(self) -> Path:
+        return self.run_dir / "checkpoints" / "last"
+
+    @property
+    def best_dir(self) -> Path:
+        return self.run_dir / "checkpoints" / "best"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+
+@dataclass
+class Parts:
+    """The model and what trains it."""
+
+    model: torch.nn.Module  # the bare model, what checkpoints hold
+    train_model: torch.nn.Module  # the model as trained: wrapped by DDP and torch.compile when asked
+    eval_model: torch.nn.Module  # the EMA's copy when there is one
+    task: Task
+    optimizer: torch.optim.Optimizer
+    ema: ModelEma | None
+    augment: Callable[[torch.Tensor], torch.Tensor] | None
+    in_chans: int
+    img_size: tuple[int, int] | None
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    params: int
+    model_name: str
+    checkpoint_meta: dict[str, Any]
+
+
+@dataclass
+class Plan:
+    """Batches, steps, learning rates and cadences. A budget's are known once its probe has timed steps."""
+
+    batch_size: int  # per process and micro-step
+    steps_per_epoch: int
+    global_batch: int  # images per optimizer step, over every process
+    planned: int  # the schedule's length (2**62 while a budget's probe measures)
+    probe: BudgetProbe | None
+    total_steps: int = 0
+    schedule: Schedule | None = None
+    eval_every: int = 1
+    ckpt_every: int = 1
+
+
+@dataclass
+class RunState:
+    """What changes as the run steps; all of it but the throughput window is checkpointed."""
+
+    step: int = 0
+    best_acc: float = -1.0
+    best_step: int = 0
+    train_time: float = 0.0
+    running: torch.Tensor = field(default_factory=lambda: torch.zeros(3, dtype=torch.float64))  # loss sum, correct,
+    # count since the last evaluation
+    stop_reason: str | None = None
+    window_t: float = 0.0  # images/s are measured since the last evaluation
+    window_images: int = 0
+
+
+@dataclass
+class Loop:
+    """The fixed pieces the steps work with."""
+
+    run: Run
+    splits: DatasetSplits
+    parts: Parts
+    plan: Plan
+    on_eval: OnEval | None
+    progress: Progress = field(init=False)
+
+    def __post_init__(self) -> None:
+        info, log_every = self.run.info, self.run.cfg.log_every
+        self.progress = Progress(self.plan.total_steps, enabled=info.is_main, log_every=log_every)
+
+
+# --- the phases --------------------------------------------------------------------------------------------------
+def prepare_run(cfg: TrainConfig, resume: bool, info: DistInfo) -> Run:
+    """The configuration completed (`model: auto` fits a model and schedule to the data), the device, the precision
+    and the run directory, checked against --resume."""
     chosen = None
     if cfg.data.startswith("captions:") and not cfg.text_model:  # caption sets train CLIP, not a classifier
         raise VitlabError(f"{cfg.data} is a caption set: train a CLIP model on it with `vitlab clip train`")
@@ -141,27 +251,35 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
-    last_dir, best_dir = run_dir / "checkpoints" / "last", run_dir / "checkpoints" / "best"
-    for d in (last_dir, best_dir):  # a run killed inside a checkpoint swap left the previous one at <dir>.old
+    last = run_dir / "checkpoints" / "last"
+    for d in (last, run_dir / "checkpoints" / "best"):  # a run killed inside a checkpoint swap left <dir>.old
         recover_directory(d)
-    if not resume and (last_dir / STATE_NAME).exists():
+    if not resume and (last / STATE_NAME).exists():
         raise VitlabError(f"{run_dir} already holds a run; add --resume to continue it, or choose another --out")
-    if resume and not (last_dir / STATE_NAME).exists():
-        raise VitlabError(f"nothing to resume in {run_dir}: {last_dir / STATE_NAME} does not exist")
+    if resume and not (last / STATE_NAME).exists():
+        raise VitlabError(f"nothing to resume in {run_dir}: {last / STATE_NAME} does not exist")
     log = Progress(0, enabled=info.is_main)
-    # what the run chose and adapted, said once it has started (a user error before it stays one line)
-    intro = [chosen] if chosen else []
     precision, why = resolve_precision(cfg.precision, device)
-    intro.append(f"precision {precision} ({why})")
+    intro = [*([chosen] if chosen else []), f"precision {precision} ({why})"]
+    return Run(cfg, info, resume, device, precision, run_dir, log, intro)
 
-    # --- data ---------------------------------------------------------------------------------------------
-    if cfg.init:  # the init checkpoint's architecture decides the input; a folder is decoded at its defaults
+
+def input_shape(cfg: TrainConfig) -> tuple[int | None, tuple[int, int] | None]:
+    """(channels, size) of the model's input: the variant's, or what --set model_args overrides. With --init the
+    checkpoint decides (None: a folder is decoded at its defaults, the model then says)."""
+    if cfg.init:
         in_chans, img = cfg.model_args.get("in_chans"), cfg.model_args.get("img_size")
     else:
         _, model_kwargs, model_cfg = get_variant(cfg.model)
         in_chans = cfg.model_args.get("in_chans", model_kwargs.get("in_chans", model_cfg["input_size"][0]))
         img = cfg.model_args.get("img_size", model_kwargs.get("img_size", model_cfg["input_size"][1:]))
-    img_size = None if img is None else to_2tuple(img)
+    return in_chans, None if img is None else to_2tuple(img)
+
+
+def prepare_data(run: Run) -> DatasetSplits:
+    """The splits the run trains, selects and tests on: the dataset (or its fallback), a class subset, fewer images."""
+    cfg = run.cfg
+    in_chans, img_size = input_shape(cfg)
     data_args = dict(
         img_size=img_size,
         in_chans=in_chans,
@@ -174,64 +292,99 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
     except VitlabError as e:
         if not cfg.fallback_data:
             raise
-        log.message(f"{cfg.data} is not available here ({e}); training on {cfg.fallback_data} instead")
+        run.log.message(f"{cfg.data} is not available here ({e}); training on {cfg.fallback_data} instead")
         splits = build_dataset(cfg.fallback_data, **data_args)
     if splits.skipped:
-        log.message(f"skipped {len(splits.skipped)} unreadable images (--skip-bad-images)")
+        run.log.message(f"skipped {len(splits.skipped)} unreadable images (--skip-bad-images)")
     if cfg.classes is not None:
         splits = subset_classes(splits, cfg.classes)
-        intro.append(
+        run.intro.append(
             f"training on {splits.num_classes} classes ({', '.join(splits.class_names)}), relabelled 0-"
             f"{splits.num_classes - 1}"
         )
     if cfg.train_images is not None or cfg.test_images is not None:
         splits = limit_images(splits, train=cfg.train_images, test=cfg.test_images, seed=cfg.seed)
-    intro += splits.notes
-    mean, std = splits.mean, splits.std
-    num_classes = splits.num_classes
+    run.intro += splits.notes
+    return splits
 
-    # --- task, model, optimizer ---------------------------------------------------------------------------
+
+def build_model(run: Run, splits: DatasetSplits) -> tuple[torch.nn.Module, Task, tuple]:
+    """The task and the model it trains, with the input it takes: (model, task, (in_chans, img_size, mean, std))."""
+    cfg = run.cfg
+    in_chans, img_size = input_shape(cfg)
+    mean, std = splits.mean, splits.std
     pretrained = None
     if cfg.init:  # transfer: architecture, input size and normalisation come from the pretrained checkpoint
         if cfg.drop_path_rate:
             raise VitlabError("--init keeps the checkpoint's architecture; drop_path_rate cannot be set with it")
         seed_everything(cfg.seed)  # a family whose new classifier is not zero-initialised draws it here
-        pretrained, why = init_model(
-            cfg.init, splits, model_args=cfg.model_args, resume_dir=last_dir if resume else None
-        )
-        intro.append(why)
+        resume_dir = run.last_dir if run.resume else None
+        pretrained, why = init_model(cfg.init, splits, model_args=cfg.model_args, resume_dir=resume_dir)
+        run.intro.append(why)
         in_chans, img_size = pretrained.default_cfg["input_size"][0], tuple(pretrained.default_cfg["input_size"][1:])
         mean, std = tuple(pretrained.pretrained_cfg["mean"]), tuple(pretrained.pretrained_cfg["std"])
     # the task (and its teacher) before seeding: building a teacher draws random numbers, the student's init must not
     # depend on whether there is one
     task = build_task(
         cfg,
-        num_classes=num_classes,
+        num_classes=splits.num_classes,
         in_chans=in_chans,
         img_size=img_size,
         mean=mean,
         std=std,
-        device=device,
+        device=run.device,
         splits=splits,
     )
     seed_everything(cfg.seed)
     # transfer starts from the pretrained model; otherwise the task builds its model (a classifier, a CLIP pair)
     model = pretrained if pretrained is not None else task.build_model(cfg, splits)
-    model.to(device)
+    model.to(run.device)
     task.setup(model)
+    return model, task, (in_chans, img_size, mean, std)
+
+
+def build_task(
+    cfg: TrainConfig,
+    *,
+    num_classes: int,
+    in_chans: int,
+    img_size: tuple[int, int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device | str = "cpu",
+    splits: DatasetSplits | None = None,
+) -> Task:
+    """The task a `TrainConfig` asks for: contrastive image-text training when it names a text tower, distillation
+    when it names a teacher, else classification."""
+    if cfg.text_model:
+        if splits is None:
+            raise VitlabError("contrastive training needs the caption set to build its task")
+        return ContrastiveTask(cfg, splits)
+    if splits is not None and hasattr(splits.train, "captions"):  # a caption set's labels are sample indices
+        raise VitlabError(f"{splits.name} pairs images with captions: train it with `vitlab clip train`")
+    if not cfg.teacher:
+        return ClassificationTask()
+    teacher = load_teacher(cfg.teacher, num_classes=num_classes, in_chans=in_chans, img_size=img_size, device=device)
+    return DistillationTask(
+        teacher, kind=cfg.distill, tau=cfg.distill_tau, alpha=cfg.distill_alpha, data_mean=mean, data_std=std
+    )
+
+
+def build_parts(run: Run, splits: DatasetSplits) -> Parts:
+    """The model and task, the optimizer (and EMA), the model as trained (DDP, torch.compile) and the augmentation."""
+    cfg, info = run.cfg, run.info
+    model, task, (in_chans, img_size, mean, std) = build_model(run, splits)
     if cfg.freeze == "backbone":
-        intro.append(f"--freeze backbone: training only the classifier ({freeze_backbone(model):,} parameters)")
+        run.intro.append(f"--freeze backbone: training only the classifier ({freeze_backbone(model):,} parameters)")
     ema = ModelEma(model, cfg.ema_decay) if cfg.ema_decay else None
     optimizer = build_optimizer(
         model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, layer_decay=cfg.layer_decay
     )
-    params = count_params(model)
-    model_name = model.model_name if cfg.init else cfg.model
-    checkpoint_meta = {"init": model.pretrained_cfg["init"]} if cfg.init else {}
     train_model: torch.nn.Module = model
     if info.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
+        device = run.device
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         train_model = torch.compile(train_model)
@@ -243,297 +396,128 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, on_eval: OnEval | Non
         randaugment=cfg.randaugment,
         random_erasing=cfg.random_erasing,
     )
-    mixing = cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0
+    return Parts(
+        model=model,
+        train_model=train_model,
+        eval_model=ema.module if ema else model,
+        task=task,
+        optimizer=optimizer,
+        ema=ema,
+        augment=augment,
+        in_chans=in_chans,
+        img_size=img_size,
+        mean=mean,
+        std=std,
+        params=count_params(model),
+        model_name=model.model_name if cfg.init else cfg.model,
+        checkpoint_meta={"init": model.pretrained_cfg["init"]} if cfg.init else {},
+    )
 
+
+def plan_steps(run: Run, splits: DatasetSplits) -> Plan:
+    """The batch per process, the steps of an epoch and the schedule; a budget's length waits for its probe."""
+    cfg, info = run.cfg, run.info
     batch_size, shrunk = fit_batch(
         len(splits.train), cfg.batch_size, accum_steps=cfg.accum_steps, world_size=info.world_size
     )
     if shrunk:
-        intro.append(shrunk)
+        run.intro.append(shrunk)
     micro_per_epoch = splits.train.num_batches(batch_size, world_size=info.world_size, drop_last=True, rank=info.rank)
     steps_per_epoch = micro_per_epoch // cfg.accum_steps
     planned = cfg.steps or cfg.epochs * steps_per_epoch  # --budget fixes cfg.steps after its first steps
-    probe, refit_at = None, None  # refit_at: the warmup's end, where the run that probed measures again
+    probe = None
     if cfg.budget_s and not cfg.steps:
         probe = BudgetProbe(cfg.budget_s, reduce=lambda t: all_reduce_sum(t, info), world_size=info.world_size)
         planned = 2**62  # until the first steps have been timed
-
-    def sized_schedule() -> tuple[int, Schedule, int]:
-        """Steps, learning rates and evaluation cadence; a budget's are known once its probe has timed steps."""
-        total = min(planned, cfg.max_steps) if cfg.max_steps else planned
-        warmup = round(cfg.warmup_epochs * steps_per_epoch) if cfg.warmup_steps is None else cfg.warmup_steps
-        every = cfg.eval_every or steps_per_epoch
-        if cfg.budget_s:  # a short budget must not spend itself warming up, nor evaluating a tiny split's epochs
-            if cfg.warmup_steps is None:
-                warmup = budget_warmup(warmup, total, cfg.probe_steps or 0)
-            every = cfg.eval_every or max(steps_per_epoch, total // 10)
-        probe_steps = cfg.probe_steps or (total if probe is not None else 0)  # lr 0 while the probe times steps
-        return total, Schedule(total, warmup, cfg.lr, cfg.min_lr, probe_steps=probe_steps), every
-
-    total_steps, schedule, eval_every = sized_schedule()
-    ckpt_every = cfg.checkpoint_every or eval_every
     global_batch = batch_size * cfg.accum_steps * info.world_size
+    plan = Plan(batch_size, steps_per_epoch, global_batch, planned, probe)
+    size_schedule(cfg, plan)
+    return plan
 
-    # --- state (fresh or resumed) -------------------------------------------------------------------------
-    step, best_acc, best_step, train_time = 0, -1.0, 0, 0.0
-    running = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count since the last evaluation
-    metrics_path = run_dir / "metrics.jsonl"
-    if resume:
-        state = torch.load(last_dir / STATE_NAME, map_location="cpu", weights_only=False)
-        load_checkpoint_state(model, read_state_dict(last_dir / "model.safetensors", device), source=str(last_dir))
-        optimizer.load_state_dict(state["optimizer"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        step, best_acc, best_step = state["step"], state["best_acc"], state["best_step"]
-        train_time, running = state["train_time_s"], state["running"]
-        set_rng_state(state["rng"])
-        if info.is_main:  # drop evaluations logged after this checkpoint: they will be recomputed identically
-            kept = [m for m in read_metrics(metrics_path) if m["step"] <= step]
-            metrics_path.write_text("".join(_json_line(m) for m in kept))
-        log.message(f"resumed {run_dir} at step {step}/{total_steps} (epoch {step / steps_per_epoch:.2f})")
-    elif info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        metrics_path.write_text("")
-    if info.is_main:  # on resume too: flags may have extended the run (--epochs)
-        save_yaml(cfg, run_dir / "config.yaml")
-    barrier(info)
 
-    def save_last() -> None:
-        if not info.is_main:
-            return
-        state = {
-            "optimizer": optimizer.state_dict(),
-            "ema": ema.state_dict() if ema else None,
-            "step": step,
-            "best_acc": best_acc,
-            "best_step": best_step,
-            "train_time_s": train_time,
-            "running": running,
-            "rng": rng_state(),
-            "config": cfg.to_dict(),
-        }
-        with atomic_directory(last_dir) as tmp:
-            write_pretrained(model, tmp, train_config=cfg.to_dict(), step=step, dataset=splits.name, **checkpoint_meta)
-            torch.save(state, tmp / STATE_NAME)
+def size_schedule(cfg: TrainConfig, plan: Plan) -> None:
+    """The plan's steps, learning rates and cadences, from its planned length (again when a budget fixes it)."""
+    total = min(plan.planned, cfg.max_steps) if cfg.max_steps else plan.planned
+    warmup = round(cfg.warmup_epochs * plan.steps_per_epoch) if cfg.warmup_steps is None else cfg.warmup_steps
+    every = cfg.eval_every or plan.steps_per_epoch
+    if cfg.budget_s:  # a short budget must not spend itself warming up, nor evaluating a tiny split's epochs
+        if cfg.warmup_steps is None:
+            warmup = budget_warmup(warmup, total, cfg.probe_steps or 0)
+        every = cfg.eval_every or max(plan.steps_per_epoch, total // 10)
+    probe_steps = cfg.probe_steps or (total if plan.probe is not None else 0)  # lr 0 while the probe times steps
+    plan.total_steps, plan.eval_every = total, every
+    plan.schedule = Schedule(total, warmup, cfg.lr, cfg.min_lr, probe_steps=probe_steps)
+    plan.ckpt_every = cfg.checkpoint_every or every
 
-    # --- the loop ----------------------------------------------------------------------------------------------
-    progress = Progress(total_steps, enabled=info.is_main, log_every=cfg.log_every)
-    if info.is_main:
-        for line in intro:
-            progress.message(line)
-        length = f"{total_steps} steps" if probe is None else f"steps sized to {format_duration(cfg.budget_s)}"
-        progress.message(
-            f"training {model_name} ({params:,} parameters) on {splits.name}: {len(splits.train)} train / "
-            f"{len(splits.val)} val images, {length} of {global_batch} images, {precision}, {device}; "
-            f"{task.describe()}"
-        )
-    progress.start(step)
-    amp = autocast(device, precision)
-    eval_model = ema.module if ema else model
-    stop_reason = None
-    window_t, window_images = time.perf_counter(), 0
-    while step < total_steps and stop_reason is None:
-        epoch = step // steps_per_epoch
-        first = (step % steps_per_epoch) * cfg.accum_steps
-        batches = splits.train.loader(
-            batch_size,
-            shuffle=True,
-            seed=cfg.seed,
-            epoch=epoch,
-            start_batch=first,
-            rank=info.rank,
-            world_size=info.world_size,
-            drop_last=True,
-            num_workers=cfg.num_workers,
-        )
-        train_model.train()
-        if cfg.freeze == "backbone":
-            hold_backbone_in_eval(model)
-        t_step = time.perf_counter()
-        for micro, (images, labels) in enumerate(batches, start=first):
-            if micro >= steps_per_epoch * cfg.accum_steps:
-                break
-            x = to_float(images.to(device, non_blocking=True), in_chans, img_size)
-            if augment is not None:
-                x = augment(x)
-            x = normalize(x, mean, std)
-            y = labels.to(device, non_blocking=True)
-            if mixing or cfg.label_smoothing:
-                x, target = mixup_cutmix(
-                    x,
-                    y,
-                    num_classes=num_classes,
-                    mixup_alpha=cfg.mixup_alpha,
-                    cutmix_alpha=cfg.cutmix_alpha,
-                    label_smoothing=cfg.label_smoothing,
-                )
-            else:
-                target = y
-            last_micro = (micro + 1) % cfg.accum_steps == 0
-            sync = train_model.no_sync() if info.enabled and not last_micro else nullcontext()
-            with sync:
-                with amp:
-                    out = task.loss(train_model, x, target, y)
-                (out.loss / cfg.accum_steps).backward()
-            loss_value = out.loss.item()  # one host sync per micro-step, shared by the metrics and the NaN check
-            running += torch.tensor([loss_value * len(y), out.correct.item(), len(y)], dtype=torch.float64)
-            if not last_micro:
-                continue
 
-            # one optimizer step
-            lr = schedule.lr_at(step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group["lr_scale"]  # lr_scale: layer-wise decay (1 without it)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad or math.inf)
-            if not (math.isfinite(loss_value) and torch.isfinite(grad_norm)):
-                progress.close()
-                raise VitlabError(
-                    f"the loss became {loss_value} at step {step + 1} (epoch {epoch}); stopped. The last good "
-                    f"checkpoint is kept in {last_dir}. Lower --lr, use --precision fp32 or set clip_grad"
-                )
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update(model)
-            step += 1
-            now = time.perf_counter()
-            train_time += now - t_step
-            t_step = now
-            window_images += global_batch
-            fixed, why = None, ""  # a budget's step count: fixed by the probe, then measured once more
-            if probe is not None and probe.rate is None:
-                if (fixed := probe.observe(step, train_time)) is not None:
-                    cfg.probe_steps = step
-                    why = f"{probe.rate:.2f} steps/s over the first {step} steps (at lr 0)"
-                    if fixed == step:
-                        why += "; measuring took the whole budget, no step is left to learn: raise --budget"
-            elif step == refit_at:
-                fixed, refit_at = probe.refit(step, train_time), None
-                why = f"{probe.rate:.2f} steps/s over the first {step} steps (the warmup), {cfg.steps} before"
-            if fixed is not None:
-                cfg.steps = planned = fixed
-                total_steps, schedule, eval_every = sized_schedule()
-                if cfg.probe_steps == step:  # the warmup is fixed with the first count: a later one leaves the ramp
-                    cfg.warmup_steps = schedule.warmup_steps
-                    refit_at = step + cfg.warmup_steps if cfg.warmup_steps and fixed > step else None
-                ckpt_every = cfg.checkpoint_every or eval_every
-                progress.set_total(total_steps)
-                if info.is_main:  # the count is part of the recipe from now on: --resume reads it back
-                    save_yaml(cfg, run_dir / "config.yaml")
-                progress.message(
-                    f"budget {format_duration(cfg.budget_s)}: {why} -> {fixed} steps in all, "
-                    f"{fixed / steps_per_epoch:.1f} epochs (recorded in config.yaml)"
-                )
-            rate = window_images / max(now - window_t, 1e-9)
-            progress.update(
-                step,
-                epoch=step / steps_per_epoch,
-                loss=running[0].item() / max(running[2].item(), 1),
-                acc=running[1].item() / max(running[2].item(), 1),
-                images_per_s=rate,
-                lr=lr,
-            )
-            if cfg.time_budget_s is not None and train_time >= cfg.time_budget_s:
-                stop_reason = f"time budget of {cfg.time_budget_s:.0f}s reached"
-            if cfg.max_steps and step >= cfg.max_steps and step < planned:
-                stop_reason = stop_reason or f"max_steps={cfg.max_steps} reached"
-            finished = step == total_steps or stop_reason is not None
+def start(run: Run) -> RunState:
+    """A fresh run: its directory, an empty metrics.jsonl and its config.yaml."""
+    if run.info.is_main:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        run.metrics_path.write_text("")
+    save_config(run)
+    barrier(run.info)
+    return RunState()
 
-            if step % eval_every == 0 or finished:
-                val = task.evaluate(
-                    eval_model,
-                    splits.val,
-                    splits=splits,
-                    batch_size=max(cfg.batch_size, 256),
-                    device=device,
-                    precision=precision,
-                    dist_info=info,
-                    num_workers=cfg.num_workers,
-                )
-                totals = all_reduce_sum(running.clone(), info)
-                record = {
-                    "step": step,
-                    "epoch": round(step / steps_per_epoch, 4),
-                    "train_loss": totals[0].item() / max(totals[2].item(), 1),
-                    "train_acc": None if mixing else totals[1].item() / max(totals[2].item(), 1),
-                    "val_loss": val["loss"],
-                    "val_acc": val["accuracy"],
-                    "lr": lr,
-                    "images_per_s": round(rate, 1),
-                    "time_s": round(train_time, 2),
-                }
-                if on_eval is not None:
-                    record.update(on_eval(eval_model, splits, record) or {})
-                running.zero_()
-                window_t, window_images = time.perf_counter(), 0
-                if info.is_main:
-                    with metrics_path.open("a") as f:
-                        f.write(_json_line(record))
-                    progress.message(
-                        f"eval step {step}: val_acc {val['accuracy']:.4f} val_loss {val['loss']:.4f} "
-                        f"train_loss {record['train_loss']:.4f}"
-                    )
-                if val["accuracy"] > best_acc:
-                    best_acc, best_step = val["accuracy"], step
-                    if info.is_main:
-                        with atomic_directory(best_dir) as tmp:
-                            write_pretrained(
-                                eval_model,
-                                tmp,
-                                train_config=cfg.to_dict(),
-                                step=step,
-                                val_accuracy=best_acc,
-                                dataset=splits.name,
-                                **checkpoint_meta,
-                            )
-            if step % ckpt_every == 0 or step % eval_every == 0 or finished:
-                save_last()
-            barrier(info)
-            if cfg.freeze == "backbone":  # evaluation put the whole model back in training mode
-                hold_backbone_in_eval(model)
-            t_step = time.perf_counter()  # evaluation and checkpointing are not training time
-            if finished:
-                break
-    progress.close()
-    if stop_reason:
-        log.message(f"stopped early: {stop_reason}")
 
-    # --- final report on the test split, with the best checkpoint -------------------------------------------
-    summary = final_report(
-        run_dir,
-        splits,
-        device,
-        cfg,
-        info,
-        params=params,
-        train_time=train_time,
-        step=step,
-        steps_per_epoch=steps_per_epoch,
-        best_acc=best_acc,
-        best_step=best_step,
-        task=task,
-        precision=precision,
-        model_name=model_name,
+def restore(run: Run, parts: Parts, plan: Plan) -> RunState:
+    """The state of ``checkpoints/last``: weights, optimizer, EMA, counters and random generators."""
+    saved = torch.load(run.last_dir / STATE_NAME, map_location="cpu", weights_only=False)
+    weights = read_state_dict(run.last_dir / "model.safetensors", run.device)
+    load_checkpoint_state(parts.model, weights, source=str(run.last_dir))
+    parts.optimizer.load_state_dict(saved["optimizer"])
+    if parts.ema is not None:
+        parts.ema.load_state_dict(saved["ema"])
+    state = RunState(
+        step=saved["step"],
+        best_acc=saved["best_acc"],
+        best_step=saved["best_step"],
+        train_time=saved["train_time_s"],
+        running=saved["running"],
     )
-    return summary
+    set_rng_state(saved["rng"])
+    if run.info.is_main:  # drop evaluations logged after this checkpoint: they will be recomputed identically
+        kept = [m for m in read_metrics(run.metrics_path) if m["step"] <= state.step]
+        run.metrics_path.write_text("".join(_json_line(m) for m in kept))
+    epoch = state.step / plan.steps_per_epoch
+    run.log.message(f"resumed {run.run_dir} at step {state.step}/{plan.total_steps} (epoch {epoch:.2f})")
+    save_config(run)  # flags may have extended the run (--epochs)
+    barrier(run.info)
+    return state
 
 
-def final_report(run_dir: Path, splits, device, cfg: TrainConfig, info: DistInfo, **facts: Any) -> dict[str, Any]:
-    best = from_pretrained(run_dir / "checkpoints" / "best").to(device)
+def step_until_done(loop: Loop, state: RunState) -> RunState:
+    """Epochs of optimizer steps, with evaluations and checkpoints on the way, until the planned steps are taken or
+    a stop (max_steps, the time budget) comes first."""
+    announce(loop)
+    loop.progress.start(state.step)
+    state.window_t = time.perf_counter()
+    while state.step < loop.plan.total_steps and state.stop_reason is None:
+        train_epoch(loop, state)
+    loop.progress.close()
+    if state.stop_reason:
+        loop.run.log.message(f"stopped early: {state.stop_reason}")
+    return state
+
+
+def report(loop: Loop, state: RunState) -> dict[str, Any]:
+    """The test split (the validation split when there is none) scored with the best checkpoint: summary.json."""
+    run, splits, task = loop.run, loop.splits, loop.parts.task
+    best = from_pretrained(run.best_dir).to(run.device)
     split = splits.test if splits.test is not None else splits.val
-    result = facts["task"].evaluate(
+    result = task.evaluate(
         best,
         split,
         splits=splits,
-        batch_size=max(cfg.batch_size, 256),
-        device=device,
-        precision=facts["precision"],
-        dist_info=info,
+        batch_size=max(run.cfg.batch_size, 256),
+        device=run.device,
+        precision=run.precision,
+        dist_info=run.info,
     )
-    metrics = read_metrics(run_dir / "metrics.jsonl") if info.is_main else []
+    metrics = read_metrics(run.metrics_path) if run.info.is_main else []
     rates = [m["images_per_s"] for m in metrics if m.get("images_per_s")]
     summary = {
-        "model": facts["model_name"],
+        "model": loop.parts.model_name,
         "data": splits.name,
         "test_split": "test" if splits.test is not None else "val (no test split)",
         "test_accuracy": result["accuracy"],
@@ -541,22 +525,264 @@ def final_report(run_dir: Path, splits, device, cfg: TrainConfig, info: DistInfo
         "test_count": result["count"],
         "train_images": len(splits.train),
         **result.get("report", {}),
-        "best_val_accuracy": facts["best_acc"],
-        "best_step": facts["best_step"],
-        "steps": facts["step"],
-        "epochs": round(facts["step"] / facts["steps_per_epoch"], 4),
-        "train_time_s": round(facts["train_time"], 2),
+        "best_val_accuracy": state.best_acc,
+        "best_step": state.best_step,
+        "steps": state.step,
+        "epochs": round(state.step / loop.plan.steps_per_epoch, 4),
+        "train_time_s": round(state.train_time, 2),
         "images_per_s": round(sum(rates) / len(rates), 1) if rates else None,
-        "params": facts["params"],
-        "task": facts["task"].describe(),
-        "precision": facts["precision"],
-        "processes": info.world_size,
-        "run_dir": str(run_dir),
+        "params": loop.parts.params,
+        "task": task.describe(),
+        "precision": run.precision,
+        "processes": run.info.world_size,
+        "run_dir": str(run.run_dir),
     }
-    if info.is_main:
-        write_json(run_dir / "summary.json", summary)
-        plot_curves(metrics, run_dir / "curves.png")
+    if run.info.is_main:
+        write_json(run.run_dir / "summary.json", summary)
+        plot_curves(metrics, run.run_dir / "curves.png")
     return summary
+
+
+# --- inside the loop ---------------------------------------------------------------------------------------------
+def announce(loop: Loop) -> None:
+    run, plan, splits = loop.run, loop.plan, loop.splits
+    if not run.info.is_main:
+        return
+    for line in run.intro:
+        loop.progress.message(line)
+    cfg = run.cfg
+    length = f"{plan.total_steps} steps" if plan.probe is None else f"steps sized to {format_duration(cfg.budget_s)}"
+    loop.progress.message(
+        f"training {loop.parts.model_name} ({loop.parts.params:,} parameters) on {splits.name}: "
+        f"{len(splits.train)} train / {len(splits.val)} val images, {length} of {plan.global_batch} images, "
+        f"{run.precision}, {run.device}; {loop.parts.task.describe()}"
+    )
+
+
+def train_epoch(loop: Loop, state: RunState) -> None:
+    """The rest of the epoch the run stands in, or less when the run ends inside it."""
+    run, cfg, plan, parts = loop.run, loop.run.cfg, loop.plan, loop.parts
+    epoch = state.step // plan.steps_per_epoch
+    first = (state.step % plan.steps_per_epoch) * cfg.accum_steps
+    batches = loop.splits.train.loader(
+        plan.batch_size,
+        shuffle=True,
+        seed=cfg.seed,
+        epoch=epoch,
+        start_batch=first,
+        rank=run.info.rank,
+        world_size=run.info.world_size,
+        drop_last=True,
+        num_workers=cfg.num_workers,
+    )
+    parts.train_model.train()
+    if cfg.freeze == "backbone":
+        hold_backbone_in_eval(parts.model)
+    amp = autocast(run.device, run.precision)
+    t_step = time.perf_counter()
+    for micro, (images, labels) in enumerate(batches, start=first):
+        if micro >= plan.steps_per_epoch * cfg.accum_steps:
+            break
+        last_micro = (micro + 1) % cfg.accum_steps == 0
+        loss_value = forward_backward(loop, state, images, labels, amp=amp, sync=last_micro)
+        if not last_micro:
+            continue
+        lr = optimizer_step(loop, state, loss_value, epoch)
+        now = time.perf_counter()
+        state.train_time += now - t_step
+        state.window_images += plan.global_batch
+        finished = after_step(loop, state, lr=lr, now=now)
+        t_step = time.perf_counter()  # evaluation and checkpointing are not training time
+        if finished:
+            return
+
+
+def forward_backward(loop: Loop, state: RunState, images, labels, *, amp, sync: bool) -> float:
+    """One micro-batch: augmented, mixed, forward and backward (gradients synchronised when ``sync``); its loss."""
+    run, cfg, parts = loop.run, loop.run.cfg, loop.parts
+    x = to_float(images.to(run.device, non_blocking=True), parts.in_chans, parts.img_size)
+    if parts.augment is not None:
+        x = parts.augment(x)
+    x = normalize(x, parts.mean, parts.std)
+    y = labels.to(run.device, non_blocking=True)
+    target = y
+    if mixes(cfg) or cfg.label_smoothing:
+        x, target = mixup_cutmix(
+            x,
+            y,
+            num_classes=loop.splits.num_classes,
+            mixup_alpha=cfg.mixup_alpha,
+            cutmix_alpha=cfg.cutmix_alpha,
+            label_smoothing=cfg.label_smoothing,
+        )
+    no_sync = parts.train_model.no_sync() if run.info.enabled and not sync else nullcontext()
+    with no_sync:
+        with amp:
+            out = parts.task.loss(parts.train_model, x, target, y)
+        (out.loss / cfg.accum_steps).backward()
+    loss_value = out.loss.item()  # one host sync per micro-step, shared by the metrics and the NaN check
+    state.running += torch.tensor([loss_value * len(y), out.correct.item(), len(y)], dtype=torch.float64)
+    return loss_value
+
+
+def optimizer_step(loop: Loop, state: RunState, loss_value: float, epoch: int) -> float:
+    """One optimizer step at the schedule's learning rate (returned), after the NaN check."""
+    cfg, parts = loop.run.cfg, loop.parts
+    lr = loop.plan.schedule.lr_at(state.step)
+    for group in parts.optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]  # lr_scale: layer-wise decay (1 without it)
+    grad_norm = torch.nn.utils.clip_grad_norm_(parts.model.parameters(), cfg.clip_grad or math.inf)
+    if not (math.isfinite(loss_value) and torch.isfinite(grad_norm)):
+        loop.progress.close()
+        raise VitlabError(
+            f"the loss became {loss_value} at step {state.step + 1} (epoch {epoch}); stopped. The last good "
+            f"checkpoint is kept in {loop.run.last_dir}. Lower --lr, use --precision fp32 or set clip_grad"
+        )
+    parts.optimizer.step()
+    parts.optimizer.zero_grad(set_to_none=True)
+    if parts.ema is not None:
+        parts.ema.update(parts.model)
+    state.step += 1
+    return lr
+
+
+def after_step(loop: Loop, state: RunState, *, lr: float, now: float) -> bool:
+    """Budget, progress, stops, evaluation and checkpoint after an optimizer step; True when the run is done."""
+    run, cfg, plan = loop.run, loop.run.cfg, loop.plan
+    fix_budget(loop, state)
+    rate = state.window_images / max(now - state.window_t, 1e-9)
+    loop.progress.update(
+        state.step,
+        epoch=state.step / plan.steps_per_epoch,
+        loss=state.running[0].item() / max(state.running[2].item(), 1),
+        acc=state.running[1].item() / max(state.running[2].item(), 1),
+        images_per_s=rate,
+        lr=lr,
+    )
+    if cfg.time_budget_s is not None and state.train_time >= cfg.time_budget_s:
+        state.stop_reason = f"time budget of {cfg.time_budget_s:.0f}s reached"
+    if cfg.max_steps and state.step >= cfg.max_steps and state.step < plan.planned:
+        state.stop_reason = state.stop_reason or f"max_steps={cfg.max_steps} reached"
+    finished = state.step == plan.total_steps or state.stop_reason is not None
+    if state.step % plan.eval_every == 0 or finished:
+        evaluate_and_record(loop, state, lr=lr, rate=rate)
+    if state.step % plan.ckpt_every == 0 or state.step % plan.eval_every == 0 or finished:
+        save_last(loop, state)
+    barrier(run.info)
+    if cfg.freeze == "backbone":  # evaluation put the whole model back in training mode
+        hold_backbone_in_eval(loop.parts.model)
+    return finished
+
+
+def fix_budget(loop: Loop, state: RunState) -> None:
+    """A --budget run's step count: fixed when its probe has timed the first steps, measured again when the warmup
+    ends (`BudgetProbe.after_step`), and recorded in config.yaml, which --resume reads back."""
+    cfg, plan, probe = loop.run.cfg, loop.plan, loop.plan.probe
+    if probe is None:
+        return
+    first = probe.rate is None
+    counted = probe.after_step(state.step, state.train_time)
+    if counted is None:
+        return
+    fixed, why = counted
+    if first:
+        cfg.probe_steps = state.step
+    cfg.steps = plan.planned = fixed
+    size_schedule(cfg, plan)
+    if first:  # the warmup is fixed with the first count: a later one leaves the ramp
+        cfg.warmup_steps = plan.schedule.warmup_steps
+        probe.refit_at = state.step + cfg.warmup_steps if cfg.warmup_steps and fixed > state.step else None
+    loop.progress.set_total(plan.total_steps)
+    save_config(loop.run)
+    loop.progress.message(
+        f"budget {format_duration(cfg.budget_s)}: {why} -> {fixed} steps in all, "
+        f"{fixed / plan.steps_per_epoch:.1f} epochs (recorded in config.yaml)"
+    )
+
+
+def evaluate_and_record(loop: Loop, state: RunState, *, lr: float, rate: float) -> None:
+    """Score the validation split, append the metrics line, keep the best checkpoint."""
+    run, cfg, parts, splits = loop.run, loop.run.cfg, loop.parts, loop.splits
+    val = parts.task.evaluate(
+        parts.eval_model,
+        splits.val,
+        splits=splits,
+        batch_size=max(cfg.batch_size, 256),
+        device=run.device,
+        precision=run.precision,
+        dist_info=run.info,
+        num_workers=cfg.num_workers,
+    )
+    totals = all_reduce_sum(state.running.clone(), run.info)
+    record = {
+        "step": state.step,
+        "epoch": round(state.step / loop.plan.steps_per_epoch, 4),
+        "train_loss": totals[0].item() / max(totals[2].item(), 1),
+        "train_acc": None if mixes(cfg) else totals[1].item() / max(totals[2].item(), 1),
+        "val_loss": val["loss"],
+        "val_acc": val["accuracy"],
+        "lr": lr,
+        "images_per_s": round(rate, 1),
+        "time_s": round(state.train_time, 2),
+    }
+    if loop.on_eval is not None:
+        record.update(loop.on_eval(parts.eval_model, splits, record) or {})
+    state.running.zero_()
+    state.window_t, state.window_images = time.perf_counter(), 0
+    if run.info.is_main:
+        with run.metrics_path.open("a") as f:
+            f.write(_json_line(record))
+        loop.progress.message(
+            f"eval step {state.step}: val_acc {val['accuracy']:.4f} val_loss {val['loss']:.4f} "
+            f"train_loss {record['train_loss']:.4f}"
+        )
+    if val["accuracy"] > state.best_acc:
+        state.best_acc, state.best_step = val["accuracy"], state.step
+        if run.info.is_main:
+            with atomic_directory(run.best_dir) as tmp:
+                write_pretrained(
+                    parts.eval_model,
+                    tmp,
+                    train_config=cfg.to_dict(),
+                    step=state.step,
+                    val_accuracy=state.best_acc,
+                    dataset=splits.name,
+                    **parts.checkpoint_meta,
+                )
+
+
+def save_last(loop: Loop, state: RunState) -> None:
+    """``checkpoints/last``: what --resume needs to take the very steps an uninterrupted run takes."""
+    run, parts = loop.run, loop.parts
+    if not run.info.is_main:
+        return
+    saved = {
+        "optimizer": parts.optimizer.state_dict(),
+        "ema": parts.ema.state_dict() if parts.ema else None,
+        "step": state.step,
+        "best_acc": state.best_acc,
+        "best_step": state.best_step,
+        "train_time_s": state.train_time,
+        "running": state.running,
+        "rng": rng_state(),
+        "config": run.cfg.to_dict(),
+    }
+    with atomic_directory(run.last_dir) as tmp:
+        write_pretrained(
+            parts.model, tmp, train_config=run.cfg.to_dict(), step=state.step, dataset=loop.splits.name,
+            **parts.checkpoint_meta,
+        )  # fmt: skip
+        torch.save(saved, tmp / STATE_NAME)
+
+
+def save_config(run: Run) -> None:
+    if run.info.is_main:
+        save_yaml(run.cfg, run.run_dir / "config.yaml")
+
+
+def mixes(cfg: TrainConfig) -> bool:
+    """Mixup or cutmix: targets are mixed, a training accuracy would mean nothing."""
+    return cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0
 
 
 def _json_line(record: dict[str, Any]) -> str:
