@@ -175,27 +175,34 @@ def _print_summary(s: dict) -> None:
     Console(width=120 if not sys.stdout.isatty() else None).print(table)
 
 
+_ALLOW_CHANGED_DATA = click.option(
+    "--allow-changed-data",
+    is_flag=True,
+    help="Evaluate even when the data changed since the run split it (its split may then hold training images).",
+)
+
+
 @cli.command("eval")
 @click.argument("checkpoint", type=click.Path())
-@click.option("--data", required=True, help="Dataset to evaluate on (as for train).")
+@click.option("--data", help="Dataset to evaluate on (as for train); default: the run's, split as the run split it.")
 @click.option("--data-dir")
 @click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True)
-@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--batch-size", type=int, help="Default: the run's evaluation batch (its batch size, at least 256).")
 @click.option(
     "--precision",
     type=click.Choice(["auto", "fp32", "bf16"]),
-    default="auto",
-    show_default=True,
-    help="auto: bf16 where the hardware has native bf16, else fp32.",
+    help="Default: the run's. auto: bf16 where the hardware has native bf16, else fp32.",
 )
+@_ALLOW_CHANGED_DATA
 @click.option("--out", help="Where to write confusion_matrix.png/.json (default: CHECKPOINT/eval-SPLIT).")
-def eval_(checkpoint, data, data_dir, split, batch_size, precision, out) -> None:
-    """Accuracy, per-class accuracy and a confusion matrix of a checkpoint on a dataset split."""
+def eval_(checkpoint, data, data_dir, split, batch_size, precision, allow_changed_data, out) -> None:
+    """Accuracy, per-class accuracy and a confusion matrix of a checkpoint on a dataset split: by default the
+    run's own test images (RUN/split.json), in the run's precision."""
     from vitlab.predict import evaluate_checkpoint
 
-    r = evaluate_checkpoint(
-        checkpoint, data, data_dir=data_dir, split=split, batch_size=batch_size, precision=precision, out=out
-    )
+    r = evaluate_checkpoint(checkpoint, data, data_dir=data_dir, split=split, batch_size=batch_size,
+                            precision=precision, out=out, allow_changed_data=allow_changed_data)  # fmt: skip
+    click.echo(r["checked"])
     click.echo(f"precision {r['precision']} ({r['precision_reason']})")
     click.echo(f"{r['data']} {split}: accuracy {r['accuracy']:.4f} on {r['count']} images (loss {r['loss']:.4f})")
     width = max(len(c) for c in r["class_names"])

@@ -10,48 +10,47 @@ import torch
 
 from vitlab._io import write_json
 from vitlab.checkpoint import from_pretrained
-from vitlab.data import build_dataset, subset_classes, to_model_input
+from vitlab.data import to_model_input
 from vitlab.data.images import decode_image
 from vitlab.errors import VitlabError
 
 
 def evaluate_checkpoint(
     checkpoint: str | Path,
-    data: str,
+    data: str | None = None,
     *,
     data_dir: str | None = None,
     split: str = "test",
-    batch_size: int = 256,
-    precision: str = "auto",
+    batch_size: int | None = None,
+    precision: str | None = None,
     out: str | Path | None = None,
+    allow_changed_data: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate a checkpoint on a split of a dataset, writing confusion_matrix.png and .json into ``out``."""
-    from vitlab.train.evaluate import evaluate
-    from vitlab.train.precision import resolve_precision
-    from vitlab.train.report import plot_confusion
+    """Evaluate a checkpoint on a split, writing confusion_matrix.png and .json into ``out``.
 
-    precision, precision_reason = resolve_precision(precision, "cpu")
+    By default the split is its run's own held-out one (``data``: the run's data; checked against ``RUN/split.json``,
+    see `vitlab.data.manifest.held_out_split`), measured in the run's precision and evaluation batch size, so the
+    test accuracy is the run's own, image for image. ``precision`` / ``batch_size`` override them."""
+    from vitlab.data.manifest import held_out_split, run_dir_of
+    from vitlab.train.evaluate import evaluate
+    from vitlab.train.precision import resolve_precision, run_precision
+    from vitlab.train.report import plot_confusion
 
     checkpoint = Path(checkpoint)
     model = _classifier(from_pretrained(checkpoint), checkpoint)
     in_chans, h, w = model.default_cfg["input_size"]
-    train_cfg = (
-        json.loads((checkpoint / "config.json").read_text()).get("train_config", {}) if checkpoint.is_dir() else {}
-    )
-    # the run's seed and validation fraction give back the same split the model was selected on
-    splits = build_dataset(
-        data,
-        data_dir=data_dir,
-        img_size=(h, w),
-        in_chans=in_chans,
-        seed=train_cfg.get("seed", 0),
-        val_fraction=train_cfg.get("val_fraction", 0.1),
-    )
-    if train_cfg.get("classes") is not None:  # the class subset the model was trained on
-        splits = subset_classes(splits, train_cfg["classes"])
-    dataset = splits.test if split == "test" else splits.val
-    if dataset is None:
-        raise VitlabError(f"{splits.name} has no test split; use --split val")
+    config = json.loads((checkpoint / "config.json").read_text()) if checkpoint.is_dir() else {}
+    train_cfg = config.get("train_config", {})
+    run_dir = run_dir_of(checkpoint)
+    if precision is None:
+        precision, precision_reason = run_precision(config, run_dir)
+    else:
+        precision, precision_reason = resolve_precision(precision, "cpu")
+    batch_size = batch_size or max(train_cfg.get("batch_size", 0), 256)  # the trainer's test report's batch
+    # the run's data, options and split (its class subset, skipped files, split sizes), checked against its manifest
+    splits, dataset, checked = held_out_split(run_dir, train_cfg, split=split, data=data, data_dir=data_dir,
+                                              img_size=(h, w), in_chans=in_chans,
+                                              allow_changed_data=allow_changed_data)  # fmt: skip
     names = model.pretrained_cfg.get("class_names") or splits.class_names
     if len(names) != model.num_classes or splits.num_classes != model.num_classes:
         raise VitlabError(f"the checkpoint has {model.num_classes} classes but {splits.name} has {splits.num_classes}")
@@ -83,6 +82,8 @@ def evaluate_checkpoint(
         "json": str(js),
         "precision": precision,
         "precision_reason": precision_reason,
+        "split": split,
+        "checked": checked,
     }
 
 

@@ -191,7 +191,7 @@ def predict_images(
 
 def evaluate_clip(
     checkpoint: str | Path,
-    data: str,
+    data: str | None = None,
     *,
     data_dir: str | None = None,
     split: str = "test",
@@ -200,27 +200,26 @@ def evaluate_clip(
     unseen: str | None = None,
     retrieval_too: bool = True,
     batch_size: int = 256,
+    allow_changed_data: bool = False,
 ) -> dict[str, Any]:
     """Zero-shot accuracy (a dataset with classes) and retrieval recall (a caption set) of a CLIP checkpoint on a
-    split of ``data``: a classification dataset (fashion-mnist, a folder, ...) or a caption set (captions:...)."""
+    split of ``data``: a classification dataset (fashion-mnist, a folder, ...) or a caption set (captions:...). By
+    default the run's own data and held-out split, checked against ``RUN/split.json`` (`vitlab.data.manifest`)."""
     import json
 
     from vitlab.checkpoint import from_pretrained
-    from vitlab.data import build_dataset
     from vitlab.data.captions import BUILTIN, DEFAULT_TEMPLATES, CaptionSplits, resolve_classes
+    from vitlab.data.manifest import held_out_split, run_dir_of
 
     model = _clip(from_pretrained(checkpoint), checkpoint)
     in_chans, size, _, _ = _input_spec(model)
     path = Path(checkpoint)
     train_cfg = json.loads((path / "config.json").read_text()).get("train_config", {}) if path.is_dir() else {}
-    # the run's seed, validation fraction and bad-row policy give back the splits it was trained and selected on
-    splits = build_dataset(data, data_dir=data_dir, img_size=size, in_chans=in_chans, seed=train_cfg.get("seed", 0),
-                           val_fraction=train_cfg.get("val_fraction", 0.1),
-                           skip_bad_images=train_cfg.get("skip_bad_images", False))  # fmt: skip
-    dataset = splits.test if split == "test" else splits.val
-    if dataset is None:
-        raise VitlabError(f"{splits.name} has no {split} split")
-    result: dict[str, Any] = {"data": splits.name, "split": split, "count": len(dataset)}
+    # the run's data and options (seed, validation fraction, bad-row policy) give back the split it held out
+    splits, dataset, checked = held_out_split(run_dir_of(path), train_cfg, split=split, data=data, data_dir=data_dir,
+                                              img_size=size, in_chans=in_chans,
+                                              allow_changed_data=allow_changed_data)  # fmt: skip
+    result: dict[str, Any] = {"data": splits.name, "split": split, "count": len(dataset), "checked": checked}
     is_captions = isinstance(splits, CaptionSplits)
     if is_captions and retrieval_too:
         result["retrieval"] = retrieval(model, dataset, batch_size=batch_size)

@@ -11,7 +11,9 @@ batches of ``batch_size * world_size`` consecutive indices, of which rank ``r`` 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import hashlib
+import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -117,6 +119,11 @@ class Dataset:
         """The samples at ``indices`` with new ``labels`` (see `vitlab.data.subset_classes`)."""
         raise NotImplementedError
 
+    def members(self) -> list[str]:
+        """One identity per sample, in order: what a run's split manifest lists (`vitlab.data.manifest`). A file's
+        path, or the digest of an in-memory image."""
+        raise NotImplementedError
+
 
 class InMemoryDataset(Dataset):
     """Images held in one uint8 tensor; a batch is a single tensor index (no per-sample Python, no DataLoader)."""
@@ -137,6 +144,28 @@ class InMemoryDataset(Dataset):
 
     def subset(self, indices: Tensor, labels: Tensor) -> InMemoryDataset:
         return InMemoryDataset(self.images[indices], labels)
+
+    def members(self) -> list[str]:
+        # an in-memory image has no name: its pixels are its identity (8 bytes tell 10^19 images apart)
+        return [hashlib.blake2b(image.numpy().tobytes(), digest_size=8).hexdigest() for image in self.images]
+
+
+def tensors_hash(*tensors: Tensor) -> str:
+    """SHA-256 of tensors' dtypes, shapes and bytes: the fingerprint of an in-memory dataset's arrays."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype} {tuple(t.shape)}\n".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def files_hash(root: str | os.PathLike, files: Iterable[str | os.PathLike]) -> str:
+    """SHA-256 of the sorted paths (relative to ``root``) and sizes of ``files``: the fingerprint of a dataset of
+    files, cheap enough for a million of them (one ``stat`` each, no read). Modification times are left out, so a
+    copy of the data (``cp -r``, a new machine) keeps its fingerprint; an edit that keeps a file's size is not seen."""
+    lines = sorted(f"{os.path.relpath(f, root)}\t{os.stat(f).st_size}\n" for f in files)
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
 def channel_histograms(images: Tensor) -> Tensor:
@@ -198,6 +227,8 @@ def small_class_notes(class_names: list[str], labels: dict[str, Tensor], *, limi
     """Lines that say what splitting did to small classes: every class in ``class_names`` with no image in one of
     the held-out splits of ``labels`` (``{"train": ..., "val": ..., "test": ...}``), and why."""
     notes = []
+    # a held-out split with no image at all (val_fraction=0) is no class's problem: the run says so once
+    labels = {split: y for split, y in labels.items() if split == "train" or len(y)}
     for c, name in enumerate(class_names):
         counts = {split: int((y == c).sum()) for split, y in labels.items()}
         missing = [split for split, n in counts.items() if n == 0 and split != "train"]
@@ -225,7 +256,9 @@ class DatasetSplits:
     ``mean`` / ``std`` are per-channel statistics of the train split on the [0, 1] scale; ``in_chans`` and
     ``img_size`` describe the stored images (the model's input size may differ: see `to_model_input`).
     ``skipped`` lists the unreadable files that ``skip_bad_images=True`` left out; ``notes`` says what splitting did
-    to classes too small to share (see `small_class_notes`).
+    to classes too small to share (see `small_class_notes`). ``data_hash`` fingerprints the data as found, before
+    any split (`tensors_hash`, `files_hash`), and ``root`` is the directory a dataset of files names its members
+    relative to: both go into a run's split manifest (`vitlab.data.manifest`).
     """
 
     name: str
@@ -239,6 +272,8 @@ class DatasetSplits:
     img_size: tuple[int, int]
     skipped: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    data_hash: str = ""
+    root: str | None = None
 
     @property
     def num_classes(self) -> int:

@@ -22,10 +22,12 @@ dataset.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qsl
 
 import torch
@@ -36,6 +38,7 @@ from vitlab.data.base import (
     DatasetSplits,
     InMemoryDataset,
     channel_histograms,
+    files_hash,
     stats_from_histograms,
     stratified_split,
 )
@@ -125,6 +128,9 @@ class CaptionDataset(Dataset):
     def _load_batches(self, batches: list[Tensor], num_workers: int) -> Iterator[tuple[Tensor, Tensor]]:
         # the image dataset is built with each sample's index as its label: its batches already carry the indices
         return self.images._load_batches(batches, num_workers)
+
+    def members(self) -> list[str]:
+        return self.images.members()
 
 
 @dataclass
@@ -222,6 +228,7 @@ def _builtin(
         img_size=base.img_size,
         unseen=[base.class_names[k] for k in unseen],
         class_captions=info,
+        data_hash=_options_hash(base.data_hash, {"unseen": unseen}),
     )
 
 
@@ -320,6 +327,8 @@ def _from_file(
         for i in pick.tolist()
     )
     mean, std = stats_from_histograms(hist)
+    root = path.parent.resolve()  # image paths are resolved: their names in a manifest are relative to this
+    existing = [f for f in checked if f.is_file()]
     return CaptionSplits(
         name=spec,
         train=splits["train"],
@@ -331,7 +340,16 @@ def _from_file(
         in_chans=in_chans,
         img_size=img_size,
         skipped=skipped,
+        # the file's rows (which image, which captions, in which order) and the images they name, as found
+        data_hash=_options_hash(hashlib.sha256(path.read_bytes()).hexdigest(), options, files_hash(root, existing)),
+        root=str(root),
     )
+
+
+def _options_hash(*parts: Any) -> str:
+    """A caption set's fingerprint: its source's and the options that make samples and captions of it (which
+    columns, which classes are unseen)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def _check_image(file: Path, in_chans: int, *, decode: bool) -> str | None:

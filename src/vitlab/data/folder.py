@@ -92,6 +92,9 @@ class FolderDataset(Dataset, torch.utils.data.Dataset):
         samples = [(self.samples[i][0], y) for i, y in zip(indices.tolist(), labels.tolist())]
         return FolderDataset(samples, in_chans=self.in_chans, img_size=self.img_size)
 
+    def members(self) -> list[str]:
+        return [path for path, _ in self.samples]
+
     @staticmethod
     def _raise_unreadable(loader: DataLoader) -> Iterator[tuple[Tensor, Tensor]]:
         for batch in loader:

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from vitlab.data.base import DatasetSplits, InMemoryDataset, channel_stats, small_class_notes, stratified_split
+from vitlab.data.base import (
+    DatasetSplits,
+    InMemoryDataset,
+    channel_stats,
+    files_hash,
+    small_class_notes,
+    stratified_split,
+    tensors_hash,
+)
 from vitlab.data.cifar import load_cifar
 from vitlab.data.fashion_mnist import CLASS_NAMES as FASHION_CLASS_NAMES
 from vitlab.data.fashion_mnist import load_fashion_mnist
@@ -35,8 +45,10 @@ def _in_memory_splits(
     *,
     seed: int,
     val_fraction: float,
+    data_hash: str,
 ) -> DatasetSplits:
-    """Carve a stratified val split (by ``seed``) out of ``train``; statistics come from what is left for training."""
+    """Carve a stratified val split (by ``seed``) out of ``train``; statistics come from what is left for training.
+    ``data_hash``: the fingerprint of the arrays as loaded (`tensors_hash`)."""
     images, labels = train
     keep, val = stratified_split(labels, val_fraction, seed)
     train_set = InMemoryDataset(images[keep], labels[keep])
@@ -53,7 +65,12 @@ def _in_memory_splits(
         in_chans=images.shape[1],
         img_size=(images.shape[2], images.shape[3]),
         notes=notes,
+        data_hash=data_hash,
     )
+
+
+def _arrays_hash(d: dict[str, Tensor]) -> str:
+    return tensors_hash(d["train_images"], d["train_labels"], d["test_images"], d["test_labels"])
 
 
 # stored size, channels, classes and images the train and val splits share (the rest is an official test set)
@@ -126,7 +143,7 @@ def build_dataset(
         path = spec[len("folder:") :]
         if not path:
             raise VitlabError("folder dataset needs a path: folder:PATH")
-        return build_folder_dataset(
+        splits = build_folder_dataset(
             path,
             img_size=img_size,
             in_chans=in_chans,
@@ -134,6 +151,9 @@ def build_dataset(
             val_fraction=val_fraction,
             skip_bad_images=skip_bad_images,
         )
+        root = str(Path(path).expanduser())
+        found = [m for s in (splits.train, splits.val, splits.test) if s is not None for m in s.members()]
+        return dataclasses.replace(splits, data_hash=files_hash(root, found + splits.skipped), root=root)
     name = spec.lower()
     if name == "digits":
         images, labels = _load_digits()
@@ -146,6 +166,7 @@ def build_dataset(
             [str(i) for i in range(10)],
             seed=seed,
             val_fraction=val_fraction / (1 - val_fraction),
+            data_hash=tensors_hash(images, labels),
         )
     if name == "fashion-mnist":
         d = load_fashion_mnist(data_dir, download_missing=download)
@@ -156,6 +177,7 @@ def build_dataset(
             list(FASHION_CLASS_NAMES),
             seed=seed,
             val_fraction=val_fraction,
+            data_hash=_arrays_hash(d),
         )
     if name in ("cifar10", "cifar100"):
         d = load_cifar(name, data_dir, download_missing=download)
@@ -166,6 +188,7 @@ def build_dataset(
             d["class_names"],
             seed=seed,
             val_fraction=val_fraction,
+            data_hash=_arrays_hash(d),
         )
     raise VitlabError(
         f"unknown dataset {spec!r}; choose from {', '.join(DATASET_NAMES)}.{closest(spec, DATASET_NAMES)}"

@@ -8,6 +8,7 @@ torch 2.13), so ``auto`` must not pick bf16 just because autocast accepts it.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -63,3 +64,21 @@ def resolve_precision(precision: str, device: torch.device | str) -> tuple[str, 
     device = torch.device(device)
     native, why = cuda_bf16_support(device) if device.type == "cuda" else cpu_bf16_support()
     return ("bf16" if native else "fp32"), f"auto: {why}"
+
+
+def run_precision(checkpoint_config: dict, run_dir: Path | None) -> tuple[str, str]:
+    """The precision a run evaluated in, for evaluating its checkpoint again the same way, and a line saying where it
+    was read: the checkpoint's ``precision`` (written by the trainer), else the run's summary.json, else its
+    configuration; only a run that recorded nothing but ``auto`` is resolved here, for the CPU."""
+    if checkpoint_config.get("precision") in ("fp32", "bf16"):
+        return checkpoint_config["precision"], "the run's, recorded in the checkpoint"
+    summary = run_dir / "summary.json" if run_dir is not None else None
+    if summary is not None and summary.is_file():
+        recorded = json.loads(summary.read_text()).get("precision")
+        if recorded in ("fp32", "bf16"):
+            return recorded, f"the run's, recorded in {summary}"
+    configured = checkpoint_config.get("train_config", {}).get("precision", "auto")
+    if configured != "auto":
+        return resolve_precision(configured, "cpu")[0], "the run's configuration"
+    precision, why = resolve_precision("auto", "cpu")
+    return precision, f"{why}; the run recorded no resolved precision"

@@ -30,16 +30,8 @@ import torch
 from vitlab._io import atomic_directory, recover_directory, write_json
 from vitlab._registry import get_variant
 from vitlab.checkpoint import from_pretrained, load_checkpoint_state, read_state_dict, write_pretrained
-from vitlab.data import (
-    DatasetSplits,
-    build_augment,
-    build_dataset,
-    limit_images,
-    mixup_cutmix,
-    normalize,
-    subset_classes,
-    to_float,
-)
+from vitlab.data import DatasetSplits, build_augment, mixup_cutmix, normalize, to_float
+from vitlab.data.manifest import SplitOptions, build_run_splits, record_split
 from vitlab.errors import VitlabError
 from vitlab.layers import to_2tuple
 from vitlab.stats import count_params
@@ -280,31 +272,30 @@ def prepare_data(run: Run) -> DatasetSplits:
     """The splits the run trains, selects and tests on: the dataset (or its fallback), a class subset, fewer images."""
     cfg = run.cfg
     in_chans, img_size = input_shape(cfg)
-    data_args = dict(
-        img_size=img_size,
-        in_chans=in_chans,
-        seed=cfg.seed,
-        val_fraction=cfg.val_fraction,
-        skip_bad_images=cfg.skip_bad_images,
-    )
+    options, data = SplitOptions.of(cfg), cfg.data  # the splits `vitlab eval` rebuilds: built the same way
     try:
-        splits = build_dataset(cfg.data, data_dir=cfg.data_dir, **data_args)
+        splits = build_run_splits(data, options, data_dir=cfg.data_dir, img_size=img_size, in_chans=in_chans)
     except VitlabError as e:
         if not cfg.fallback_data:
             raise
         run.log.message(f"{cfg.data} is not available here ({e}); training on {cfg.fallback_data} instead")
-        splits = build_dataset(cfg.fallback_data, **data_args)
+        data = cfg.fallback_data
+        splits = build_run_splits(data, options, img_size=img_size, in_chans=in_chans)
     if splits.skipped:
         run.log.message(f"skipped {len(splits.skipped)} unreadable images (--skip-bad-images)")
     if cfg.classes is not None:
-        splits = subset_classes(splits, cfg.classes)
         run.intro.append(
             f"training on {splits.num_classes} classes ({', '.join(splits.class_names)}), relabelled 0-"
             f"{splits.num_classes - 1}"
         )
-    if cfg.train_images is not None or cfg.test_images is not None:
-        splits = limit_images(splits, train=cfg.train_images, test=cfg.test_images, seed=cfg.seed)
+    if not len(splits.val):
+        run.intro.append(
+            f"no validation split (val_fraction={cfg.val_fraction}): no model selection, checkpoints/best is the "
+            "last model"
+        )
     run.intro += splits.notes
+    # RUN/split.json: what the run holds out, written by a fresh run, checked by a resumed one
+    record_split(run.run_dir, splits, data=data, options=options, resume=run.resume, write=run.info.is_main)
     return splits
 
 
@@ -410,7 +401,8 @@ def build_parts(run: Run, splits: DatasetSplits) -> Parts:
         std=std,
         params=count_params(model),
         model_name=model.model_name if cfg.init else cfg.model,
-        checkpoint_meta={"init": model.pretrained_cfg["init"]} if cfg.init else {},
+        # the precision the run resolved: `vitlab eval` scores the checkpoint in it again (`run_precision`)
+        checkpoint_meta={"precision": run.precision, **({"init": model.pretrained_cfg["init"]} if cfg.init else {})},
     )
 
 
@@ -503,29 +495,33 @@ def step_until_done(loop: Loop, state: RunState) -> RunState:
 def report(loop: Loop, state: RunState) -> dict[str, Any]:
     """The test split (the validation split when there is none) scored with the best checkpoint: summary.json."""
     run, splits, task = loop.run, loop.splits, loop.parts.task
-    best = from_pretrained(run.best_dir).to(run.device)
-    split = splits.test if splits.test is not None else splits.val
-    result = task.evaluate(
-        best,
-        split,
-        splits=splits,
-        batch_size=max(run.cfg.batch_size, 256),
-        device=run.device,
-        precision=run.precision,
-        dist_info=run.info,
-    )
+    split, split_name = held_out(splits)
+    result: dict[str, Any] = {"accuracy": None, "loss": None, "count": 0}
+    if split is None:
+        run.log.message("no held-out data: no test accuracy")
+    else:
+        best = from_pretrained(run.best_dir).to(run.device)
+        result = task.evaluate(
+            best,
+            split,
+            splits=splits,
+            batch_size=max(run.cfg.batch_size, 256),
+            device=run.device,
+            precision=run.precision,
+            dist_info=run.info,
+        )
     metrics = read_metrics(run.metrics_path) if run.info.is_main else []
     rates = [m["images_per_s"] for m in metrics if m.get("images_per_s")]
     summary = {
         "model": loop.parts.model_name,
         "data": splits.name,
-        "test_split": "test" if splits.test is not None else "val (no test split)",
+        "test_split": split_name,
         "test_accuracy": result["accuracy"],
         "test_loss": result["loss"],
         "test_count": result["count"],
         "train_images": len(splits.train),
         **result.get("report", {}),
-        "best_val_accuracy": state.best_acc,
+        "best_val_accuracy": state.best_acc if len(splits.val) else None,
         "best_step": state.best_step,
         "steps": state.step,
         "epochs": round(state.step / loop.plan.steps_per_epoch, 4),
@@ -541,6 +537,15 @@ def report(loop: Loop, state: RunState) -> dict[str, Any]:
         write_json(run.run_dir / "summary.json", summary)
         plot_curves(metrics, run.run_dir / "curves.png")
     return summary
+
+
+def held_out(splits: DatasetSplits) -> tuple[Any, str]:
+    """The split the test report scores, and its name: test, else validation, else none (never an empty one)."""
+    if splits.test is not None and len(splits.test):
+        return splits.test, "test"
+    if len(splits.val):
+        return splits.val, "val (no test split)"
+    return None, "none (no held-out data)"
 
 
 # --- inside the loop ---------------------------------------------------------------------------------------------
@@ -703,16 +708,18 @@ def fix_budget(loop: Loop, state: RunState) -> None:
 def evaluate_and_record(loop: Loop, state: RunState, *, lr: float, rate: float) -> None:
     """Score the validation split, append the metrics line, keep the best checkpoint."""
     run, cfg, parts, splits = loop.run, loop.run.cfg, loop.parts, loop.splits
-    val = parts.task.evaluate(
-        parts.eval_model,
-        splits.val,
-        splits=splits,
-        batch_size=max(cfg.batch_size, 256),
-        device=run.device,
-        precision=run.precision,
-        dist_info=run.info,
-        num_workers=cfg.num_workers,
-    )
+    val = {"loss": None, "accuracy": None}  # no validation split: nothing selects, the latest model is the best
+    if len(splits.val):
+        val = parts.task.evaluate(
+            parts.eval_model,
+            splits.val,
+            splits=splits,
+            batch_size=max(cfg.batch_size, 256),
+            device=run.device,
+            precision=run.precision,
+            dist_info=run.info,
+            num_workers=cfg.num_workers,
+        )
     totals = all_reduce_sum(state.running.clone(), run.info)
     record = {
         "step": state.step,
@@ -732,12 +739,10 @@ def evaluate_and_record(loop: Loop, state: RunState, *, lr: float, rate: float) 
     if run.info.is_main:
         with run.metrics_path.open("a") as f:
             f.write(_json_line(record))
-        loop.progress.message(
-            f"eval step {state.step}: val_acc {val['accuracy']:.4f} val_loss {val['loss']:.4f} "
-            f"train_loss {record['train_loss']:.4f}"
-        )
-    if val["accuracy"] > state.best_acc:
-        state.best_acc, state.best_step = val["accuracy"], state.step
+        scores = f"val_acc {val['accuracy']:.4f} val_loss {val['loss']:.4f} " if val["accuracy"] is not None else ""
+        loop.progress.message(f"eval step {state.step}: {scores}train_loss {record['train_loss']:.4f}")
+    if val["accuracy"] is None or val["accuracy"] > state.best_acc:
+        state.best_acc, state.best_step = val["accuracy"] if val["accuracy"] is not None else -1.0, state.step
         if run.info.is_main:
             with atomic_directory(run.best_dir) as tmp:
                 write_pretrained(
@@ -745,7 +750,7 @@ def evaluate_and_record(loop: Loop, state: RunState, *, lr: float, rate: float) 
                     tmp,
                     train_config=cfg.to_dict(),
                     step=state.step,
-                    val_accuracy=state.best_acc,
+                    val_accuracy=val["accuracy"],
                     dataset=splits.name,
                     **parts.checkpoint_meta,
                 )
