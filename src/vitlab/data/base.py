@@ -29,6 +29,12 @@ def epoch_order(n: int, *, shuffle: bool, seed: int = 0, epoch: int = 0) -> Tens
     return torch.randperm(n, generator=generator)
 
 
+def derive_seed(*parts: object) -> int:
+    """A seed (63 bits) for one purpose of one run, e.g. ``derive_seed("loader", seed, epoch, rank)``: streams of
+    different parts are unrelated (``seed + rank`` would give rank 1 of seed 0 the stream of rank 0 of seed 1)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
 def _check_sharding(batch_size: int, rank: int, world_size: int) -> None:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -82,7 +88,11 @@ class Dataset:
     def __len__(self) -> int:
         raise NotImplementedError
 
-    def _load_batches(self, batches: list[Tensor], num_workers: int) -> Iterator[tuple[Tensor, Tensor]]:
+    def _load_batches(
+        self, batches: list[Tensor], num_workers: int, generator: torch.Generator
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """The batches at ``batches``; any random draw while loading (a DataLoader's worker seeds) comes from
+        ``generator``, never from torch's global one, whose state a run checkpoints."""
         raise NotImplementedError
 
     def loader(
@@ -98,7 +108,8 @@ class Dataset:
         drop_last: bool = False,
         num_workers: int = 0,
     ) -> Iterator[tuple[Tensor, Tensor]]:
-        """Yield this rank's batches of one epoch, from batch ``start_batch`` on."""
+        """Yield this rank's batches of one epoch, from batch ``start_batch`` on. Loading draws from a generator of its
+        own, seeded from (seed, epoch, rank): a resumed epoch loads as the uninterrupted one did."""
         batches = epoch_batches(
             len(self),
             batch_size,
@@ -110,7 +121,8 @@ class Dataset:
             world_size=world_size,
             drop_last=drop_last,
         )
-        return self._load_batches(batches, num_workers)
+        generator = torch.Generator().manual_seed(derive_seed("loader", seed, epoch, rank))
+        return self._load_batches(batches, num_workers, generator)
 
     def num_batches(self, batch_size: int, *, world_size: int = 1, drop_last: bool = False, rank: int = 0) -> int:
         return count_batches(len(self), batch_size, world_size=world_size, drop_last=drop_last, rank=rank)
@@ -139,7 +151,9 @@ class InMemoryDataset(Dataset):
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def _load_batches(self, batches: list[Tensor], num_workers: int) -> Iterator[tuple[Tensor, Tensor]]:
+    def _load_batches(
+        self, batches: list[Tensor], num_workers: int, generator: torch.Generator
+    ) -> Iterator[tuple[Tensor, Tensor]]:
         return ((self.images[idx], self.labels[idx]) for idx in batches)  # num_workers: nothing to parallelise
 
     def subset(self, indices: Tensor, labels: Tensor) -> InMemoryDataset:

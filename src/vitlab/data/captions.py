@@ -125,9 +125,11 @@ class CaptionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.captions)
 
-    def _load_batches(self, batches: list[Tensor], num_workers: int) -> Iterator[tuple[Tensor, Tensor]]:
+    def _load_batches(
+        self, batches: list[Tensor], num_workers: int, generator: torch.Generator
+    ) -> Iterator[tuple[Tensor, Tensor]]:
         # the image dataset is built with each sample's index as its label: its batches already carry the indices
-        return self.images._load_batches(batches, num_workers)
+        return self.images._load_batches(batches, num_workers, generator)
 
     def members(self) -> list[str]:
         return self.images.members()

@@ -82,10 +82,15 @@ class FolderDataset(Dataset, torch.utils.data.Dataset):
         except VitlabError as e:
             return _Unreadable(str(e))
 
-    def _load_batches(self, batches: list[Tensor], num_workers: int) -> Iterator[tuple[Tensor, Tensor]]:
+    def _load_batches(
+        self, batches: list[Tensor], num_workers: int, generator: torch.Generator
+    ) -> Iterator[tuple[Tensor, Tensor]]:
         # A list of index lists is a valid batch sampler: the DataLoader only iterates it.
         batch_sampler = [batch.tolist() for batch in batches]
-        loader = DataLoader(self, batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=_collate)
+        # the DataLoader draws its worker seeds from `generator`; without one it would draw from the global generator
+        loader = DataLoader(
+            self, batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=_collate, generator=generator
+        )
         return self._raise_unreadable(loader)
 
     def subset(self, indices: Tensor, labels: Tensor) -> FolderDataset:
