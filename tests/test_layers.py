@@ -113,6 +113,13 @@ def test_drop_path_keeps_the_expectation() -> None:
     assert (y == 0).all(1).eq((y == 0).any(1)).all()  # one decision per sample
 
 
+def test_drop_path_of_one_drops_everything_without_nan() -> None:
+    x = torch.randn(8, 5, 4, requires_grad=True)
+    y = DropPath(1.0).train()(x)
+    assert torch.equal(y, torch.zeros_like(x))  # not 0 / 0
+    assert DropPath(1.0).eval()(x) is x
+
+
 def test_layer_scale() -> None:
     ls = LayerScale(4, init_values=0.1)
     assert torch.equal(ls(torch.ones(2, 4)), torch.full((2, 4), 0.1))

@@ -69,15 +69,19 @@ def info(name: str) -> None:
 
 
 def _parse_set(values: tuple[str, ...]) -> dict:
-    import yaml
+    from vitlab.train.config import parse_set
 
-    out = {}
-    for item in values:
-        if "=" not in item:
-            raise VitlabError(f"--set expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
-    return out
+    return parse_set(values)
+
+
+def _options(flags: dict, sets: tuple[str, ...]) -> dict:
+    """The options a command's flags and --set items give; one given both ways is an error, not last wins."""
+    given = {k: v for k, v in flags.items() if v is not None}
+    extra = _parse_set(sets)
+    both = sorted(set(given) & set(extra))
+    if both:
+        raise VitlabError(f"{both[0]} is given both by a flag and by --set {both[0]}=...; give it once")
+    return {**given, **extra}
 
 
 @cli.command()
@@ -128,7 +132,7 @@ def train(config_file, resume, sets, compile_, **flags) -> None:
     """Train a model; writes metrics, curves, checkpoints and a summary into the run directory."""
     from vitlab.train import train as run_training
 
-    overrides = {**{k: v for k, v in flags.items() if v is not None}, **_parse_set(sets)}
+    overrides = _options(flags, sets)
     if compile_ is not None:
         overrides["compile"] = compile_
     summary = run_training(_train_config(config_file, resume, overrides), resume=resume)
@@ -139,7 +143,7 @@ def train(config_file, resume, sets, compile_, **flags) -> None:
 def _train_config(config_file: str | None, resume: bool, overrides: dict):
     """A run's configuration: defaults < recipe < flags, or on --resume the run's own config.yaml < flags."""
     from vitlab.train import TrainConfig
-    from vitlab.train.config import load_yaml
+    from vitlab.train.config import load_yaml, merge_options
 
     if resume:
         if not overrides.get("out"):
@@ -150,7 +154,7 @@ def _train_config(config_file: str | None, resume: bool, overrides: dict):
         if not saved.exists():
             raise VitlabError(f"nothing to resume: {saved} does not exist")
         # the run's own recipe, so that the resumed steps are the ones it would have taken; flags may extend it
-        return TrainConfig.from_dict({**load_yaml(saved), **overrides})
+        return TrainConfig.from_dict(merge_options(load_yaml(saved), overrides))
     return TrainConfig.from_sources(config_file, **overrides)
 
 
@@ -498,7 +502,7 @@ def clip_train(
     """Train a CLIP model on image-caption pairs, through the same loop, checkpoints and resume as `vitlab train`."""
     from vitlab.train import train as run_training
 
-    overrides = {**{k: v for k, v in flags.items() if v is not None}, **_parse_set(sets)}
+    overrides = _options(flags, sets)
     query = {"image": image_column, "caption": caption_column, "unseen": unseen}
     query = {k: v for k, v in query.items() if v is not None}
     if query:

@@ -20,6 +20,8 @@ def drop_path(x: torch.Tensor, drop_prob: float = 0.0, training: bool = False) -
     if drop_prob == 0.0 or not training:
         return x
     keep = 1.0 - drop_prob
+    if keep <= 0.0:  # every branch dropped: no kept sample to rescale, and 0 / 0 would be NaN
+        return torch.zeros_like(x)
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)  # one decision per sample, broadcast over tokens and channels
     mask = x.new_empty(shape).bernoulli_(keep)
     return x * mask / keep

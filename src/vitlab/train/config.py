@@ -7,6 +7,12 @@ the datasets and the optimizer.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import re
+import types
+import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +24,12 @@ from vitlab.train.budget import parse_duration
 from vitlab.train.precision import PRECISIONS
 
 FREEZE_CHOICES = ("backbone",)
+# model_args keys the trainer sets itself: num_classes (the data's), drop_path_rate (its own option), weights (--init)
+RESERVED_MODEL_ARGS = {
+    "num_classes": "comes from the data (choose a class subset with --classes)",
+    "drop_path_rate": "is the training option drop_path_rate: set it there, once",
+    "pretrained": "is --init: fine-tune from published weights with --init MODEL_NAME",
+}
 
 
 @dataclass
@@ -89,11 +101,8 @@ class TrainConfig:
 
     @classmethod
     def from_sources(cls, yaml_file: str | Path | None = None, **overrides: Any) -> TrainConfig:
-        values: dict[str, Any] = {}
-        if yaml_file is not None:
-            values.update(load_yaml(yaml_file))
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.from_dict(values)
+        recipe = load_yaml(yaml_file) if yaml_file is not None else {}
+        return cls.from_dict(merge_options(recipe, {k: v for k, v in overrides.items() if v is not None}))
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -101,10 +110,12 @@ class TrainConfig:
         for key in values:
             if key not in names:
                 raise VitlabError(f"unknown training option {key!r}.{closest(key, names)}")
-        cfg = cls(**values)
-        cfg.validate()
+        cfg = cls(**values)  # __post_init__ reads each value as its field's type and validates
         cfg.given = set(values)  # what the recipe and flags set; `model: auto` fills in only the rest
         return cfg
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def explicit_fields(self) -> set[str]:
         """The fields a user set: those `from_dict` was given, else (a TrainConfig built in Python) those that
@@ -115,6 +126,8 @@ class TrainConfig:
         return {f.name for f in dataclasses.fields(self) if getattr(self, f.name) != _default(f)}
 
     def validate(self) -> None:
+        for f, kind in _field_types().items():  # "1e-3" from a flag or a YAML 1.1 reader is the float 0.001
+            setattr(self, f, coerce(f, getattr(self, f), kind))
         if self.precision not in PRECISIONS:
             raise VitlabError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -134,6 +147,11 @@ class TrainConfig:
             raise VitlabError(f"--distill {self.distill} needs a teacher: add --teacher CHECKPOINT")
         if self.teacher and self.distill is None:
             self.distill = "hard"
+        if not 0 <= self.drop_path_rate < 1:
+            raise VitlabError(
+                f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}: at 1 the last block is always dropped"
+            )
+        self._validate_model_args()
         if self.distill_tau <= 0:
             raise VitlabError(f"distill_tau must be positive, got {self.distill_tau}")
         if not 0 <= self.distill_alpha <= 1:
@@ -147,6 +165,14 @@ class TrainConfig:
         if self.randaugment is not None:
             self.randaugment = tuple(self.randaugment)  # type: ignore[assignment]
 
+    def _validate_model_args(self) -> None:
+        for key, value in self.model_args.items():
+            if key in RESERVED_MODEL_ARGS:
+                raise VitlabError(f"model_args.{key} {RESERVED_MODEL_ARGS[key]}")
+            # a dropout or drop-path probability of 1 zeroes every activation it touches
+            if key.endswith("drop_rate") and not (isinstance(value, int | float) and 0 <= value < 1):
+                raise VitlabError(f"model_args.{key} must be a probability in [0, 1), got {value!r}")
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
@@ -159,7 +185,7 @@ def _default(f: dataclasses.Field) -> Any:
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = parse_yaml(path.read_text())
     except FileNotFoundError:
         raise VitlabError(f"config file {str(path)!r} does not exist") from None
     except yaml.YAMLError as e:
@@ -173,3 +199,182 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 def save_yaml(cfg: TrainConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# --- reading values: YAML numbers as YAML 1.2 reads them, no key twice, each field's type --------------------------
+class DuplicateKeyError(yaml.YAMLError):
+    pass
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with two fixes. Numbers like ``1e-3`` and ``1E-5`` are floats, as in YAML 1.2 (PyYAML
+    implements YAML 1.1, whose floats need a dot and a signed exponent, ``1.0e-3``, and reads ``1e-3`` as a string).
+    A key given twice in one mapping is an error: YAML forbids it, and PyYAML would silently keep the last."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue
+            key, line = self.construct_object(key_node), key_node.start_mark.line + 1
+            if key in lines:
+                raise DuplicateKeyError(f"{key!r} is given twice (lines {lines[key]} and {line})")
+            lines[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text to Python values, as every recipe and ``--set`` value is read (see `_Loader`)."""
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader: no Python objects
+
+
+def parse_set(items: Sequence[str]) -> dict[str, Any]:
+    """Options from ``--set KEY=VALUE`` items: VALUE is read as YAML; ``KEY.SUB=VALUE`` sets one key of a mapping
+    option (``model_args.depth=6``). Giving a key twice, in any spelling, is an error rather than last wins."""
+    out: dict[str, Any] = {}
+    given: set[str] = set()
+    for item in items:
+        if "=" not in item:
+            raise VitlabError(f"--set expects KEY=VALUE, got {item!r}")
+        key, text = (part.strip() for part in item.split("=", 1))
+        key = key.replace("-", "_")
+        try:
+            value = parse_yaml(text)
+        except yaml.YAMLError as e:
+            raise VitlabError(f"--set {key}: cannot read {text!r}: {str(e).splitlines()[0]}") from None
+        name, dot, sub = key.partition(".")
+        if dot:
+            if name not in _MAPPING_FIELDS:
+                raise VitlabError(f"--set {key}: {name} is not a mapping option; write --set {name}=VALUE")
+            value = {sub: value}
+        keys = [f"{name}.{k}" for k in value] if name in _MAPPING_FIELDS and isinstance(value, dict) else [name]
+        for k in keys:  # model_args.depth clashes with model_args.depth, and with a whole model_args=...
+            if k in given or k.partition(".")[0] in given or any(g.startswith(f"{k}.") for g in given):
+                raise VitlabError(f"--set gives {k} twice; give each option once")
+        given.update(keys)
+        out = merge_options(out, {name: value})
+    return out
+
+
+def merge_options(*layers: dict[str, Any]) -> dict[str, Any]:
+    """Options from several sources, later ones winning (defaults < recipe < flags). A mapping option (model_args,
+    clip_args) merges key by key, so that a flag changes one model argument without dropping the recipe's others."""
+    out: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            merge = key in _MAPPING_FIELDS and isinstance(value, dict) and isinstance(out.get(key), dict)
+            out[key] = {**out[key], **value} if merge else value
+    return out
+
+
+_NULL = ("none", "null", "~", "")
+_BOOLS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+
+
+def coerce(key: str, value: Any, kind: Any) -> Any:
+    """``value`` read as the type ``kind`` (a field's annotation): ``"1e-3"`` -> 0.001, ``"1_000"`` -> 1000,
+    ``"None"`` -> None for an optional field, ``[0.9, 0.99]`` -> a tuple; else a one-line `VitlabError` naming
+    ``key`` and the type it takes."""
+    try:
+        return _as(value, kind)
+    except (TypeError, ValueError):
+        raise VitlabError(f"{key} must be {_describe(kind)}, got {value!r}") from None
+
+
+def _as(value: Any, kind: Any) -> Any:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if kind is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in args and (value is None or (isinstance(value, str) and value.strip().lower() in _NULL)):
+            return None
+        options = [a for a in args if a is not type(None)]
+        # a value of one of the types stays that type (classes: 3 is an index, "3" a name); then conversions
+        for a in sorted(options, key=lambda a: not _is(value, a)):
+            try:
+                return _as(value, a)
+            except (TypeError, ValueError):
+                continue
+        raise ValueError(value)
+    if kind is bool:
+        if isinstance(value, str) and value.strip().lower() in _BOOLS:
+            return _BOOLS[value.strip().lower()]
+        return _exactly(value, bool)
+    if kind is int:
+        number = _as(value, float)
+        if not number.is_integer():
+            raise ValueError(value)
+        return int(number) if not isinstance(value, int) else value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise TypeError(value)
+        number = float(value.strip() if isinstance(value, str) else value)  # "1e-3", ".5", "1_000"
+        if math.isnan(number):
+            raise ValueError(value)
+        return number
+    if kind is str:
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise TypeError(value)
+        return str(value)
+    if origin in (tuple, list):
+        items = _items(value)
+        if origin is list:
+            return [_as(v, args[0]) for v in items]
+        if len(items) != len(args):
+            raise ValueError(value)
+        return tuple(_as(v, a) for v, a in zip(items, args))
+    if origin is dict:
+        return dict(_exactly(value, dict))
+    return value
+
+
+def _is(value: Any, kind: Any) -> bool:
+    base = typing.get_origin(kind) or kind
+    if not isinstance(base, type) or (isinstance(value, bool) and base is not bool):
+        return False
+    return isinstance(value, base)
+
+
+def _exactly(value: Any, kind: type) -> Any:
+    if not isinstance(value, kind):
+        raise TypeError(value)
+    return value
+
+
+def _items(value: Any) -> list[Any]:
+    """A list or tuple as is; ``"0.9,0.999"`` or ``"(0.9, 0.999)"`` (a flag's text) split at the commas."""
+    if isinstance(value, list | tuple):
+        return list(value)
+    if isinstance(value, str):
+        return [v.strip() for v in value.strip().strip("()[]").split(",")]
+    raise TypeError(value)
+
+
+def _describe(kind: Any) -> str:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        options = [_describe(a) for a in args if a is not type(None)]
+        return " or ".join(options + ["null"] * (type(None) in args))
+    if origin is tuple and len(set(args)) == 1:
+        return f"a list of {len(args)} {_describe(args[0]).removeprefix('a ')}s"
+    if origin is tuple:
+        return f"a list of {len(args)} ({', '.join(_describe(a) for a in args)})"
+    if origin is list:
+        return "a list"
+    words = {float: "a number", int: "a whole number", bool: "true or false", str: "a string", dict: "a mapping"}
+    return words.get(origin or kind, str(kind))
+
+
+@functools.cache
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+_MAPPING_FIELDS = {name for name, kind in _field_types().items() if typing.get_origin(kind) is dict}
