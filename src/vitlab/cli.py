@@ -166,8 +166,8 @@ def _print_summary(s: dict) -> None:
     rows = [
         ("model", f"{s['model']} ({s['params']:,} parameters)"),
         ("data", f"{s['data']}"),
-        (f"test accuracy ({s['test_split']})", f"{s['test_accuracy']:.4f} on {s['test_count']} images"),
-        ("best val accuracy", f"{s['best_val_accuracy']:.4f} (step {s['best_step']})"),
+        (f"test accuracy ({s['test_split']})", _score(s["test_accuracy"], f" on {s['test_count']} images")),
+        ("best val accuracy", _score(s["best_val_accuracy"], f" (step {s['best_step']})", "none: no validation split")),
         ("epochs", f"{s['epochs']}"),
         ("training time", f"{s['train_time_s']:.1f} s at {s['images_per_s'] or 0:,.0f} images/s ({s['precision']})"),
         ("run directory", s["run_dir"]),
@@ -177,6 +177,10 @@ def _print_summary(s: dict) -> None:
     for k, v in rows:
         table.add_row(k, v)
     Console(width=120 if not sys.stdout.isatty() else None).print(table)
+
+
+def _score(value: float | None, then: str, missing: str = "no held-out data: no test accuracy") -> str:
+    return missing if value is None else f"{value:.4f}{then}"
 
 
 _ALLOW_CHANGED_DATA = click.option(
@@ -528,8 +532,11 @@ def clip_train(
 
 def _print_clip_summary(s: dict) -> None:
     click.echo(f"{s['model']} + text tower ({s['params']:,} parameters) on {s['data']}, {s['steps']} steps")
-    click.echo(f"retrieval on {s['test_count']} {s['test_split']} images:")
-    for way in ("image_to_text", "text_to_image"):
+    if s["test_accuracy"] is None:
+        click.echo("no held-out data: no retrieval or zero-shot scores")
+    else:
+        click.echo(f"retrieval on {s['test_count']} {s['test_split']} images:")
+    for way in ("image_to_text", "text_to_image") if s["test_accuracy"] is not None else ():
         cells = "  ".join(f"R@{k} {s[f'{way}_recall@{k}']:.4f}" for k in (1, 5, 10))
         click.echo(f"  {way.replace('_', ' '):<14} {cells}")
     for kind in ("names", "descriptions"):
@@ -541,16 +548,19 @@ def _print_clip_summary(s: dict) -> None:
 
 @clip.command("eval")
 @click.argument("checkpoint", type=click.Path())
-@click.option("--data", required=True, help="A caption set (captions:...) or a dataset with classes.")
+@click.option("--data", help="A caption set (captions:...) or a dataset with classes; default: the run's data.")
 @click.option("--data-dir")
 @click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True)
 @click.option("--prompts", type=click.Choice(["names", "descriptions", "both"]), default="names", show_default=True)
+@_ALLOW_CHANGED_DATA
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def clip_eval(checkpoint, data, data_dir, split, prompts, as_json) -> None:
-    """Image-text retrieval recall@1/5/10 and zero-shot accuracy of a CLIP checkpoint."""
+def clip_eval(checkpoint, data, data_dir, split, prompts, allow_changed_data, as_json) -> None:
+    """Image-text retrieval recall@1/5/10 and zero-shot accuracy of a CLIP checkpoint: by default on its run's own
+    held-out images (RUN/split.json)."""
     from vitlab.zeroshot import evaluate_clip
 
-    r = evaluate_clip(checkpoint, data, data_dir=data_dir, split=split, prompts=prompts)
+    r = evaluate_clip(checkpoint, data, data_dir=data_dir, split=split, prompts=prompts,
+                      allow_changed_data=allow_changed_data)  # fmt: skip
     _echo_clip_eval(r, as_json)
 
 
@@ -560,6 +570,7 @@ def _echo_clip_eval(r: dict, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(r, indent=2))
         return
+    click.echo(r["checked"])
     click.echo(f"{r['data']} {r['split']}: {r['count']} images")
     for way, by_k in r.get("retrieval", {}).items():
         click.echo(f"  {way.replace('_', ' '):<14} " + "  ".join(f"R@{k} {v:.4f}" for k, v in by_k.items()))
@@ -581,8 +592,11 @@ def _echo_clip_eval(r: dict, as_json: bool) -> None:
 @click.option("--prompts", type=click.Choice(["names", "descriptions", "both"]), default="names", show_default=True)
 @click.option("--unseen", help="With --data: classes to report apart (seen / unseen / generalized).")
 @click.option("--top-k", type=int, default=5, show_default=True)
+@_ALLOW_CHANGED_DATA
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def zeroshot(checkpoint, images, classes, templates, data, data_dir, split, prompts, unseen, top_k, as_json) -> None:
+def zeroshot(
+    checkpoint, images, classes, templates, data, data_dir, split, prompts, unseen, top_k, allow_changed_data, as_json
+) -> None:
     """Zero-shot classification with a CLIP checkpoint: IMAGE files among --classes, or accuracy on --data."""
     import json
 
@@ -593,7 +607,8 @@ def zeroshot(checkpoint, images, classes, templates, data, data_dir, split, prom
         if images or classes:
             raise VitlabError("give either --data (accuracy) or --classes with IMAGE files (predictions), not both")
         r = evaluate_clip(checkpoint, data, data_dir=data_dir, split=split, prompts=prompts,
-                          templates=templates or None, unseen=unseen, retrieval_too=False)  # fmt: skip
+                          templates=templates or None, unseen=unseen, retrieval_too=False,
+                          allow_changed_data=allow_changed_data)  # fmt: skip
         _echo_clip_eval(r, as_json)
         return
     names = [c.strip() for c in (classes or "").split(",") if c.strip()]
