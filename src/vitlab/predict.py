@@ -12,6 +12,7 @@ from vitlab._io import write_json
 from vitlab.checkpoint import from_pretrained
 from vitlab.data import to_model_input
 from vitlab.data.images import decode_image
+from vitlab.data.subset import class_order, relabel
 from vitlab.errors import VitlabError
 
 
@@ -51,9 +52,13 @@ def evaluate_checkpoint(
     splits, dataset, checked = held_out_split(run_dir, train_cfg, split=split, data=data, data_dir=data_dir,
                                               img_size=(h, w), in_chans=in_chans,
                                               allow_changed_data=allow_changed_data)  # fmt: skip
-    names = model.pretrained_cfg.get("class_names") or splits.class_names
-    if len(names) != model.num_classes or splits.num_classes != model.num_classes:
-        raise VitlabError(f"the checkpoint has {model.num_classes} classes but {splits.name} has {splits.num_classes}")
+    # classes checked by name: the same ones in another order are scored in the model's order, others refused
+    model_names = model.pretrained_cfg.get("class_names")
+    order = class_order(model_names, splits.class_names, num_classes=model.num_classes,
+                        model=f"the checkpoint {checkpoint}", data=splits.name)  # fmt: skip
+    if order is not None:
+        dataset = relabel(dataset, order)
+    names = list(model_names or splits.class_names)
     mean, std = model.default_cfg["mean"], model.default_cfg["std"]  # the checkpoint's, set by from_pretrained
     r = evaluate(
         model, dataset, num_classes=model.num_classes, mean=mean, std=std, batch_size=batch_size, precision=precision

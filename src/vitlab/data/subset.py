@@ -105,3 +105,42 @@ def limit_images(
         name = splits.name + (f" ({images} training images)" if split == "train" else "")
         splits = dataclasses.replace(splits, name=name, **{split: subset})
     return splits
+
+
+def class_order(
+    model_names: Sequence[str] | None, data_names: Sequence[str], *, num_classes: int, model: str, data: str
+) -> list[int] | None:
+    """Where each of the data's classes is among a model's outputs, checked by name.
+
+    None when the model predicts the data's classes in the data's order; ``order`` with data class ``i`` = output
+    ``order[i]`` when it predicts the same classes in another order (a folder sorted differently, a subset listed in
+    another order); a one-line `VitlabError` naming the difference when the names differ. A model that records no
+    class names (a foreign checkpoint) is checked by its number of classes only. ``model`` and ``data`` name the two
+    in the message."""
+    if not model_names:
+        if num_classes != len(data_names):
+            raise VitlabError(f"{model} predicts {num_classes} classes but {data} has {len(data_names)}")
+        return None
+    model_names, data_names = [str(n) for n in model_names], [str(n) for n in data_names]
+    if model_names == data_names:
+        return None
+    if sorted(model_names) == sorted(data_names) and len(set(data_names)) == len(data_names):
+        return [model_names.index(name) for name in data_names]
+    missing = [n for n in model_names if n not in data_names]
+    extra = [n for n in data_names if n not in model_names]
+    raise VitlabError(
+        f"{model} predicts the classes {_names(model_names)} but {data} has {_names(data_names)}"
+        f"{f'; not in the data: {_names(missing)}' if missing else ''}"
+        f"{f'; not in the model: {_names(extra)}' if extra else ''}; use data with the model's classes"
+        " (a class subset: --classes)"
+    )
+
+
+def relabel(dataset: Dataset, order: Sequence[int]) -> Dataset:
+    """``dataset`` with label ``i`` replaced by ``order[i]`` (a `class_order`: the data's labels in a model's order)."""
+    return dataset.subset(torch.arange(len(dataset)), torch.as_tensor(list(order))[dataset.labels])
+
+
+def _names(names: Sequence[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return f"({shown}{f', ... {len(names) - limit} more' if len(names) > limit else ''})"

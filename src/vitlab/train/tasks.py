@@ -251,6 +251,22 @@ def _renormalisation(
     return (s / ts).view(1, -1, 1, 1).to(device), ((m - tm) / ts).view(1, -1, 1, 1).to(device)
 
 
+class ClassOrder(nn.Module):
+    """A classifier whose outputs come in another class order: output ``i`` is the wrapped model's output
+    ``order[i]`` (a teacher trained on the student's classes listed in another order; see `class_order`)."""
+
+    def __init__(self, model: nn.Module, order: Sequence[int]) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("order", torch.as_tensor(list(order)), persistent=False)
+        self.default_cfg = getattr(model, "default_cfg", {})
+        self.model_name = getattr(model, "model_name", type(model).__name__)
+        self.num_classes = len(order)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)[:, self.order]  # (B, K) in the student's class order
+
+
 def load_teacher(
     path: str | Path,
     *,
@@ -258,11 +274,15 @@ def load_teacher(
     in_chans: int,
     img_size: tuple[int, int],
     device: torch.device | str = "cpu",
+    class_names: Sequence[str] | None = None,
 ) -> nn.Module:
     """Load a teacher checkpoint and check that it fits the student's data: ``num_classes`` outputs for
     ``in_chans`` x ``img_size`` images. A teacher built for another size is accepted when it runs at this one
-    (a CNN, a dynamic-size ViT); anything else is a one-line error."""
+    (a CNN, a dynamic-size ViT); anything else is a one-line error. With the data's ``class_names`` the teacher's
+    classes are checked by name (`vitlab.data.subset.class_order`): the same classes in another order come back
+    reordered to the data's (`ClassOrder`), other classes are a one-line error."""
     from vitlab.checkpoint import from_pretrained
+    from vitlab.data.subset import class_order
 
     teacher = from_pretrained(path, map_location="cpu").to(device).eval().requires_grad_(False)
     name = f"teacher {str(path)!r}"
@@ -288,4 +308,8 @@ def load_teacher(
     if not isinstance(out, torch.Tensor) or out.shape != (1, num_classes):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise VitlabError(f"{name} returns {shape} for one image, not logits over {num_classes} classes")
-    return teacher
+    if class_names is None:
+        return teacher
+    names = getattr(teacher, "pretrained_cfg", {}).get("class_names")
+    order = class_order(names, class_names, num_classes=num_classes, model=name, data="the student's data")
+    return teacher if order is None else ClassOrder(teacher, order).to(device)
