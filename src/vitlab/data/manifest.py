@@ -210,7 +210,7 @@ def held_out_split(
         if not allow_changed_data:
             raise VitlabError(
                 f"the {split} split rebuilt from the run's options is not the one recorded in {where}, although the "
-                "data is the same (another vitlab version splits differently?); pass --allow-changed-data to "
+                "data is the same (this vitlab splits it otherwise than the run's did); pass --allow-changed-data to "
                 "evaluate anyway"
             )
         return splits, dataset, _not_held_out(manifest, dataset, splits.root, "the split differs from the run's")
