@@ -381,8 +381,11 @@ def test_clip_trains_and_evaluates_on_a_users_csv(tmp_path) -> None:
     text = "".join(f"{p}\t{c}\n" for p, c in rows) + "img/gone.png\ta missing image\n"
     (tmp_path / "pairs.tsv").write_text("path\ttext\n" + text)
     args = clip_args(tmp_path / "run", "--max-steps", "2", "--batch-size", "8", "--image-column", "path",
-                     "--caption-column", "text", "--skip-bad-images", "--set", "model_args={img_size: 8, depth: 1,"
-                     " embed_dim: 32, num_heads: 2, patch_size: 4, in_chans: 3}")  # fmt: skip
+                     "--caption-column", "text", "--skip-bad-images")  # fmt: skip
+    # other model_args in place of the recipe's (a --set key given twice is an error)
+    args[args.index(f"model_args={json.dumps(IMAGE_ARGS)}")] = (
+        "model_args={img_size: 8, depth: 1, embed_dim: 32, num_heads: 2, patch_size: 4, in_chans: 3}"
+    )
     args[args.index("--data") + 1] = f"captions:{tmp_path}/pairs.tsv"
     del args[args.index("--unseen") : args.index("--unseen") + 2]
     r = CliRunner().invoke(cli, args)

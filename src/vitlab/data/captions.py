@@ -42,7 +42,9 @@ from vitlab.data.base import (
     stats_from_histograms,
     stratified_split,
 )
+from vitlab.data.builtin import build_builtin, builtin_facts
 from vitlab.data.folder import STATS_IMAGES, TEST_SPLIT_SEED, FolderDataset, load_image
+from vitlab.data.images import header_facts
 from vitlab.errors import VitlabError
 
 PREFIX = "captions:"
@@ -134,6 +136,19 @@ class CaptionDataset(Dataset):
     def members(self) -> list[str]:
         return self.images.members()
 
+    @property
+    def strata(self) -> Tensor:
+        """What a stratified subset (`vitlab.data.limit_images`) draws by: a built-in set's classes, else one
+        stratum (the labels are sample indices, one per stratum, of which a stratified split could take none)."""
+        return self.classes if self.classes is not None else torch.zeros(len(self), dtype=torch.int64)
+
+    def subset(self, indices: Tensor, labels: Tensor) -> CaptionDataset:
+        """The samples at ``indices``, numbered 0..k-1 again (``labels`` is not used: a caption set's labels are
+        its sample indices)."""
+        images = self.images.subset(indices, torch.arange(len(indices)))
+        classes = self.classes[indices] if self.classes is not None else None
+        return CaptionDataset(images, [self.captions[i] for i in indices.tolist()], classes=classes)
+
 
 @dataclass
 class CaptionSplits(DatasetSplits):
@@ -181,6 +196,24 @@ def build_caption_dataset(
     return _from_file(source, spec, options, img_size, in_chans, seed, val_fraction, skip_bad_images)
 
 
+def caption_facts(spec: str, *, val_fraction: float) -> dict[str, Any]:
+    """``{train_images, num_classes, img_size, in_chans}`` of a caption set without decoding it (a file's rows are
+    read and a few image headers), for `vitlab.train.defaults` to choose an image tower; ``num_classes`` is 0 (the
+    captions are the labels)."""
+    source, options = parse_spec(spec)
+    if source.lower() in BUILTIN:
+        facts = builtin_facts(source.lower(), val_fraction=val_fraction)
+        unseen = options.get("unseen", ",".join(BUILTIN[source.lower()].unseen))
+        seen = 1 - len([n for n in unseen.split(",") if n.strip()]) / facts["num_classes"]
+        return {**facts, "train_images": round(facts["train_images"] * seen), "num_classes": 0}
+    path = Path(source).expanduser()
+    rows = read_caption_rows(path, image=options.get("image", "filepath"), caption=options.get("caption", "title"),
+                             sep=options.get("sep"))  # fmt: skip
+    files = list(dict.fromkeys((path.parent / image).resolve() for _, image, text in rows if image and text.strip()))
+    train = round(len(files) * (1 - 2 * val_fraction))  # test and val are carved from it
+    return {"train_images": train, "num_classes": 0, **header_facts(files)}
+
+
 # --- built-in sets ---------------------------------------------------------------------------------------------------
 def resolve_classes(names: str | list[str], class_names: list[str], prompt_names: tuple[str, ...] = ()) -> list[int]:
     """Class indices of comma-separated names, matched case-insensitively against class or prompt names."""
@@ -198,9 +231,7 @@ def resolve_classes(names: str | list[str], class_names: list[str], prompt_names
 def _builtin(
     name: str, spec: str, unseen_opt: str | None, data_dir: str | None, seed: int, val_fraction: float, download: bool
 ) -> CaptionSplits:
-    from vitlab.data.sources import build_dataset
-
-    base = build_dataset(name, data_dir=data_dir, seed=seed, val_fraction=val_fraction, download=download)
+    base = build_builtin(name, data_dir=data_dir, seed=seed, val_fraction=val_fraction, download=download)
     info = BUILTIN[name]
     unseen = resolve_classes(info.unseen if unseen_opt is None else unseen_opt, base.class_names, info.prompt_names)
     if len(unseen) == base.num_classes:

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader
 
@@ -24,7 +23,7 @@ from vitlab.data.base import (
     stats_from_histograms,
     stratified_split,
 )
-from vitlab.data.images import CHANNEL_MODES, DECODE_ERRORS, decode_image, stored_channels
+from vitlab.data.images import CHANNEL_MODES, decode_image, header_facts
 from vitlab.errors import VitlabError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -174,21 +173,7 @@ def folder_facts(path: str, *, val_fraction: float, sample: int = 25) -> dict[st
         n_train = round(len(files) * (1 - 2 * val_fraction))
     else:
         n_train = len(files) if (root / "val").is_dir() else round(len(files) * (1 - val_fraction))
-    sides, chans = [], []
-    for f in files[:: max(1, len(files) // sample)][:sample]:
-        try:
-            with Image.open(f) as img:
-                sides.append(max(img.size))
-                chans.append(stored_channels(img))
-        except DECODE_ERRORS:
-            continue  # unreadable files are the split's business (--skip-bad-images)
-    side = sorted(sides)[len(sides) // 2] if sides else DEFAULT_IMG_SIZE[0]
-    return {
-        "train_images": n_train,
-        "num_classes": len(classes),
-        "img_size": (side, side),
-        "in_chans": 1 if chans and chans.count(1) > len(chans) // 2 else 3,
-    }
+    return {"train_images": n_train, "num_classes": len(classes), **header_facts(files, sample=sample)}
 
 
 def build_folder_dataset(

@@ -22,7 +22,9 @@ of Pillow's ``convert("L")``. EXIF rotation is applied (phone photos store it th
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,6 +65,22 @@ def decode_image(
     except DECODE_ERRORS as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise VitlabError(f"cannot read image {label}: {reason}") from e
+
+
+def header_facts(files: Sequence[str | Path], *, sample: int = 25, default_side: int = 224) -> dict[str, Any]:
+    """The typical stored size and channels of image files, read from the headers of up to ``sample`` of them
+    (evenly spaced; unreadable ones passed over): ``{"img_size": (side, side), "in_chans": 1 or 3}``, side the median
+    longer side, 1 channel when most are grey."""
+    sides, chans = [], []
+    for f in files[:: max(1, len(files) // sample)][:sample]:
+        try:
+            with Image.open(f) as img:
+                sides.append(max(img.size))
+                chans.append(stored_channels(img))
+        except DECODE_ERRORS:
+            continue  # an unreadable file is the split's business (--skip-bad-images)
+    side = sorted(sides)[len(sides) // 2] if sides else default_side
+    return {"img_size": (side, side), "in_chans": 1 if chans and chans.count(1) > len(chans) // 2 else 3}
 
 
 def stored_channels(img: Image.Image) -> int:

@@ -100,7 +100,8 @@ def limit_images(
         n = len(data)
         if not 0 < images <= n:
             raise VitlabError(f"{split}_images must be between 1 and the {n} images of the {split} split, got {images}")
-        _, chosen = stratified_split(data.labels, images / n, seed)
+        # by class; a caption set's labels are sample indices, so it says what to draw by (its `strata`)
+        _, chosen = stratified_split(getattr(data, "strata", data.labels), images / n, seed)
         subset = data.subset(chosen, data.labels[chosen])
         name = splits.name + (f" ({images} training images)" if split == "train" else "")
         splits = dataclasses.replace(splits, name=name, **{split: subset})

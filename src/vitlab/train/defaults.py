@@ -110,7 +110,8 @@ def choose_default(facts: dict[str, Any], table: tuple[DataDefault, ...] = DEFAU
 def apply_data_defaults(values: dict[str, Any], given: set[str], *, world_size: int = 1) -> tuple[dict[str, Any], str]:
     """``values`` (TrainConfig fields) completed from the row that fits their data, for every field not in
     ``given``; and the lines that say what was chosen and why. The row's batch is the global batch: under torchrun
-    each of ``world_size`` processes takes its share, so the run takes the same steps as on one process."""
+    each of ``world_size`` processes takes its share, so the run takes the same steps as on one process. With a text
+    tower (CLIP on a caption set) the row chooses the image tower only."""
     data = values.get("data", "fashion-mnist")
     try:
         facts = describe_dataset(data, data_dir=values.get("data_dir"), val_fraction=values.get("val_fraction", 0.1))
@@ -127,7 +128,9 @@ def apply_data_defaults(values: dict[str, Any], given: set[str], *, world_size: 
     if facts["in_chans"] != kwargs.get("in_chans", cfg["input_size"][0]):
         model_args["in_chans"] = facts["in_chans"]
     chosen = {"model": row.model, "model_args": {**model_args, **values.get("model_args", {})}}
-    for key, value in row.settings.items():
+    # CLIP (a text tower): the row chooses the image tower only; its schedule was measured on classification
+    settings = {} if values.get("text_model") else row.settings
+    for key, value in settings.items():
         if key not in given and not (key == "epochs" and "budget_s" in given):
             chosen[key] = value
     if "budget_s" in chosen and "epochs" in given:  # the user's epochs, not the row's budget
@@ -142,11 +145,16 @@ def apply_data_defaults(values: dict[str, Any], given: set[str], *, world_size: 
         if out.get("budget_s")
         else f"{out.get('epochs')} epochs"
     )
+    what = (
+        f"the image tower {row.model} at {size} px (the schedule is the recipe's: the row's was measured on "
+        "classification)"
+        if values.get("text_model")
+        else f"{row.model} at {size} px, {length}, batch {out.get('batch_size') * world_size}"
+        f"{f' ({world_size} processes)' if world_size > 1 else ''}, lr {out.get('lr')}"
+    )
     lines = [
         f"no --model: defaults for {data} (about {facts['train_images']:,} training images, {h}x{w}, "
-        f"{facts['in_chans']} channel{'s' * (facts['in_chans'] != 1)}) from the row {row.name!r}: {row.model} at "
-        f"{size} px, {length}, batch {out.get('batch_size') * world_size}"
-        f"{f' ({world_size} processes)' if world_size > 1 else ''}, lr {out.get('lr')}",
+        f"{facts['in_chans']} channel{'s' * (facts['in_chans'] != 1)}) from the row {row.name!r}: {what}",
         f"  why: {row.evidence}",
     ]
     if row.confirm:
