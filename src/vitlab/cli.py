@@ -480,7 +480,11 @@ def clip() -> None:
     "--text-model",
     help="Text tower: text_transformer_tiny | _small | _base (from scratch, BPE on the captions) | all_minilm_l6_v2.",
 )
-@click.option("--data", help="captions:FILE.csv|.tsv|.jsonl, captions:fashion-mnist or captions:digits.")
+@click.option(
+    "--data",
+    help="captions:FILE.csv|.tsv|.jsonl, captions:fashion-mnist|digits, scenes:fashion-mnist|digits or "
+    "coco-captions:DIR.",
+)
 @click.option("--data-dir", help="Where built-in dataset files are.")
 @click.option("--image-column", help="Caption file column (key) with the image paths (default filepath).")
 @click.option("--caption-column", help="Caption file column (key) with the captions (default title).")
@@ -622,6 +626,40 @@ def zeroshot(
         click.echo(r["image"])
         for p in r["top"]:
             click.echo(f"  {p['probability']:.4f}  {p['class']}")
+
+
+# --- data that ships ---------------------------------------------------------------------------------------------
+@cli.group()
+def data() -> None:
+    """Datasets made from data that ships: scenes with captions, boxes and masks."""
+
+
+@data.command("scenes")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write (replaced atomically).")
+@click.option("--count", type=int, default=2000, show_default=True, help="How many scenes.")
+@click.option("--size", type=int, default=64, show_default=True, help="Side of each image in pixels.")
+@click.option("--seed", type=int, default=0, show_default=True, help="The same seed writes the same scenes.")
+@click.option(
+    "--items",
+    type=click.Choice(["fashion-mnist", "digits"]),
+    default="fashion-mnist",
+    show_default=True,
+    help="What the items are (scikit-learn's digits where Fashion-MNIST is not on the machine).",
+)
+@click.option("--data-dir", help="Where Fashion-MNIST's files are.")
+def data_scenes(out, count, size, seed, items, data_dir) -> None:
+    """Write scenes as PNG images, COCO captions and instances, and palette-PNG label maps."""
+    from vitlab.data.scenes import generate_scenes, write_scene_folder
+
+    scenes = generate_scenes(count=count, size=size, seed=seed, source=items, data_dir=data_dir)
+    for note in scenes.notes:
+        click.echo(f"note: {note}")
+    counts = write_scene_folder(scenes, out)
+    click.echo(f"{count} scenes of {scenes.source} items, {size}x{size} px, in {out}: " +
+               ", ".join(f"{n} {split}" for split, n in counts.items()))  # fmt: skip
+    click.echo("  images/*.png, masks/*.png with labels.txt, " + ", ".join(f"captions_{s}.json" for s in counts)
+               + ", " + ", ".join(f"instances_{s}.json" for s in counts))  # fmt: skip
+    click.echo(f"  read them with --data coco-captions:{out}")
 
 
 def main() -> None:

@@ -8,12 +8,22 @@ from typing import Any
 
 from vitlab.data.base import DatasetSplits, files_hash
 from vitlab.data.builtin import BUILTIN_FACTS, build_builtin, builtin_facts
-from vitlab.data.builtin import load_digits as _load_digits  # noqa: F401 (vitlab.data.scenes reads it here)
 from vitlab.data.captions import build_caption_dataset, caption_facts
+from vitlab.data.coco import build_coco_dataset, coco_facts
 from vitlab.data.folder import build_folder_dataset, folder_facts
+from vitlab.data.scenes import build_scene_dataset, scene_facts
 from vitlab.errors import VitlabError, closest
 
-DATASET_NAMES = ["digits", "fashion-mnist", "cifar10", "cifar100", "folder:PATH", "captions:FILE"]
+DATASET_NAMES = [
+    "digits",
+    "fashion-mnist",
+    "cifar10",
+    "cifar100",
+    "folder:PATH",
+    "captions:FILE",
+    "scenes:fashion-mnist",
+    "coco-captions:DIR",
+]
 
 
 def describe_dataset(spec: str, *, data_dir: str | None = None, val_fraction: float = 0.1) -> dict[str, Any]:
@@ -23,6 +33,10 @@ def describe_dataset(spec: str, *, data_dir: str | None = None, val_fraction: fl
         return folder_facts(spec[len("folder:") :], val_fraction=val_fraction)
     if spec.startswith("captions:"):
         return caption_facts(spec, val_fraction=val_fraction)
+    if spec.startswith("scenes:"):
+        return scene_facts(spec, val_fraction=val_fraction)
+    if spec.startswith("coco-captions:"):
+        return coco_facts(spec, val_fraction=val_fraction)
     name = spec.lower()
     if name not in BUILTIN_FACTS:
         raise VitlabError(
@@ -51,6 +65,8 @@ def build_dataset(
       Files are looked up in ``data_dir`` and the usual places, and downloaded when ``download`` (see their modules).
     - ``folder:PATH``: images decoded on demand; see `vitlab.data.folder.build_folder_dataset`.
     - ``captions:FILE`` / ``captions:fashion-mnist``: images with captions, for CLIP; see `vitlab.data.captions`.
+    - ``scenes:fashion-mnist`` / ``scenes:digits``: scenes with captions, boxes and masks, drawn in memory; see
+      `vitlab.data.scenes`. ``coco-captions:DIR``: a COCO-format caption set; see `vitlab.data.coco`.
 
     ``img_size`` and ``in_chans`` are the size (default 224x224) and channels (default 3) a folder's images are
     decoded to. Built-in datasets keep their native size and channels in memory; `to_model_input` converts
@@ -70,6 +86,11 @@ def build_dataset(
             skip_bad_images=skip_bad_images,
             download=download,
         )
+    if spec.startswith("scenes:"):
+        return build_scene_dataset(spec, data_dir=data_dir, val_fraction=val_fraction)
+    if spec.startswith("coco-captions:"):
+        return build_coco_dataset(spec, img_size=img_size, in_chans=in_chans, seed=seed, val_fraction=val_fraction,
+                                  skip_bad_images=skip_bad_images)  # fmt: skip
     if spec.startswith("folder:"):
         path = spec[len("folder:") :]
         if not path:
