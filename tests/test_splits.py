@@ -22,7 +22,10 @@ from vitlab.cli import cli
 from vitlab.data.manifest import SplitOptions, build_run_splits, split_manifest
 from vitlab.errors import VitlabError
 from vitlab.train import TrainConfig, train
+from vitlab.train.precision import resolve_precision
 
+# the precision that `auto` does not resolve to on this CPU
+NOT_AUTO = {"bf16": "fp32", "fp32": "bf16"}[resolve_precision("auto", "cpu")[0]]
 MODEL_ARGS = {"img_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2, "patch_size": 4, "in_chans": 3}
 
 
@@ -48,7 +51,7 @@ def folder_cfg(data: Path, out: Path, **kw) -> TrainConfig:
         max_steps=4,
         batch_size=16,
         lr=2e-3,
-        precision="bf16",  # not what `auto` resolves to for this CPU unless it has AMX: eval must use the run's
+        precision=NOT_AUTO,  # eval must score in the run's precision, not resolve `auto` for its CPU
         num_workers=0,
         threads=1,
         out=str(out),
@@ -89,7 +92,7 @@ def test_eval_scores_the_runs_own_test_images_in_its_precision(folder_run, monke
     r = CliRunner().invoke(cli, ["eval", str(run / "checkpoints" / "best")])  # no --data: the run's own
     assert r.exit_code == 0, r.output
     assert f"the run's {summary['test_count']} held-out images" in r.output
-    assert "precision bf16 (the run's" in r.output
+    assert f"precision {NOT_AUTO} (the run's" in r.output
     result = json.loads((run / "checkpoints" / "best" / "eval-test" / "confusion_matrix.json").read_text())
     assert (result["accuracy"], result["count"]) == (summary["test_accuracy"], summary["test_count"])
     # image for image: the manifest's test members, none of them trained on, the unreadable file nowhere
@@ -97,6 +100,11 @@ def test_eval_scores_the_runs_own_test_images_in_its_precision(folder_run, monke
     assert relative(scored, data) == set(manifest["test"]["members"]) and len(scored) == summary["test_count"]
     assert not set(scored) & trained_on
     assert manifest["skipped"] == ["c0/000.png"] and "c0/000.png" not in relative(scored, data)
+    # the validation split too: the best checkpoint scores what selected it
+    r = CliRunner().invoke(cli, ["eval", str(run / "checkpoints" / "best"), "--split", "val"])
+    assert r.exit_code == 0, r.output
+    result = json.loads((run / "checkpoints" / "best" / "eval-val" / "confusion_matrix.json").read_text())
+    assert (result["accuracy"], result["count"]) == (summary["best_val_accuracy"], manifest["val"]["count"])
 
 
 def test_the_manifest_records_what_the_run_held_out(folder_run) -> None:

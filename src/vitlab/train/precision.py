@@ -16,6 +16,7 @@ import torch
 from vitlab.errors import VitlabError
 
 PRECISIONS = ("auto", "fp32", "bf16")
+RESOLVED = ("fp32", "bf16")  # what `auto` becomes on a device
 # the /proc/cpuinfo flags of native bf16 matrix instructions, for a torch without the capability queries
 _BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
@@ -70,15 +71,17 @@ def run_precision(checkpoint_config: dict, run_dir: Path | None) -> tuple[str, s
     """The precision a run evaluated in, for evaluating its checkpoint again the same way, and a line saying where it
     was read: the checkpoint's ``precision`` (written by the trainer), else the run's summary.json, else its
     configuration; only a run that recorded nothing but ``auto`` is resolved here, for the CPU."""
-    if checkpoint_config.get("precision") in ("fp32", "bf16"):
-        return checkpoint_config["precision"], "the run's, recorded in the checkpoint"
     summary = run_dir / "summary.json" if run_dir is not None else None
-    if summary is not None and summary.is_file():
-        recorded = json.loads(summary.read_text()).get("precision")
-        if recorded in ("fp32", "bf16"):
-            return recorded, f"the run's, recorded in {summary}"
     configured = checkpoint_config.get("train_config", {}).get("precision", "auto")
-    if configured != "auto":
-        return resolve_precision(configured, "cpu")[0], "the run's configuration"
-    precision, why = resolve_precision("auto", "cpu")
-    return precision, f"{why}; the run recorded no resolved precision"
+    if checkpoint_config.get("precision") in RESOLVED:
+        precision, why = checkpoint_config["precision"], "the run's, recorded in the checkpoint"
+    elif summary is not None and summary.is_file() and json.loads(summary.read_text()).get("precision") in RESOLVED:
+        precision, why = json.loads(summary.read_text())["precision"], f"the run's, recorded in {summary}"
+    elif configured != "auto":
+        precision, why = resolve_precision(configured, "cpu")[0], "the run's configuration"
+    else:
+        precision, why = resolve_precision("auto", "cpu")
+        return precision, f"{why}; the run recorded no resolved precision"
+    if precision == "bf16" and not cpu_bf16_support()[0]:  # a GPU run's bf16, emulated here: right but slow
+        why += "; this CPU emulates bf16, --precision fp32 is faster"
+    return precision, why
