@@ -170,6 +170,49 @@ def fit_one_batch(model: torch.nn.Module, steps: int = 20, lr: float = 1e-2) -> 
 
 
 @pytest.fixture(scope="session")
+def train_on_digits(
+    model: torch.nn.Module, *, steps: int = 150, lr: float = 5e-3, sam_rho: float | None = None
+) -> tuple[list[float], float]:
+    """Losses of ``steps`` AdamW steps (wrapped in SAM with ``sam_rho``) on random batches of 64 of the first 1,200
+    8x8 digits (scikit-learn's, no download), and the accuracy on the other 597: a model that learns ends well
+    below the starting loss ln 10 and well above 10% (tiny ViTs reach 40-85% in 150 steps, one to two seconds)."""
+    from sklearn.datasets import load_digits
+
+    from vitlab.train.sam import SAM
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 8 - 1  # (1797, 1, 8, 8) in [-1, 1]
+    y = torch.tensor(digits.target)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    sam = SAM(opt, rho=sam_rho) if sam_rho else None
+    batches = torch.Generator().manual_seed(0)
+    losses = []
+    model.train()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model gains nothing from a second thread and loses much on a busy machine
+    try:
+        for _ in range(steps):
+            i = torch.randint(0, 1200, (64,), generator=batches)
+
+            def loss_at_weights(i: torch.Tensor = i) -> torch.Tensor:
+                loss = torch.nn.functional.cross_entropy(model(x[i]), y[i])
+                loss.backward()
+                return loss
+
+            losses.append(loss_at_weights().item())
+            if sam is not None:
+                sam.step(loss_at_weights)  # a second pass, at the perturbed weights
+            else:
+                opt.step()
+            opt.zero_grad()
+    finally:
+        torch.set_num_threads(threads)
+    model.eval()
+    with torch.no_grad():
+        accuracy = (model(x[1200:]).argmax(-1) == y[1200:]).float().mean().item()
+    return losses, accuracy
+
+
 def digits_checkpoint(tmp_path_factory):
     """A tiny ViT trained on digits for one epoch through the CLI, as a user makes one (for export and serving)."""
     import json
