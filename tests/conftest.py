@@ -84,6 +84,7 @@ TINY: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "convnext": _tiny_convnext,
     "cct": _tiny_cct,
     "vit_hybrid": _tiny_vit_hybrid,
+    "vit_small_data": _tiny_vit,  # the tokenizer (patch, SPT, conv stem) and LSA kept
     "cvt": _tiny_cvt,
     # 16 pixels: the last stage's 4x4 map sub-samples to 2x2 keys (a single key would leave theta and phi no gradient)
     "nonlocal_cnn": lambda kw: {"widths": (8, 16, 16), "depths": (1, 2, 2), "img_size": 16, "num_classes": 5},

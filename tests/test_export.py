@@ -25,7 +25,7 @@ from vitlab.export import OnnxClassifier, export_onnx
 
 # one variant per family, with what makes the family hard to trace: class attention (CaiT), a distillation token
 # (DeiT), a conditional position encoding (CPVT), shifted windows with masks (Swin), convolutional projections
-# (CvT), a convolutional tokenizer and sequence pooling (CCT), a ResNet stem (hybrid), BatchNorm (ResNet)
+# (CvT), a convolutional tokenizer and sequence pooling (CCT), a ResNet stem (hybrid), BatchNorm (ResNet), SPT and LSA
 FAMILIES = [
     "vit_tiny_patch4_28",
     "deit_tiny_distilled_patch4_28",
@@ -36,6 +36,8 @@ FAMILIES = [
     "cct_2_3x2_28",
     "vit_tiny_r11_s4_28",
     "resnet18_28",
+    "vit_tiny_spt_lsa_patch4_28",  # shifted copies of the image, a masked diagonal and a learned temperature
+    "vit_tiny_convstem_28",  # BatchNorm in the tokenizer
     "convnext_atto_28",
     "nonlocal_cnn_tiny_28",
     "axial_vit_tiny_patch2_28",

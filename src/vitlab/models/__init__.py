@@ -14,6 +14,7 @@ from vitlab.models.resnet import ResNet
 from vitlab.models.swin import SwinTransformer
 from vitlab.models.vit import VisionTransformer
 from vitlab.models.vit_hybrid import HybridVisionTransformer
+from vitlab.models.vit_small_data import SmallDataVisionTransformer
 
 __all__ = [
     "CCT",
@@ -27,6 +28,7 @@ __all__ = [
     "HybridVisionTransformer",
     "NonLocalNet",
     "ResNet",
+    "SmallDataVisionTransformer",
     "SwinTransformer",
     "VisionTransformer",
     "VisionTransformerDistilled",
