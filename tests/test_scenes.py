@@ -78,6 +78,12 @@ def test_masks_and_boxes_match_the_images(scenes) -> None:
     assert scenes.label_names == [*scenes.item_names, *BACKGROUNDS]
 
 
+def _named(caption: str, names: tuple[str, ...]) -> dict[str, int]:
+    """How often each item name is in a caption, as a whole name ("shirt" is not in "a t-shirt")."""
+    counts = {n: len(re.findall(rf"(?<![\w-]){n}(?![\w-])", caption)) for n in names}
+    return {n: c for n, c in counts.items() if c}
+
+
 _RELATION = re.compile(r"^an? (\w+) (\S+) (to the left of|to the right of|above|below) an? (\w+) (\S+) on (\w+)$")
 
 
@@ -87,8 +93,7 @@ def test_captions_name_the_items_and_the_background_and_relations_follow_the_box
         present = [scenes.item_names[k] for k in scenes.item_classes[i] if k >= 0]
         background = BACKGROUNDS[scenes.backgrounds[i]]
         for caption in captions:  # every caption names each item once and the background
-            named = {n: len(re.findall(rf"(?<![\w-]){n}(?![\w-])", caption)) for n in scenes.item_names}
-            assert {n: c for n, c in named.items() if c} == {n: present.count(n) for n in present}, caption
+            assert _named(caption, scenes.item_names) == {n: present.count(n) for n in present}, caption
             assert re.search(rf"\b{background}\b", caption), caption
         assert len(set(captions)) >= 4, captions
         m = _RELATION.match(captions[0])
@@ -207,8 +212,22 @@ def test_missing_and_corrupt_images_are_one_line_errors_or_skipped_with_a_count(
     assert "cannot read image" in str(e.value) and "3.png" in str(e.value) and "\n" not in str(e.value)
 
 
-def test_scene_specs_and_the_fashion_mnist_fallback(monkeypatch) -> None:
+def test_scene_specs_fashion_mnist_items_and_the_digits_fallback(monkeypatch) -> None:
     import vitlab.data.fashion_mnist as fashion_mnist
+
+    def found(*args, **kwargs):  # a small stand-in for the Debian package's files
+        g = torch.Generator().manual_seed(0)
+        images = lambda n: (torch.rand(n, 1, 28, 28, generator=g) * 255).to(torch.uint8)
+        return {"train_images": images(100), "train_labels": torch.arange(100) % 10,
+                "test_images": images(30), "test_labels": torch.arange(30) % 10}  # fmt: skip
+
+    monkeypatch.setattr(fashion_mnist, "load_fashion_mnist", found)
+    s = build_dataset("scenes:fashion-mnist?count=40&size=16&seed=2")
+    scenes = s.scenes["train"]
+    assert not s.notes and scenes.source == "fashion-mnist" and "ankle boot" in scenes.item_names
+    for k, captions in enumerate(scenes.captions):
+        present = [scenes.item_names[c] for c in scenes.item_classes[k] if c >= 0]
+        assert all(_named(c, scenes.item_names) == {n: present.count(n) for n in present} for c in captions)
 
     def missing(*args, **kwargs):
         raise VitlabError("Fashion-MNIST not found")
