@@ -86,8 +86,9 @@ class Scenes:
     """Scenes as arrays (``N`` scenes of ``H x W``; ``MAX_ITEMS`` slots per scene, -1 where a slot is empty).
 
     ``images`` uint8 [N, H, W, 3]; ``instances`` uint8 [N, H, W]: 0 for the background, j + 1 where item slot j is
-    visible; ``boxes`` int32 [N, MAX_ITEMS, 4] (x0, y0, x1, y1), x1 and y1 exclusive, tight around each item's
-    pixels; ``item_classes`` / ``item_colours`` int64 [N, MAX_ITEMS] into ``item_names`` / `COLOURS`;
+    visible; ``boxes`` int32 [N, MAX_ITEMS, 4] (x0, y0, x1, y1), x1 and y1 exclusive, tight around the pixels
+    each item was drawn with (a later item may cover a few of them); ``item_classes`` / ``item_colours`` int64
+    [N, MAX_ITEMS] into ``item_names`` / `COLOURS`;
     ``backgrounds`` int64 [N] into `BACKGROUNDS`; ``crops`` int64 [N, 4] (y, x, scale, quarter turns) of the
     texture crop (`background_image` draws it again); ``split`` int64 [N] into `SPLITS`; ``ids`` int64 [N] each
     scene's index in the generator; ``captions`` 5 per scene.
