@@ -278,7 +278,30 @@ def export(checkpoint, fmt, out, opset, atol) -> None:
 @click.option("--max-wait-ms", type=float, default=5.0, show_default=True, help="Micro-batch wait window.")
 @click.option("--max-upload-mb", type=float, default=10.0, show_default=True)
 @click.option("--max-pixels", type=int, default=40_000_000, show_default=True, help="Largest image (width x height).")
-def serve(checkpoint, runtime, host, port, api_key, max_batch, max_wait_ms, max_upload_mb, max_pixels) -> None:
+@click.option(
+    "--allowed-host",
+    "allowed_hosts",
+    multiple=True,
+    metavar="NAME",
+    help="A name the server answers to in the Host header (repeatable; *.example.org for subdomains, * for any); "
+    "others get 421. Default: localhost, 127.0.0.1 and ::1 without an API key, any name with one.",
+)
+@click.option(
+    "--body-timeout", type=float, default=60.0, show_default=True, help="Seconds a request body may take (408)."
+)
+def serve(
+    checkpoint,
+    runtime,
+    host,
+    port,
+    api_key,
+    max_batch,
+    max_wait_ms,
+    max_upload_mb,
+    max_pixels,
+    allowed_hosts,
+    body_timeout,
+) -> None:
     """Serve a checkpoint over HTTP: a web page at /, the API at /v1 (docs at /docs)."""
     from vitlab.serve import ServeConfig, run_server
 
@@ -288,6 +311,8 @@ def serve(checkpoint, runtime, host, port, api_key, max_batch, max_wait_ms, max_
         max_upload_bytes=int(max_upload_mb * 2**20),
         max_pixels=max_pixels,
         api_key=api_key or None,
+        allowed_hosts=tuple(allowed_hosts) or None,
+        body_timeout_s=body_timeout,
     )
     run_server(checkpoint, runtime=runtime, host=host, port=port, config=cfg)
 

@@ -7,24 +7,22 @@
     POST /v1/explain   multipart field ``file`` -> PNG of the attention-rollout overlay
     GET  /docs         OpenAPI (Swagger UI); the schema at /openapi.json
 
-Every refusal is a 4xx with one line of JSON, ``{"detail": "..."}``. `_Guard`, an ASGI layer in front of the app,
-refuses before anything is parsed: a missing or wrong API key (401 / 403; with a key set, every path but /health
-needs it, and the page and the docs ask a browser for it by HTTP Basic), an upload endpoint called without a
-multipart body (415), an empty body (400) and a body over the size limit (413, counted as it arrives, so a client
-that lies in Content-Length or sends chunks cannot pass it). The upload itself is checked in `images`: format,
-pixel count before decoding, truncation. Predictions go through the `MicroBatcher`; a model that raises answers
-500 with its message, is logged, and the next request is served.
+Every refusal is a 4xx (or 503 when overloaded) with one line of JSON, ``{"detail": "..."}`` (`ErrorBody`), and
+/openapi.json lists, for each endpoint, every status it can answer with that schema. `Guard`, an ASGI layer in
+front of the app (`vitlab.serve.guard`), refuses before anything is parsed: a Host the server does not answer to
+(421), a missing or wrong API key (401 / 403), a body that is not multipart (415), empty (400), over the size
+limit (413) or too slow to arrive (408). The upload itself is checked in `images`: format, pixel count before
+decoding, truncation. Predictions and explanations wait in one queue, the `MicroBatcher`'s (503 when it is full);
+a model that raises answers 500 with its message, is logged, and the next request is served.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import concurrent.futures
 import contextlib
-import hmac
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -34,28 +32,30 @@ from fastapi import Depends, FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPBearer
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from vitlab.predict import preprocess, top_classes
 from vitlab.serve.batching import MicroBatcher, QueueFull
 from vitlab.serve.explain import explain_support, overlay_png, relevance_map
+from vitlab.serve.guard import Guard, default_allowed_hosts, error
 from vitlab.serve.images import UploadError, decode_upload
 
 log = logging.getLogger("vitlab.serve")
 
-PUBLIC_PATHS = ("/health",)  # liveness probes carry no key
-# Pages a browser navigates to cannot send a header: they ask for the key by HTTP Basic authentication (any user
-# name, the key as password), and the browser then sends it with the page's own API calls.
-BROWSER_PATHS = ("/", "/docs", "/docs/oauth2-redirect", "/openapi.json")
-UPLOAD_PATHS = ("/v1/predict", "/v1/explain")
 ImageField = Annotated[UploadFile, File(description="The image: PNG, JPEG, WebP, BMP or GIF.")]
 OK_PART_TYPES = ("image/", "application/octet-stream")  # what browsers and curl send for an image file
 
 
 @dataclass
 class ServeConfig:
-    """Limits and batching of a server. ``api_key`` None leaves the API open (fine on 127.0.0.1)."""
+    """Limits and batching of a server. ``api_key`` None leaves the API open (fine on 127.0.0.1).
+
+    ``allowed_hosts``: the names the server answers to in the Host header (``*.example.org`` for subdomains,
+    ``*`` for any); others get 421. None: the loopback names (localhost, 127.0.0.1, ::1) without an API key, any
+    name with one. ``body_timeout_s`` bounds how long a request's body may take to arrive (408 after it);
+    ``head_timeout_s`` how long its request line and headers may take (the connection is closed after it).
+    """
 
     max_batch: int = 16
     max_wait_ms: float = 5.0
@@ -65,6 +65,9 @@ class ServeConfig:
     decode_threads: int = 2  # images decoded at once: with max_pixels, bounds the memory decoding takes
     api_key: str | None = None
     max_top_k: int = 100
+    allowed_hosts: tuple[str, ...] | None = None
+    body_timeout_s: float = 60.0
+    head_timeout_s: float = 10.0
 
 
 class ClassProbability(BaseModel):
@@ -90,101 +93,38 @@ class ModelInfo(BaseModel):
     batching: dict[str, Any]
 
 
-def _error(status: int, message: str, **headers: str) -> JSONResponse:
-    return JSONResponse({"detail": message}, status_code=status, headers=headers or None)
+class ErrorBody(BaseModel):
+    """Every answer that is not a success: one line saying what was wrong and, where it helps, what to do."""
+
+    model_config = ConfigDict(extra="forbid")
+    detail: str = Field(description="One line, for a person: what was wrong and what to do.")
 
 
-class _Guard:
-    """ASGI layer: API key, content type, empty and oversized bodies, refused before the app parses anything. A
-    body under the limit is read here and replayed to the app, so at most ``max_bytes`` per request is held."""
-
-    def __init__(self, app: Any, *, api_key: str | None, max_bytes: int) -> None:
-        self.app, self.api_key, self.max_bytes = app, api_key, max_bytes
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        refusal = self._check_key(scope["path"], headers)
-        if refusal is None and scope["path"] in UPLOAD_PATHS and scope["method"] == "POST":
-            refusal = self._check_upload_headers(headers)
-        if refusal is not None:
-            return await refusal(scope, receive, send)
-        if scope["method"] not in ("POST", "PUT", "PATCH"):
-            return await self.app(scope, receive, send)
-        body, refusal = await self._read_body(receive)
-        if refusal is None and not body and scope["path"] in UPLOAD_PATHS:
-            refusal = _error(400, "the request body is empty: send the image as multipart/form-data field 'file'")
-        if refusal is not None:
-            return await refusal(scope, receive, send)
-        replayed = False
-
-        async def replay() -> dict:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # http.disconnect
-
-        await self.app(scope, replay, send)
-
-    def _check_key(self, path: str, headers: dict[str, str]) -> JSONResponse | None:
-        if self.api_key is None or path in PUBLIC_PATHS:
-            return None
-        given = _given_key(headers)
-        right = bool(given) and hmac.compare_digest(given.encode(), self.api_key.encode())  # constant time
-        if right:
-            return None
-        if path in BROWSER_PATHS:  # 401 with a Basic challenge, wrong key too: the browser asks (again)
-            message = "the API key is wrong" if given else "this page needs the server's API key"
-            return _error(401, message, **{"WWW-Authenticate": 'Basic realm="vitlab", charset="UTF-8"'})
-        if given:
-            return _error(403, "the API key is wrong")
-        return _error(
-            401,
-            "this server needs an API key: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'",
-            **{"WWW-Authenticate": "Bearer"},
-        )
-
-    def _check_upload_headers(self, headers: dict[str, str]) -> JSONResponse | None:
-        ctype = headers.get("content-type", "")
-        if not ctype.lower().startswith("multipart/form-data"):
-            return _error(
-                415,
-                f"Content-Type is {ctype or 'missing'!s}: send the image as multipart/form-data field 'file' "
-                "(curl -F file=@image.png)",
-            )
-        length = headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            return _error(413, f"the upload is {length} bytes; the limit is {self.max_bytes} bytes")
-        return None
-
-    async def _read_body(self, receive: Any) -> tuple[bytes, JSONResponse | None]:
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return b"", _error(400, "the client went away")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:  # stop reading: the rest of the body is never held
-                return b"", _error(413, f"the upload is over the limit of {self.max_bytes} bytes")
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks), None
+# What each status means, as /openapi.json documents it; `_responses` picks those an endpoint can answer.
+STATUS_MEANING = {
+    400: "Malformed request: an empty body, no multipart field 'file', a broken multipart body, or an empty, "
+    "truncated or corrupt image.",
+    401: "No API key (the server has one): send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'.",
+    403: "A wrong API key.",
+    408: "The request body did not arrive within the server's body timeout.",
+    413: "The body is over the upload limit, or the image over the pixel limit.",
+    415: "The body is not multipart/form-data, or the file part is not an image in a supported format.",
+    421: "The Host header names a host this server does not answer to (protection against DNS rebinding).",
+    422: "A parameter is invalid (top_k < 1), or the model cannot be explained by attention rollout (the reason).",
+    500: "The model or the server failed on this request; the next request is served.",
+    503: "Overloaded: the model's queue is full (JSON, with Retry-After), or uvicorn's connection limit is reached "
+    "(text/plain 'Service Unavailable', before the request reaches the app).",
+}
 
 
-def _given_key(headers: dict[str, str]) -> str | None:
-    """The key a request carries: ``Authorization: Bearer KEY``, ``X-API-Key: KEY``, or HTTP Basic's password."""
-    scheme, _, value = headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer":
-        return value.strip()
-    if scheme.lower() == "basic":
-        try:
-            return base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")[2]
-        except (ValueError, UnicodeDecodeError):
-            return None
-    return headers.get("x-api-key")
+def _responses(statuses: list[int], *, queued: bool) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for the error ``statuses`` of an endpoint: each with `ErrorBody`. 503 comes from
+    uvicorn's connection limit as plain text on any endpoint, and as `ErrorBody` where requests are ``queued``."""
+    out: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody, "description": STATUS_MEANING[s]} for s in statuses}
+    text = {"text/plain": {"schema": {"type": "string", "example": "Service Unavailable"}}}
+    out[503] = {"model": ErrorBody, "content": text} if queued else {"content": text}
+    out[503]["description"] = STATUS_MEANING[503]
+    return out
 
 
 def create_app(
@@ -197,7 +137,7 @@ def create_app(
     """The app for ``classifier`` (`vitlab.predict.TorchClassifier` or `vitlab.export.OnnxClassifier`).
 
     ``explain_model`` is the torch module whose attention `/v1/explain` rolls out (default: the classifier's own
-    module; an ONNX classifier without one refuses explanations with the reason). `_Guard` runs in front of
+    module; an ONNX classifier without one refuses explanations with the reason). `Guard` runs in front of
     the app's routes; ``app.state.batcher`` is the `MicroBatcher`.
     """
     cfg = config or ServeConfig()
@@ -219,12 +159,16 @@ def create_app(
         yield
         await batcher.aclose()
 
-    # The key is checked by `_Guard`; these two only describe it to OpenAPI, so /docs has an Authorize button.
+    # The key is checked by `Guard`; these two only describe it to OpenAPI, so /docs has an Authorize button.
     doc_auth = (
         [Depends(HTTPBearer(auto_error=False)), Depends(APIKeyHeader(name="X-API-Key", auto_error=False))]
         if cfg.api_key
         else []
     )
+    allowed_hosts = cfg.allowed_hosts if cfg.allowed_hosts is not None else default_allowed_hosts(cfg.api_key)
+    # what `Guard` can answer on any endpoint but /health, then what the upload endpoints add
+    guarded = [421] * ("*" not in allowed_hosts) + [401, 403] * bool(cfg.api_key) + [500]
+    upload = sorted([*guarded, 400, 408, 413, 415, 422])
     app = FastAPI(
         title="vitlab serve",
         summary="Image classification with a vitlab model: top-k classes and attention-rollout explanations.",
@@ -233,15 +177,26 @@ def create_app(
     )
     app.state.batcher = batcher
     app.state.config = cfg
-    app.add_middleware(_Guard, api_key=cfg.api_key, max_bytes=cfg.max_upload_bytes)
+    app.add_middleware(
+        Guard,
+        api_key=cfg.api_key,
+        max_bytes=cfg.max_upload_bytes,
+        allowed_hosts=allowed_hosts,
+        body_timeout_s=cfg.body_timeout_s,
+    )
+
+    @app.exception_handler(Exception)
+    async def _failed(_request: Request, exc: Exception) -> JSONResponse:  # JSON like every other error
+        log.error("request failed", exc_info=exc)
+        return error(500, f"the server failed: {type(exc).__name__}: {_first_line(exc)}")
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
         e = exc.errors()[0]
         where = " ".join(str(p) for p in e.get("loc", ()))
         if e.get("type") == "missing" and "file" in where:
-            return _error(400, "no field 'file' in the form: send the image as multipart/form-data field 'file'")
-        return _error(422, f"{where}: {e.get('msg', 'invalid')}")
+            return error(400, "no field 'file' in the form: send the image as multipart/form-data field 'file'")
+        return error(422, f"{where}: {e.get('msg', 'invalid')}")
 
     async def read_image(file: UploadFile) -> torch.Tensor:
         ctype = (file.content_type or "application/octet-stream").lower()
@@ -258,12 +213,20 @@ def create_app(
     async def page() -> HTMLResponse:
         return HTMLResponse(_PAGE, headers={"Cache-Control": "no-cache"})
 
-    @app.get("/health", tags=["service"])
+    @app.get(
+        "/health", tags=["service"], responses=_responses([421] * ("*" not in allowed_hosts) + [500], queued=False)
+    )
     async def health() -> dict[str, str]:
         """Liveness: answers while the server runs (no API key needed)."""
         return {"status": "ok"}
 
-    @app.get("/v1/model", response_model=ModelInfo, tags=["model"], dependencies=doc_auth)
+    @app.get(
+        "/v1/model",
+        response_model=ModelInfo,
+        tags=["model"],
+        dependencies=doc_auth,
+        responses=_responses(guarded, queued=False),
+    )
     async def model_info() -> dict[str, Any]:
         """The model behind the server: name, class names, input size [C, H, W], normalisation, limits."""
         return {
@@ -283,7 +246,13 @@ def create_app(
             "batching": {"max_batch": cfg.max_batch, "max_wait_ms": cfg.max_wait_ms, **batcher.stats},
         }
 
-    @app.post("/v1/predict", response_model=Prediction, tags=["model"], dependencies=doc_auth)
+    @app.post(
+        "/v1/predict",
+        response_model=Prediction,
+        tags=["model"],
+        dependencies=doc_auth,
+        responses=_responses(upload, queued=True),
+    )
     async def predict(
         file: ImageField,
         top_k: Annotated[int, Query(ge=1, description="How many classes to return (at most all of them).")] = 5,
@@ -293,11 +262,11 @@ def create_app(
             image = await read_image(file)
             probs = await batcher.submit(image)
         except UploadError as e:
-            return _error(e.status, str(e))
+            return error(e.status, str(e))
         except QueueFull as e:
-            return _error(503, str(e), **{"Retry-After": "1"})
+            return error(503, str(e), **{"Retry-After": "1"})
         except Exception as e:  # the model's own failure (logged by the batcher): this request fails, not the server
-            return _error(500, f"the model failed: {type(e).__name__}: {_first_line(e)}")
+            return error(500, f"the model failed: {type(e).__name__}: {_first_line(e)}")
         return {"model": classifier.model_name, "top": top_classes(probs, names, min(top_k, cfg.max_top_k))}
 
     def explain_one(image: torch.Tensor) -> tuple[bytes, str, float]:
@@ -310,22 +279,27 @@ def create_app(
         tags=["model"],
         dependencies=doc_auth,
         response_class=Response,
-        responses={200: {"content": {"image/png": {}}, "description": "The image with the rollout heat map."}},
+        responses={
+            200: {"content": {"image/png": {}}, "description": "The image with the rollout heat map."},
+            **_responses(upload, queued=True),
+        },
     )
     async def explain(file: ImageField) -> Response:
         """PNG of the image with the attention-rollout relevance of each patch overlaid (red: most relevant).
         Headers X-Vitlab-Class (percent-encoded) and X-Vitlab-Probability give the top class. Models without
         global attention answer 422 with the reason."""
         if explain_note is not None:
-            return _error(422, explain_note)
+            return error(422, explain_note)
         try:
             image = await read_image(file)
-            png, name, prob = await batcher.run(explain_one, image)
+            png, name, prob = await batcher.run(explain_one, image)  # in the queue, in turn, as a prediction
         except UploadError as e:
-            return _error(e.status, str(e))
+            return error(e.status, str(e))
+        except QueueFull as e:
+            return error(503, str(e), **{"Retry-After": "1"})
         except Exception as e:  # the model's own failure: log it, answer, keep serving
             log.exception("explanation failed")
-            return _error(500, f"the model failed: {type(e).__name__}: {_first_line(e)}")
+            return error(500, f"the model failed: {type(e).__name__}: {_first_line(e)}")
         headers = {"X-Vitlab-Class": quote(name), "X-Vitlab-Probability": f"{prob:.6f}"}
         return Response(png, media_type="image/png", headers=headers)
 
@@ -362,19 +336,16 @@ def run_server(
     max_connections: int = 128,
 ) -> None:
     """Serve ``checkpoint`` with uvicorn until interrupted. ``max_connections`` bounds concurrent connections
-    (uvicorn answers 503 beyond it), and with the upload limit the memory requests can take."""
-    import ipaddress
-
-    import uvicorn
+    (uvicorn answers 503 beyond it), and with the upload limit the memory requests can take; the head and body
+    timeouts keep slow clients from holding them."""
+    from vitlab.serve.server import build_server
 
     cfg = config or ServeConfig()
-    app = load_app(checkpoint, runtime=runtime, config=cfg)
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = host == "localhost"
-    if not loopback and cfg.api_key is None:
+    if not _is_loopback(host) and cfg.api_key is None:
         log.warning("serving on %s without an API key: anyone who reaches this address can use the model", host)
+        if cfg.allowed_hosts is None:  # clients name this machine as they reach it: answer to any name
+            cfg = replace(cfg, allowed_hosts=("*",))
+    app = load_app(checkpoint, runtime=runtime, config=cfg)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     log.info(
         "vitlab serve: %s (%s) on http://%s:%d/ - API key %s",
@@ -384,4 +355,14 @@ def run_server(
         port,
         "required" if cfg.api_key else "off",
     )
-    uvicorn.run(app, host=host, port=port, limit_concurrency=max_connections, timeout_keep_alive=5, log_level="info")
+    server = build_server(app, host=host, port=port, max_connections=max_connections, head_timeout_s=cfg.head_timeout_s)
+    server.run()
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

@@ -7,6 +7,10 @@ while the model computes. Inputs that arrive while a batch computes form the nex
 fill without any waiting. One worker thread runs every model call (predictions and explanations alike), so the
 model is never entered from two threads at once.
 
+Other model work (an explanation: `MicroBatcher.run`) waits in the same queue, in turn, and runs alone: one queue
+and one limit (``max_queue``) for everything that needs the model, so an overloaded server answers 503 to any of
+it instead of piling up work nobody bounds.
+
 A model that raises fails only the requests of that batch (each gets the exception); the collector goes on.
 """
 
@@ -16,6 +20,7 @@ import asyncio
 import concurrent.futures
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,6 +33,14 @@ log = logging.getLogger("vitlab.serve")
 
 class QueueFull(VitlabError):
     """More requests wait than the queue holds: the server is overloaded."""
+
+
+@dataclass(frozen=True)
+class _Call:
+    """Model work other than a batched prediction, waiting in the queue for its turn."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
 
 
 class MicroBatcher:
@@ -60,36 +73,64 @@ class MicroBatcher:
         return self._queue  # type: ignore[return-value]
 
     async def submit(self, x: Tensor) -> Tensor:
+        return await self._enqueue(x)
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run other model work (an explanation) on the model thread, alone, when its turn in the queue comes;
+        `QueueFull` as for `submit`."""
+        return await self._enqueue(_Call(fn, args))
+
+    async def _enqueue(self, item: Tensor | _Call) -> Any:
         queue = self._ensure_started()
         if queue.qsize() >= self.max_queue:
             raise QueueFull(f"{queue.qsize()} requests are waiting for the model; try again shortly")
         future = asyncio.get_running_loop().create_future()
-        queue.put_nowait((x, future))
+        queue.put_nowait((item, future))
         return await future
 
-    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run any other model work (an explanation) on the model thread, between batches."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
-
     async def _collect(self, queue: asyncio.Queue) -> None:
-        loop = asyncio.get_running_loop()
+        carried = None  # a call met while filling a batch: it runs right after that batch, in its turn
         while True:
-            batch = [await queue.get()]
-            deadline = loop.time() + self.max_wait
-            while len(batch) < self.max_batch:
-                if not queue.empty():
-                    batch.append(queue.get_nowait())
-                    continue
+            first, carried = carried or await queue.get(), None
+            if isinstance(first[0], _Call):
+                await self._run_call(*first)
+                continue
+            batch, carried = await self._fill(queue, [first])
+            live = [(x, f) for x, f in batch if not f.done()]  # a client that went away cancelled its future
+            if live:
+                await self._run_batch(live)
+
+    async def _fill(self, queue: asyncio.Queue, batch: list) -> tuple[list, tuple | None]:
+        """Take inputs until ``max_batch`` or the wait window closes; stop early at a call (returned to run next)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_wait
+        while len(batch) < self.max_batch:
+            if queue.empty():
                 left = deadline - loop.time()
                 if left <= 0:
                     break
                 try:
-                    batch.append(await asyncio.wait_for(queue.get(), left))
+                    item = await asyncio.wait_for(queue.get(), left)
                 except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11 on
                     break
-            live = [(x, f) for x, f in batch if not f.done()]  # a client that went away cancelled its future
-            if live:
-                await self._run_batch(live)
+            else:
+                item = queue.get_nowait()
+            if isinstance(item[0], _Call):
+                return batch, item
+            batch.append(item)
+        return batch, None
+
+    async def _run_call(self, call: _Call, future: asyncio.Future) -> None:
+        if future.done():  # the client went away while it waited
+            return
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(self.executor, call.fn, *call.args)
+        except Exception as e:  # the caller answers for it (the server logs it and says 500)
+            if not future.done():
+                future.set_exception(e)
+            return
+        if not future.done():
+            future.set_result(result)
 
     async def _run_batch(self, batch: list[tuple[Tensor, asyncio.Future]]) -> None:
         xs = torch.stack([x for x, _ in batch])  # (B, C, H, W)
