@@ -1,5 +1,6 @@
 """ONNX export: a tiny model of every family exports with a dynamic batch axis and matches eager PyTorch in
-onnxruntime; the metadata carries class names and normalisation; a mismatch fails the export; `vitlab export`,
+onnxruntime; the metadata carries class names and normalisation (and no local path); a mismatch fails the export
+and keeps the previous file; a new export replaces the old one only once checked; `vitlab export`,
 `vitlab predict --runtime onnx` and `vitlab serve --runtime onnx` on a trained checkpoint."""
 
 from __future__ import annotations
@@ -72,18 +73,50 @@ def test_export_matches_eager_pytorch_at_any_batch(name, tmp_path) -> None:
     assert onnx.mean == (0.25,) and onnx.std == (0.5,)
 
 
-def test_a_graph_that_differs_from_pytorch_fails_the_export_and_leaves_no_file(tmp_path) -> None:
-    model = tiny_model("vit_tiny_patch4_28").eval()
+def _drifting(model):
+    """``model`` whose eager forward drifts by 1e-3 from the graph that is traced."""
     head = model.forward_head
 
-    def drifting_head(x, pre_logits=False):  # eager PyTorch drifts by 1e-3 from what is traced
+    def drifting_head(x, pre_logits=False):
         out = head(x, pre_logits=pre_logits)
         return out if torch.compiler.is_exporting() else out + 1e-3
 
     model.forward_head = drifting_head
-    with pytest.raises(VitlabError, match=r"differ from PyTorch's by 0.001 .*was not kept"):
-        export_onnx(model, tmp_path / "m.onnx")
-    assert not (tmp_path / "m.onnx").exists()
+    return model
+
+
+def test_a_failed_export_keeps_the_previous_file_and_sets_the_failed_one_aside(tmp_path) -> None:
+    out = tmp_path / "m.onnx"
+    export_onnx(tiny_model("vit_tiny_patch4_28").eval(), out)
+    good = out.read_bytes()
+    with pytest.raises(VitlabError, match=r"differ from PyTorch's by 0.001 .*was not written .*m.failed.onnx"):
+        export_onnx(_drifting(tiny_model("vit_tiny_patch4_28").eval()), out)
+    assert out.read_bytes() == good  # the previous good export, untouched
+    assert OnnxClassifier(out).class_names == [str(i) for i in range(5)]
+    failed = OnnxClassifier(tmp_path / "m.failed.onnx")  # the failed graph, for inspection
+    assert failed.model_name == "vit_tiny_patch4_28"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.failed.onnx", "m.onnx"]  # no temporary left
+
+
+def test_a_new_export_is_checked_before_it_replaces_the_old_one(tmp_path, monkeypatch) -> None:
+    import vitlab.export.onnx as onnx_export
+
+    out = tmp_path / "m.onnx"
+    export_onnx(tiny_model("vit_tiny_patch4_28").eval(), out)
+    old = out.read_bytes()
+    checked = []
+
+    def parity(model, path, shape):  # while the new graph is checked, readers of m.onnx still get the old one
+        checked.append((path, out.read_bytes() == old))
+        return real_parity(model, path, shape)
+
+    real_parity = onnx_export._parity
+    monkeypatch.setattr(onnx_export, "_parity", parity)
+    export_onnx(move_off_init(tiny_model("vit_tiny_patch4_28")).eval(), out)
+    [(path, unchanged)] = checked
+    assert path != out and path.parent.parent == tmp_path and unchanged
+    assert out.read_bytes() != old  # then replaced by the new one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
 
 def _digit(tmp_path) -> str:
@@ -113,6 +146,10 @@ def test_metadata_of_a_trained_checkpoint(exported) -> None:
     assert json.loads(meta["mean"]) == config["mean"] and json.loads(meta["std"]) == config["std"]
     assert json.loads(meta["input_size"]) == [1, 28, 28] and meta["model_name"] == "vit_tiny_patch7_28"
     assert proto.graph.input[0].name == "pixel_values" and proto.graph.output[0].name == "logits"
+    # the source is the checkpoint's name, not where it lies on this machine
+    assert meta["source"] == "best"
+    for value in meta.values():
+        assert str(exported.resolve().parent) not in value and str(exported.parent) not in value
 
 
 def test_predict_with_onnxruntime_matches_torch(exported, tmp_path) -> None:
@@ -154,14 +191,14 @@ def test_serve_with_onnxruntime(exported) -> None:
     files = {"file": ("x.png", buf.getvalue(), "image/png")}
     answers = {}
     for runtime in ("torch", "onnx"):
-        with TestClient(load_app(str(exported), runtime=runtime)) as c:
+        with TestClient(load_app(str(exported), runtime=runtime), base_url="http://127.0.0.1:8000") as c:
             assert c.get("/v1/model").json()["runtime"] == runtime
             answers[runtime] = c.post("/v1/predict?top_k=10", files=files).json()["top"]
             assert c.post("/v1/explain", files=files).status_code == 200  # explained with the checkpoint's model
     for a, b in zip(answers["onnx"], answers["torch"]):
         assert a["class"] == b["class"] and a["probability"] == pytest.approx(b["probability"], abs=1e-5)
     # the .onnx file alone: predictions, and a 422 for explanations (no attention maps without the checkpoint)
-    with TestClient(load_app(str(exported / "model.onnx"), runtime="onnx")) as c:
+    with TestClient(load_app(str(exported / "model.onnx"), runtime="onnx"), base_url="http://127.0.0.1:8000") as c:
         assert c.post("/v1/predict", files=files).status_code == 200
         r = c.post("/v1/explain", files=files)
         assert r.status_code == 422 and "without its checkpoint" in r.json()["detail"]

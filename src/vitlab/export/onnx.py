@@ -3,7 +3,9 @@
 `export_onnx` traces the model with ``torch.export`` (``torch.onnx.export(..., dynamo=True)``) on its explicit
 attention path, with a dynamic batch axis and a fixed image size, writes the ONNX file with the checkpoint's class
 names and normalisation in its ``metadata_props``, then runs the file in onnxruntime at two batch sizes and
-compares the logits with eager PyTorch: a file that does not match to ``atol`` is deleted and the export fails.
+compares the logits with eager PyTorch. The file is written beside its destination under a temporary name and
+moved into place (`os.replace`) only once it matches to ``atol``: an export that fails leaves the previous file,
+if any, as it was, and the failed one under ``NAME.failed.onnx`` for inspection.
 
 The graph takes normalised float32 pixels ``[B, C, H, W]`` (``(pixel / 255 - mean) / std``, the metadata's mean
 and std) named ``pixel_values`` and returns the logits ``[B, num_classes]`` named ``logits``. `OnnxClassifier` reads
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -84,9 +87,10 @@ def export_onnx(
     _need("onnxscript")
     source = ""
     if not isinstance(model, nn.Module):
-        from vitlab.checkpoint import from_pretrained
+        from vitlab.checkpoint import HUB_PREFIX, from_pretrained
 
-        source = str(model)
+        # a Hub address as it is; a local checkpoint by its name, never its path on this machine
+        source = str(model) if str(model).startswith(HUB_PREFIX) else Path(model).name
         out = out if out is not None else default_onnx_path(model)
         model = from_pretrained(model)
     if out is None:
@@ -99,20 +103,51 @@ def export_onnx(
     shape = tuple(int(v) for v in model.default_cfg["input_size"])
     program = _trace(model, shape, opset)
     program.model.metadata_props.update(onnx_metadata(model, source=source))
-    program.save(str(out))  # weights over 2 GB go to an external data file beside it, automatically
-    try:
-        diff = _parity(model, out, shape)
-    except Exception:
-        _remove(out)
-        raise
-    if not diff <= atol:  # also catches NaN
-        _remove(out)
-        raise VitlabError(
-            f"the ONNX graph's logits differ from PyTorch's by {diff:.3g} (> {atol:g}); {out} was not kept. Try "
-            "another --opset, or pass --atol if the difference is rounding in a large model"
-        )
+    # Written under out's own name in a temporary directory beside it: an external data file (weights over 2 GB)
+    # is named after the graph file and referenced by that name, so the two move into place unchanged.
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+        staged = Path(tmp) / out.name
+        program.save(str(staged))
+        try:
+            diff = _parity(model, staged, shape)
+        except Exception:
+            _keep_failed(staged, out)
+            raise
+        if not diff <= atol:  # also catches NaN
+            failed = _keep_failed(staged, out)
+            raise VitlabError(
+                f"the ONNX graph's logits differ from PyTorch's by {diff:.3g} (> {atol:g}); {out} was not written "
+                f"(the failed graph is {failed}). Try another --opset, or pass --atol if the difference is rounding "
+                "in a large model"
+            )
+        _move_into_place(staged, out)
     opsets = {d: v for d, v in program.model.opset_imports.items() if d in ("", "ai.onnx")}
     return {"path": str(out), "opset": next(iter(opsets.values()), None), "max_abs_diff": diff}
+
+
+def _data_file(path: Path) -> Path:
+    """Where ONNX puts the weights of a graph over 2 GB: beside it, named after it."""
+    return path.with_name(path.name + ".data")
+
+
+def _move_into_place(staged: Path, out: Path) -> None:
+    """Replace ``out`` (and its data file) by the checked ``staged`` graph, each file in one rename."""
+    if _data_file(staged).exists():  # the weights, then the graph that reads them
+        os.replace(_data_file(staged), _data_file(out))
+        os.replace(staged, out)
+    else:
+        os.replace(staged, out)
+        _data_file(out).unlink(missing_ok=True)  # an older export's weights, which the new graph does not read
+
+
+def _keep_failed(staged: Path, out: Path) -> str:
+    """Keep a graph that failed its check as ``NAME.failed.onnx`` beside ``out``, which stays untouched; a graph
+    with a data file (over 2 GB, its data file's name written inside it) is removed instead."""
+    if _data_file(staged).exists():
+        return "removed"
+    failed = out.with_name(f"{out.stem}.failed.onnx")
+    os.replace(staged, failed)
+    return f"kept as {failed}"
 
 
 def _trace(model: nn.Module, shape: tuple[int, ...], opset: int | None):
@@ -175,11 +210,6 @@ def _parity(model: nn.Module, path: Path, shape: tuple[int, ...]) -> float:
             raise VitlabError(f"the ONNX graph returns {got.shape} at batch {b}, PyTorch {ref.shape}")
         diff = max(diff, float(np.abs(got - ref).max()))
     return diff
-
-
-def _remove(path: Path) -> None:
-    for p in (path, path.with_name(path.name + ".data")):
-        p.unlink(missing_ok=True)
 
 
 def _session(path: str | os.PathLike, threads: int | None = None):
