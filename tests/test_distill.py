@@ -267,10 +267,14 @@ def test_any_checkpoint_format_can_teach(source, tmp_path) -> None:
         ref.save_pretrained(tmp_path / "t")
         path, expected = tmp_path / "t", lambda x: ref(pixel_values=x).logits
     else:
-        # 64-dimensional heads: what timm shape inference assumes
-        ref = move_off_init(vitlab.create_model("vit_tiny_patch7_28", **{**TINY, "embed_dim": 128})).eval()
-        path = tmp_path / "t.pth"
-        torch.save(ref.state_dict(), path)
+        # the directory timm writes: its config.json says what the weights cannot (the head count)
+        args = {**TINY, "embed_dim": 128}
+        ref = move_off_init(vitlab.create_model("vit_tiny_patch7_28", **args)).eval()
+        path = tmp_path / "t"
+        path.mkdir()
+        torch.save(ref.state_dict(), path / "pytorch_model.bin")
+        config = {"architecture": "vit_tiny_patch7_28", "num_classes": 10, "model_args": args}
+        (path / "config.json").write_text(json.dumps(config))
         expected = ref
     teacher = load_teacher(path, num_classes=10, in_chans=1, img_size=(28, 28))
     x = torch.randn(2, 1, 28, 28)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import json
+import re
 
 import pytest
 import torch
@@ -106,11 +108,80 @@ def test_timm_state_dict(layout, tmp_path) -> None:
         sd["layers.0.blocks.0.attn.relative_position_index"] = torch.zeros(9, 9, dtype=torch.long)
         sd["layers.0.blocks.1.attn_mask"] = torch.zeros(16, 9, 9)
     torch.save({"model": sd}, tmp_path / "swin.pth")
-    loaded = vitlab.from_pretrained(tmp_path / "swin.pth")
+    # the image size is not in timm's weights (named here); the official files' saved mask tells it (16 windows)
+    loaded = vitlab.from_pretrained(tmp_path / "swin.pth", **({"img_size": 24} if layout == "timm" else {}))
+    assert loaded.default_cfg["input_size"] == m.default_cfg["input_size"] == (3, 24, 24)
     assert loaded.init_kwargs["depths"] == [2, 3] and loaded.init_kwargs["num_heads"] == [1, 2]
     assert loaded.init_kwargs["window_size"] == 3 and loaded.init_kwargs["patch_size"] == [2, 2]
     x = torch.randn(2, 3, 30, 27)
     torch.testing.assert_close(loaded(x), m(x), atol=0, rtol=0)
+
+
+def hf_to_timm_swin(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF's saved Swin names -> timm's (0.9 and later), written here from the two libraries' module names:
+    separate query / key / value -> ``qkv``, merging at the start of the next stage, the classifier ``head.fc``."""
+    renames = [
+        (r"^swin\.embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
+        (r"^swin\.embeddings\.norm\.", "patch_embed.norm."),
+        (r"^swin\.layernorm\.", "norm."),
+        (r"^classifier\.", "head.fc."),
+        (r"^swin\.encoder\.layers\.(\d+)\.downsample\.", lambda m: f"layers.{int(m[1]) + 1}.downsample."),
+        (r"^swin\.encoder\.layers\.(\d+)\.blocks\.(\d+)\.", r"layers.\1.blocks.\2."),
+        (r"attention\.self\.relative_position_bias_table$", "attn.relative_position_bias_table"),
+        (r"attention\.output\.dense\.", "attn.proj."),
+        (r"layernorm_before\.", "norm1."),
+        (r"layernorm_after\.", "norm2."),
+        (r"intermediate\.dense\.", "mlp.fc1."),
+        (r"output\.dense\.", "mlp.fc2."),
+    ]
+    out, qkv = {}, {}
+    for key, v in hf.items():
+        for pattern, to in renames:
+            key = re.sub(pattern, to, key)
+        if m := re.fullmatch(r"(.+)\.attention\.self\.(query|key|value)\.(weight|bias)", key):
+            qkv.setdefault((m[1], m[3]), {})[m[2]] = v
+        else:
+            out[key] = v
+    for (block, kind), p in qkv.items():
+        out[f"{block}.attn.qkv.{kind}"] = torch.cat([p["query"], p["key"], p["value"]])
+    return out
+
+
+def test_timm_swin_at_384_takes_its_size_from_the_config_the_name_or_the_masks(tmp_path) -> None:
+    """Swin-B/384's geometry (window 12 at 384 px: maps 96, 48, 24, 12; the last is one window) at a tiny width,
+    in timm's layout and in the official one. The weights run at any size; the size they were trained at, which
+    preprocessing resizes to, comes from timm's config.json, the named variant or the official file's saved
+    shifted-window masks, and is refused rather than taken to be 224 when nothing says it."""
+    from safetensors.torch import load_file, save_file
+
+    hf = hf_swin(SwinForImageClassification, 384, 4, 3, 8, (2, 2, 2, 2), (1, 1, 2, 2), 12)
+    hf.save_pretrained(tmp_path / "hf")
+    sd = hf_to_timm_swin(load_file(tmp_path / "hf" / "model.safetensors"))
+    sizes = {"embed_dim": 8, "depths": [2, 2, 2, 2], "num_heads": [1, 1, 2, 2]}
+    torch.save(sd, tmp_path / "swin.pth")
+    with pytest.raises(vitlab.VitlabError, match=r"do not say img_size.*model_name="):
+        vitlab.from_pretrained(tmp_path / "swin.pth")
+    named = vitlab.from_pretrained(tmp_path / "swin.pth", model_name="swin_base_patch4_window12_384", **sizes,
+                                   num_classes=7)  # fmt: skip
+    (tmp_path / "hub").mkdir()
+    save_file(sd, str(tmp_path / "hub" / "model.safetensors"))
+    pre = {"input_size": [3, 384, 384], "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    config = {"architecture": "swin_base_patch4_window12_384", "num_classes": 7, "pretrained_cfg": pre}
+    (tmp_path / "hub" / "config.json").write_text(json.dumps({**config, "model_args": sizes}))
+    # the official layout: merging at the end of the stage, head, and the index and mask buffers saved
+    official = {re.sub(r"^layers\.(\d+)\.downsample", lambda m: f"layers.{int(m[1]) - 1}.downsample", k): v
+                for k, v in sd.items()}  # fmt: skip
+    official = {k.replace("head.fc.", "head."): v for k, v in official.items()}
+    for i, side in enumerate((96, 48, 24)):  # a stage of one window (12) has no shift and no mask
+        official[f"layers.{i}.blocks.1.attn_mask"] = torch.zeros((side // 12) ** 2, 144, 144)
+        official[f"layers.{i}.blocks.0.attn.relative_position_index"] = torch.zeros(144, 144, dtype=torch.long)
+    torch.save({"model": official}, tmp_path / "official.pth")
+    x, small = torch.randn(1, 3, 384, 384), torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        torch.testing.assert_close(named(x), hf(pixel_values=x).logits, atol=1e-4, rtol=1e-4)
+        for model in (named, *(vitlab.from_pretrained(tmp_path / f) for f in ("hub", "official.pth"))):
+            assert model.default_cfg["input_size"] == (3, 384, 384) and model.init_kwargs["window_size"] == 12
+            torch.testing.assert_close(model(small), named(small), atol=0, rtol=0)  # one function: named's
 
 
 # --- parameter counts and cost ---------------------------------------------------------------------------------

@@ -194,19 +194,19 @@ def test_parity_with_hf_dpt_hybrid_encoder(img: int, depths: tuple[int, ...]) ->
 @pytest.mark.parametrize("name", ["vit_base_r50_s16_384", "vit_tiny_r11_s4_32"])
 def test_timm_state_dict_loads_as_a_hybrid(name: str, tmp_path) -> None:
     # timm's names are ours: a state dict of our model is one of timm's
-    overrides = {**tiny_overrides(name), "num_heads": 1, "backbone_groups": 32}  # what timm's converter assumes
+    overrides = {**tiny_overrides(name), "num_heads": 1, "backbone_groups": 32}  # groups: what timm's BiT has
     overrides["backbone_stem_width"] = 32
     overrides["backbone_widths"] = tuple(128 * 2**i for i in range(len(overrides["backbone_widths"])))
     overrides["img_size"] = 2 * overrides["img_size"]
     m = move_off_init(vitlab.create_model(name, **overrides)).eval()
     save_file({k: v.contiguous() for k, v in m.state_dict().items()}, tmp_path / "timm.safetensors")
-    loaded = vitlab.from_pretrained(tmp_path / "timm.safetensors")
+    loaded = vitlab.from_pretrained(tmp_path / "timm.safetensors", num_heads=1)  # the weights do not say it
     assert isinstance(loaded, HybridVisionTransformer)  # not taken for a plain ViT, whose keys it also has
     assert loaded.init_kwargs["img_size"] == list(m.patch_embed.img_size)
     x = torch.randn(2, *m.default_cfg["input_size"])
     torch.testing.assert_close(loaded(x), m(x), atol=1e-5, rtol=1e-5)
     # fine-tuning at another resolution resamples the position table over the stride-16 grid
     h = m.patch_embed.img_size[0] * 2
-    bigger = vitlab.from_pretrained(tmp_path / "timm.safetensors", img_size=h)
+    bigger = vitlab.from_pretrained(tmp_path / "timm.safetensors", img_size=h, num_heads=1)
     assert bigger.pos_embed.shape[1] == 1 + (h // m.patch_embed.patch_size[0]) ** 2
     assert bigger(torch.randn(1, m.patch_embed.in_chans, h, h)).shape == (1, 5)

@@ -1,10 +1,11 @@
 """vitlab: train, compare and understand Vision Transformers."""
 
-from vitlab._registry import create_model, list_models, register_model
+from vitlab import models  # noqa: F401  (registers every family: the registry itself imports none)
+from vitlab._registry import list_models, register_model
+from vitlab._version import __version__
 from vitlab.checkpoint import from_pretrained, save_pretrained
 from vitlab.errors import VitlabError
-
-__version__ = "0.1.0"
+from vitlab.factory import create_model
 
 __all__ = [
     "VitlabError",

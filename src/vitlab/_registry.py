@@ -1,10 +1,14 @@
-"""Model registry: `@register_model` on variant functions, `create_model(name, **overrides)`, `list_models(pattern)`,
-and the checkpoint converters each family registers next to its model (`register_hf_converter`,
-`register_timm_converter`), so that `vitlab.checkpoint` dispatches without a branch per family.
+"""Model registry, the ground floor: `@register_model` on variant functions, `list_models(pattern)`, and the
+checkpoint converters each family registers next to its model (`register_hf_converter`, `register_timm_converter`),
+so that `vitlab.checkpoint` dispatches without a branch per family.
 
-A variant function returns ``(model_class, kwargs, default_cfg)``; `create_model` merges the caller's overrides into
-the kwargs, builds the model and records on it what is needed to rebuild it from a checkpoint:
-``model.model_name``, ``model.init_kwargs`` (the full constructor arguments) and ``model.default_cfg``.
+It imports no model file and no checkpoint loader: the families register themselves when ``vitlab`` is imported
+(its ``__init__`` imports `vitlab.models`), and `vitlab.factory.create_model`, which may load published weights,
+lives a floor above both.
+
+A variant function returns ``(model_class, kwargs, default_cfg)``; `build_model` builds one and records on it what
+is needed to rebuild it from a checkpoint: ``model.model_name``, ``model.init_kwargs`` (the full constructor
+arguments) and ``model.default_cfg``.
 """
 
 from __future__ import annotations
@@ -53,13 +57,18 @@ def register_architecture(cls: type[nn.Module]) -> type[nn.Module]:
 
 class Converted(NamedTuple):
     """A foreign checkpoint in vitlab's terms: the state dict under our parameter names, the constructor arguments
-    of the registered architecture ``arch`` that it fits, and the default_cfg of a model built from it."""
+    of the registered architecture ``arch`` that it fits, and the default_cfg of a model built from it.
+
+    ``unknown`` names the constructor arguments that neither the weights nor what the source declared can tell
+    (a ViT's head count: the weights hold only the heads' concatenation); the caller must supply them, never
+    guess them."""
 
     arch: str
     state: dict[str, torch.Tensor]
     kwargs: dict[str, Any]
     default_cfg: dict[str, Any]
     ckpt_img_size: Any = None  # the size the weights were trained at, when ``kwargs`` says another
+    unknown: tuple[str, ...] = ()
 
     @property
     def source_img_size(self) -> Any:
@@ -68,7 +77,10 @@ class Converted(NamedTuple):
 
 
 HFConverter = Callable[[dict[str, Any], dict[str, torch.Tensor]], Converted]
-TimmConverter = Callable[[dict[str, torch.Tensor]], Converted]
+# fn(state, declared): ``declared`` holds the constructor arguments the source states (the variant the caller
+# named, a timm config.json's architecture, model_args and input size); the converter reads what they leave open
+# off the tensor shapes, and lists in ``Converted.unknown`` what neither tells
+TimmConverter = Callable[[dict[str, torch.Tensor], dict[str, Any]], Converted]
 _hf_converters: dict[str, HFConverter] = {}
 _timm_converters: list[tuple[int, Callable[[dict[str, torch.Tensor]], bool], TimmConverter]] = []
 
@@ -88,9 +100,9 @@ def register_hf_converter(*model_types: str) -> Callable[[HFConverter], HFConver
 def register_timm_converter(
     matches: Callable[[dict[str, torch.Tensor]], bool], *, priority: int = 0
 ) -> Callable[[TimmConverter], TimmConverter]:
-    """Register ``fn(state) -> Converted`` for timm state dicts that ``matches(state)`` recognises. When several
-    families match, the highest ``priority`` wins (a family whose state dict extends another's, such as DeiT's
-    distillation token over ViT, registers a higher one)."""
+    """Register ``fn(state, declared) -> Converted`` for timm state dicts that ``matches(state)`` recognises. When
+    several families match, the highest ``priority`` wins (a family whose state dict extends another's, such as
+    DeiT's distillation token over ViT, registers a higher one)."""
 
     def wrap(fn: TimmConverter) -> TimmConverter:
         _timm_converters.append((priority, matches, fn))
@@ -100,29 +112,24 @@ def register_timm_converter(
 
 
 def hf_converter(model_type: str | None) -> HFConverter | None:
-    _import_models()
     return _hf_converters.get(model_type or "")
 
 
 def hf_model_types() -> list[str]:
-    _import_models()
     return sorted(_hf_converters)
 
 
 def timm_converter(state: dict[str, torch.Tensor]) -> TimmConverter | None:
-    _import_models()
     found = [(p, fn) for p, match, fn in _timm_converters if match(state)]
     return max(found, key=lambda t: t[0])[1] if found else None
 
 
 def list_models(pattern: str = "*") -> list[str]:
     """Registered model names matching a shell-style pattern, sorted."""
-    _import_models()
     return sorted(n for n in _variants if fnmatch.fnmatchcase(n, pattern))
 
 
 def check_model_name(name: str) -> None:
-    _import_models()
     if name not in _variants:
         raise VitlabError(f"unknown model {name!r}.{closest(name, _variants)} 'vitlab models' lists them all")
 
@@ -134,8 +141,11 @@ def get_variant(name: str) -> tuple[type[nn.Module], dict[str, Any], dict[str, A
     return cls, dict(kwargs), dict(cfg)
 
 
+def is_architecture(arch: str) -> bool:
+    return arch in _architectures
+
+
 def get_architecture(arch: str) -> type[nn.Module]:
-    _import_models()
     if arch not in _architectures:
         raise VitlabError(f"unknown architecture {arch!r}.{closest(arch, _architectures)}")
     return _architectures[arch]
@@ -162,25 +172,8 @@ def build_model(cls: type[nn.Module], name: str, kwargs: dict[str, Any], default
     return model
 
 
-def create_model(name: str, *, pretrained: bool = False, **overrides: Any) -> nn.Module:
-    """Build a registered model, e.g. ``create_model("vit_tiny_patch4_28", num_classes=10, drop_path_rate=0.1)``.
-
-    ``pretrained=True`` loads the variant's published weights (``default_cfg["hf_hub_id"]``, through
-    huggingface_hub's cache); ``num_classes``, ``img_size`` and ``in_chans`` then adapt them as for fine-tuning.
-    """
-    if pretrained:
-        from vitlab.checkpoint import load_for_finetuning
-
-        cls, kwargs, cfg = get_variant(name)
-        classes = overrides.pop("num_classes", kwargs.get("num_classes", cfg["num_classes"]))
-        size = {k: overrides.pop(k) for k in ("img_size", "in_chans") if k in overrides}
-        if overrides:
-            raise VitlabError(f"pretrained=True takes num_classes, img_size and in_chans, not {sorted(overrides)}")
-        return load_for_finetuning(name, num_classes=classes, **size)
+def build_variant(name: str, **overrides: Any) -> nn.Module:
+    """A registered variant with fresh weights, its arguments updated by ``overrides`` (`vitlab.create_model`
+    adds published weights on top)."""
     cls, kwargs, cfg = get_variant(name)
-    kwargs.update(overrides)
-    return build_model(cls, name, kwargs, cfg)
-
-
-def _import_models() -> None:
-    import vitlab.models  # noqa: F401  (registers every family on import)
+    return build_model(cls, name, {**kwargs, **overrides}, cfg)

@@ -25,9 +25,11 @@ from vitlab._registry import (
     get_variant,
     hf_converter,
     hf_model_types,
+    is_architecture,
     list_models,
     timm_converter,
 )
+from vitlab._version import __version__
 from vitlab.errors import VitlabError
 from vitlab.layers import resample_pos_embed, to_2tuple
 
@@ -56,7 +58,7 @@ def write_pretrained(model: nn.Module, directory: Path, **metadata: Any) -> None
     cfg = dict(model.default_cfg)
     pcfg = getattr(model, "pretrained_cfg", {})
     config = {
-        "vitlab_version": _version(),
+        "vitlab_version": __version__,
         "architecture": model.arch,
         "model_name": model.model_name,
         "model_args": to_jsonable(model.init_kwargs),
@@ -74,12 +76,6 @@ def write_pretrained(model: nn.Module, directory: Path, **metadata: Any) -> None
         model.save_files(directory)
 
 
-def _version() -> str:
-    from vitlab import __version__
-
-    return __version__
-
-
 # --- loading -------------------------------------------------------------------------------------------------
 HUB_PREFIX = "hf-hub:"
 
@@ -92,20 +88,64 @@ def from_pretrained(
     **overrides: Any,
 ) -> nn.Module:
     """Build a model with weights from a vitlab checkpoint directory, a HF transformers ``save_pretrained``
-    directory, a timm state dict file (.pth / .bin / .safetensors), or ``hf-hub:ORG/REPO`` (a HF transformers or
-    timm repository on the Hugging Face Hub, through huggingface_hub's cache), of any family that registers a
-    converter.
+    directory, a timm state dict file (.pth / .bin / .safetensors), the directory timm's ``push_to_hf_hub`` writes
+    (config.json beside the weights), or ``hf-hub:ORG/REPO`` (a HF transformers or timm repository on the Hugging
+    Face Hub, through huggingface_hub's cache), of any family that registers a converter.
 
     ``overrides`` change constructor arguments: ``img_size=384`` resamples the position embeddings,
-    ``num_classes=10`` keeps the backbone and starts a new classifier. ``model_name`` picks the variant for a bare
-    state dict (otherwise its sizes are read off the tensor shapes).
+    ``num_classes=10`` keeps the backbone and starts a new classifier (a pre-training head or HF's pooler goes with
+    the old one). ``model_name`` names the variant the weights are (for a bare state dict, whose tensor shapes
+    cannot say everything: a ViT's head count); what neither the checkpoint nor the name says is refused, not
+    guessed.
     """
     conv, name, meta = read_checkpoint(path, model_name=model_name, map_location=map_location)
-    model = build_model(
-        get_architecture(conv.arch), name or f"{conv.arch}_foreign", {**conv.kwargs, **overrides}, conv.default_cfg
-    )
+    check_known(conv, overrides, str(path))
+    cls = get_architecture(conv.arch)
+    kwargs = {**conv.kwargs, **_new_classifier(cls, conv.kwargs, overrides), **overrides}
+    model = build_model(cls, name or f"{conv.arch}_foreign", kwargs, conv.default_cfg)
     load_checkpoint_state(model, conv.state, old_img_size=conv.source_img_size, source=str(path))
     return _finish(model, meta)
+
+
+def _new_classifier(cls: type[nn.Module], kwargs: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """The arguments that another number of classes resets: the family's ``finetune_overrides`` (ViT: the
+    pre-training MLP head, HF's pooler) belong to the old classifier, as in the paper's fine-tuning (section 3.1)
+    and HF's ``ViTForImageClassification``, which classifies the class token without the pooler."""
+    if "num_classes" not in overrides or overrides["num_classes"] == kwargs.get("num_classes"):
+        return {}
+    return dict(getattr(cls, "finetune_overrides", {}))
+
+
+def check_known(conv: Converted, given: dict[str, Any], source: str) -> None:
+    """Refuse, in one line saying how to name them, the constructor arguments that the checkpoint leaves open
+    (``conv.unknown``) and the caller did not give."""
+    missing = [k for k in conv.unknown if k not in given]
+    if not missing:
+        return
+    like = _variants_like(conv, missing)
+    hint = f" (registered variants of these sizes: {'; '.join(like)})" if like else ""
+    raise VitlabError(
+        f"{source}: the weights do not say {' or '.join(missing)}{hint}; name the model with model_name= "
+        f"(`vitlab models` lists them), pass {missing[0]}=, or load the directory timm writes (config.json "
+        "naming the architecture beside the weights)"
+    )
+
+
+def _variants_like(conv: Converted, missing: list[str]) -> list[str]:
+    """Registered variants of the checkpoint's architecture and sizes, with their values of ``missing``."""
+
+    def size(key: str, value: Any) -> Any:  # one spelling: patch 16 is [16, 16], depths a list
+        if value is None:
+            return None
+        return list(to_2tuple(value)) if key == "patch_size" else list(value) if key == "depths" else value
+
+    sizes = [k for k in ("embed_dim", "depth", "depths", "patch_size") if k in conv.kwargs]
+    found = []
+    for name in list_models():
+        cls, kwargs, _ = get_variant(name)
+        if cls.arch == conv.arch and all(size(k, kwargs.get(k)) == size(k, conv.kwargs[k]) for k in sizes):
+            found.append(f"{name}: " + ", ".join(f"{k}={kwargs.get(k)}" for k in missing))
+    return found[:4]
 
 
 def load_for_finetuning(
@@ -114,6 +154,7 @@ def load_for_finetuning(
     num_classes: int,
     img_size: int | tuple[int, int] | None = None,
     in_chans: int | None = None,
+    model_name: str | None = None,
     map_location: str | torch.device = "cpu",
 ) -> nn.Module:
     """Start a new task from a pretrained model, as the ViT paper fine-tunes (section 3.2 and appendix B.1.1).
@@ -123,13 +164,15 @@ def load_for_finetuning(
     ``head_names``) is replaced by a fresh zero-initialised linear head for ``num_classes``; position embeddings
     are resampled to ``img_size``; the stem adapts to ``in_chans`` (grayscale from RGB weights by summing the
     filters over the input channels). The model's ``pretrained_cfg["init"]`` records where it came from.
+    ``model_name`` names the variant of a bare state dict, as for `from_pretrained`.
     """
-    conv, name, meta = read_checkpoint(_named_weights(source), map_location=map_location)
+    conv, name, meta = read_checkpoint(_named_weights(source), model_name=model_name, map_location=map_location)
+    check_known(conv, {"img_size": img_size} if img_size is not None else {}, str(source))
     cls = get_architecture(conv.arch)
     # arguments that fine-tuning resets, declared by the family (ViT: the pre-training MLP head goes)
     kwargs = {**conv.kwargs, **getattr(cls, "finetune_overrides", {}), "num_classes": num_classes}
     old_chans = conv.kwargs.get("in_chans", conv.default_cfg["input_size"][0])
-    if img_size is not None and "img_size" in conv.kwargs:
+    if img_size is not None and ("img_size" in conv.kwargs or "img_size" in conv.unknown):
         kwargs["img_size"] = list(to_2tuple(img_size))
     if in_chans is not None:
         kwargs["in_chans"] = in_chans
@@ -157,26 +200,49 @@ def read_checkpoint(
     if model_name is not None:
         check_model_name(model_name)
     if not path.is_dir():
-        conv, meta = _read_timm(_unwrap_state_dict(read_state_dict(path, map_location)), str(path))
-        if model_name is not None:  # the variant's arguments, not those guessed from shapes (e.g. head count)
-            cls, kwargs, cfg = get_variant(model_name)
-            if cls.arch != conv.arch:
-                raise VitlabError(f"{path}: the checkpoint holds a {conv.arch!r} model, not a {model_name!r}")
-            conv = Converted(conv.arch, conv.state, kwargs, cfg, conv.kwargs.get("img_size"))
-        return conv, model_name, meta
+        # a bare state dict: the named variant declares what its tensor shapes cannot say
+        state = _unwrap_state_dict(read_state_dict(path, map_location))
+        return _read_timm(state, str(path), name=model_name), model_name, {}
     config = _read_json(path / CONFIG_NAME)
-    if "architecture" in config and "model_args" in config:
+    if _is_vitlab_config(config):
         conv, name, meta = _read_vitlab(path, config, map_location)
         return conv, name, {**meta, "directory": str(path)}
     if "model_type" in config or "architecture" not in config:
         conv, name, meta = _read_hf(path, config, map_location)
         return conv, name, {**meta, "directory": str(path)}
-    # a timm hub repository: config.json names the timm architecture beside the weights
-    weights = _find_weights(path, ("model.safetensors", "pytorch_model.bin"))
-    conv, _ = _read_timm(_unwrap_state_dict(read_state_dict(weights, map_location)), str(path))
+    return _read_timm_directory(path, config, model_name, map_location)
+
+
+def _is_vitlab_config(config: dict[str, Any]) -> bool:
+    """vitlab's config.json, not timm's (both have ``architecture`` and may have ``model_args``; timm's names a
+    model, vitlab's an architecture)."""
+    return "model_args" in config and ("vitlab_version" in config or is_architecture(str(config["architecture"])))
+
+
+def _read_timm_directory(
+    path: Path, config: dict[str, Any], model_name: str | None, map_location: Any
+) -> tuple[Converted, str | None, dict[str, Any]]:
+    """The directory timm's ``push_to_hf_hub`` / ``save_for_hf`` writes: config.json names the timm architecture,
+    its ``model_args`` and ``pretrained_cfg`` (input size, normalisation, class names) beside the weights. The
+    architecture (or ``model_name`` in its place) is read as the vitlab variant of that name when there is one."""
+    # timm's older single-level config holds the pretrained_cfg fields beside "architecture"
+    pre = config.get("pretrained_cfg", config)
     name = model_name or (config["architecture"] if config["architecture"] in list_models() else None)
-    pre = config.get("pretrained_cfg", {})
-    return conv, name, {"mean": pre.get("mean"), "std": pre.get("std"), "class_names": config.get("label_names")}
+    declared: dict[str, Any] = {}
+    classes = config.get("num_classes", pre.get("num_classes"))
+    if classes is not None:
+        declared["num_classes"] = classes
+    if pre.get("input_size"):
+        declared["img_size"] = list(pre["input_size"][1:])
+    declared.update(config.get("model_args") or {})
+    weights = _find_weights(path, ("model.safetensors", "pytorch_model.bin"))
+    state = _unwrap_state_dict(read_state_dict(weights, map_location))
+    conv = _read_timm(state, str(path), name=name, declared=declared)
+    if pre.get("input_size"):  # the input the weights expect, also for a model without an img_size argument
+        conv.default_cfg["input_size"] = tuple(pre["input_size"])
+    names = config.get("label_names", pre.get("label_names"))
+    meta = {"mean": pre.get("mean"), "std": pre.get("std"), "class_names": names, "directory": str(path)}
+    return conv, name, meta
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -281,17 +347,36 @@ def _unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def _read_timm(state: dict[str, torch.Tensor], source: str) -> tuple[Converted, dict[str, Any]]:
+def _read_timm(
+    state: dict[str, torch.Tensor], source: str, *, name: str | None = None, declared: dict[str, Any] | None = None
+) -> Converted:
+    """A timm-named state dict in vitlab's terms. The variant ``name`` and ``declared`` (a timm config's
+    arguments, which win) state constructor arguments; the family's converter reads the rest off the tensor
+    shapes and names what stays unknown."""
     convert = timm_converter(state)
     if convert is None:
         raise VitlabError(
             f"{source}: not a state dict of a family vitlab reads (timm's parameter names for ViT, DeiT, CaiT, "
             "Swin, ResNet, ConvNeXt, ...)"
         )
+    said: dict[str, Any] = {}
+    variant = None
+    if name is not None:
+        variant = get_variant(name)
+        said = variant[1]
+    said.update(declared or {})
     try:
-        return convert(state), {}
+        conv = convert(state, said)
     except VitlabError as e:
         raise VitlabError(f"{source}: {e}") from None
+    if variant is not None and variant[0].arch != conv.arch:
+        raise VitlabError(f"{source}: the checkpoint holds a {conv.arch!r} model, not a {name!r}")
+    kwargs = {**conv.kwargs, **said}
+    if "img_size" not in conv.kwargs and "img_size" not in conv.unknown:
+        kwargs.pop("img_size", None)  # a family without an img_size argument (a CNN): the size is default_cfg's
+    unknown = tuple(k for k in conv.unknown if k not in said)
+    default_cfg = variant[2] if variant is not None else conv.default_cfg
+    return conv._replace(kwargs=kwargs, default_cfg=default_cfg, unknown=unknown)
 
 
 # --- the Hugging Face Hub --------------------------------------------------------------------------------------
@@ -377,7 +462,7 @@ def load_checkpoint_state(
     own = model.state_dict()
     pe = state.get("pos_embed")
     if pe is not None and "pos_embed" in own and pe.shape != own["pos_embed"].shape:
-        prefix = model.num_prefix_tokens
+        prefix = getattr(model, "num_pos_prefix_tokens", model.num_prefix_tokens)  # the rows before the grid
         old_grid = None
         if old_img_size is not None:
             h, w = (old_img_size, old_img_size) if isinstance(old_img_size, int) else old_img_size

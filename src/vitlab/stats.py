@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from vitlab._registry import create_model
+from vitlab.factory import create_model
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:

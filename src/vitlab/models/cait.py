@@ -29,7 +29,6 @@ XXS d=192 / 4 heads, XS 288 / 6, S 384 / 8, M 768 / 16; the number after the siz
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -58,6 +57,7 @@ from vitlab.models._head import (
     record_num_classes,
     zero_classifier,
 )
+from vitlab.models.vit import vit_geometry
 
 PAPER = "Touvron et al., Going deeper with Image Transformers, ICCV 2021 (arXiv:2103.17239)"
 
@@ -311,19 +311,17 @@ def _is_timm_cait(state: dict[str, torch.Tensor]) -> bool:
 
 
 @register_timm_converter(_is_timm_cait, priority=10)  # a CaiT state dict also has the keys that identify a ViT
-def convert_timm_cait(state: dict[str, torch.Tensor]) -> Converted:
+def convert_timm_cait(state: dict[str, torch.Tensor], declared: dict[str, Any]) -> Converted:
     """timm / official CaiT state dict -> CaiT arguments (read off the tensor shapes) and vitlab names."""
     D, C, ph, pw = state["patch_embed.proj.weight"].shape  # (D, C, P, P)
 
     def count(prefix: str) -> int:
         return 1 + max(int(k.split(".")[1]) for k in state if k.startswith(prefix))
 
-    n = state["pos_embed"].shape[1]  # patches only: CaiT's position embedding has no class-token entry
-    side = math.isqrt(n)
-    if side * side != n:
-        raise VitlabError(f"cannot infer the image size from {n} position embeddings; pass model_name=")
+    # patches only: CaiT's position embedding has no class-token entry
+    img, _ = vit_geometry(state["pos_embed"].shape[1], 0, (ph, pw), declared)
     kwargs = {
-        "img_size": [side * ph, side * pw],
+        "img_size": img,
         "patch_size": [ph, pw],
         "in_chans": C,
         "num_classes": state["head.weight"].shape[0] if "head.weight" in state else 0,
@@ -335,7 +333,7 @@ def convert_timm_cait(state: dict[str, torch.Tensor]) -> Converted:
         "depth_token_only": count("blocks_token_only."),
         "mlp_ratio_token_only": state["blocks_token_only.0.mlp.fc1.weight"].shape[0] / D,
     }
-    return Converted("cait", convert_timm_cait_state(state), kwargs, _cfg(side * ph, C))
+    return Converted("cait", convert_timm_cait_state(state), kwargs, _cfg(img[0], C), img)
 
 
 # --- registered variants -------------------------------------------------------------------------------------

@@ -359,7 +359,7 @@ def _is_official_cct(state: dict[str, torch.Tensor]) -> bool:
 
 
 @register_timm_converter(_is_official_cct, priority=10)
-def convert_official_cct(state: dict[str, torch.Tensor]) -> Converted:
+def convert_official_cct(state: dict[str, torch.Tensor], declared: dict[str, Any]) -> Converted:
     """A state dict of SHI-Labs/Compact-Transformers' ``CCT`` (the published CIFAR, Flowers and ImageNet weights).
 
     Sizes are read off the tensor shapes; the official variants have 64-dimensional heads, and their tokenizer

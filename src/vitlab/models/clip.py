@@ -42,8 +42,8 @@ from torch import nn
 from vitlab._registry import (
     Converted,
     build_model,
+    build_variant,
     check_model_name,
-    create_model,
     list_models,
     register_architecture,
     register_hf_converter,
@@ -109,7 +109,7 @@ class CLIP(nn.Module):
     ) -> None:
         super().__init__()
         # the image tower without its classifier: forward_head(..., pre_logits=True) is its feature I_f
-        self.image_encoder = create_model(image_model, **{**(image_args or {}), "num_classes": 0})
+        self.image_encoder = build_variant(image_model, **{**(image_args or {}), "num_classes": 0})
         self.text_encoder = build_text_tower(text_model, dict(text_args))
         self.image_proj = nn.Linear(self.image_encoder.num_features, embed_dim, bias=False)  # W_i
         self.text_proj = nn.Linear(self.text_encoder.num_features, embed_dim, bias=False)  # W_t

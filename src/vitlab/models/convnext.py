@@ -246,7 +246,7 @@ def _is_timm_convnext(state: dict[str, torch.Tensor]) -> bool:
 
 
 @register_timm_converter(_is_timm_convnext)
-def convert_timm_convnext(state: dict[str, torch.Tensor]) -> Converted:
+def convert_timm_convnext(state: dict[str, torch.Tensor], declared: dict[str, Any]) -> Converted:
     """timm ConvNeXt state dict -> ours: ``gamma`` -> ``ls.gamma``; 1x1-convolution MLP weights of the conv_mlp
     variants (atto ... nano) -> linear weights."""
     for key, what in (

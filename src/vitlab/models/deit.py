@@ -20,6 +20,10 @@ matches ``head`` to the true label and ``head_dist`` to the teacher:
 At test time the two heads are fused by averaging their logits, as the authors' code does (the paper's text speaks of
 adding the two softmax outputs). ``set_distilled_training(True)`` makes forward in training mode return the pair
 ``(cls_logits, dist_logits)`` instead, so that the distillation task can give each head its own loss.
+
+DeiT III (Touvron, Cord and Jégou, "DeiT III: Revenge of the ViT", ECCV 2022) trains the plain ViT again, with
+LayerScale; `deit3_*` are those ViTs in timm's layout of the published weights, whose position embeddings cover the
+patches only (``no_embed_class``: the class token joins after them).
 """
 
 from __future__ import annotations
@@ -76,7 +80,7 @@ class VisionTransformerDistilled(VisionTransformer):
         self.dist_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
         if self.pos_embed is not None:  # E_pos covers both prefix tokens
             self.pos_embed = nn.Parameter(
-                torch.zeros(1, 2 + self.patch_embed.num_patches, self.embed_dim),
+                torch.zeros(1, self.num_pos_prefix_tokens + self.patch_embed.num_patches, self.embed_dim),
                 requires_grad=self.pos_embed.requires_grad,
             )
         self.head_dist = self._new_dist_head()
@@ -175,12 +179,12 @@ def _is_timm_deit(state: dict[str, torch.Tensor]) -> bool:
 
 
 @register_timm_converter(_is_timm_deit, priority=10)  # a distilled DeiT state dict is a ViT one plus dist_token
-def convert_timm_deit(state: dict[str, torch.Tensor]) -> Converted:
+def convert_timm_deit(state: dict[str, torch.Tensor], declared: dict[str, Any]) -> Converted:
     """timm's names are ours; the position embedding covers two prefix tokens."""
     check_timm_vit_options(state)
-    kwargs = infer_vit_args(state, extra_prefix_tokens=1)
+    kwargs, unknown, source_img = infer_vit_args(state, declared, extra_prefix_tokens=1)
     kwargs["dist_head"] = "head_dist.weight" in state or "head.weight" not in state
-    return Converted("deit", dict(state), kwargs, _cfg(224, kwargs["in_chans"]))
+    return Converted("deit", dict(state), kwargs, _cfg(224, kwargs["in_chans"]), source_img, unknown)
 
 
 # --- registered variants -------------------------------------------------------------------------------------
@@ -224,3 +228,28 @@ for _distilled in (False, True):
     _add_variant("small", 4, 28, distilled=_distilled, in_chans=1, num_classes=10)
     _add_variant("tiny", 4, 32, distilled=_distilled, num_classes=10)
     _add_variant("small", 4, 32, distilled=_distilled, num_classes=10)
+
+
+# DeiT III: size -> (embed_dim, depth, num_heads, patch); LayerScale starts at 1e-6 (the paper's code, as timm's)
+_DEIT3 = {"small": (384, 12, 6, 16), "base": (768, 12, 12, 16), "large": (1024, 24, 16, 16), "huge": (1280, 32, 16, 14)}
+
+
+def _add_deit3(size: str, img: int) -> None:
+    dim, depth, heads, patch = _DEIT3[size]
+    kwargs = {
+        "img_size": img,
+        "patch_size": patch,
+        "embed_dim": dim,
+        "depth": depth,
+        "num_heads": heads,
+        "init_values": 1e-6,
+        "no_embed_class": True,
+    }
+    doc = f"DeiT III {size} /{patch} at {img}x{img}: D={dim}, {depth} layers, {heads} heads, LayerScale."
+    register_variant(f"deit3_{size}_patch{patch}_{img}", VisionTransformer, kwargs, _cfg(img), doc)
+
+
+for _size in _DEIT3:
+    _add_deit3(_size, 224)
+for _size in ("small", "base", "large"):
+    _add_deit3(_size, 384)

@@ -365,7 +365,7 @@ def _is_timm_resnet(state: dict[str, torch.Tensor]) -> bool:
 
 
 @register_timm_converter(_is_timm_resnet)
-def convert_timm_resnet(state: dict[str, torch.Tensor]) -> Converted:
+def convert_timm_resnet(state: dict[str, torch.Tensor], declared: dict[str, Any]) -> Converted:
     """timm's ResNet names are ours: only the constructor arguments are read off the tensor shapes."""
     for key, what in (("layer1.0.se.fc1.weight", "squeeze-excitation"), ("layer2.0.downsample.2.weight", "ResNet-D")):
         if key in state:

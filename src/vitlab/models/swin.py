@@ -361,10 +361,14 @@ def _is_timm_swin(state: dict[str, torch.Tensor]) -> bool:
 
 
 @register_timm_converter(_is_timm_swin)
-def convert_timm_swin(state: dict[str, torch.Tensor]) -> Converted:
+def convert_timm_swin(state: dict[str, torch.Tensor], declared: dict[str, Any]) -> Converted:
     """timm's Swin names are vitlab's, up to three things: the classifier (timm's ``head.fc``), the buffers older
     files saved (``relative_position_index``, ``attn_mask``), and where patch merging sits: at the end of stage i
-    in timm before 0.9 and in the official checkpoints (which share those names), at the start of stage i + 1 now."""
+    in timm before 0.9 and in the official checkpoints (which share those names), at the start of stage i + 1 now.
+
+    The window size is read off the relative position tables. The image size is not in the weights (they run at
+    any size); it comes from ``declared``, or from the shifted-window masks that older files saved (their window
+    count is the map's), and is otherwise left for the caller to name, never taken to be 224."""
     old_layout = any(k.startswith("layers.0.downsample.") for k in state)
     out = {}
     for k, v in state.items():
@@ -374,7 +378,28 @@ def convert_timm_swin(state: dict[str, torch.Tensor]) -> Converted:
             k = re.sub(r"^layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) + 1}.downsample", k)
         out[k.replace("head.fc.", "head.", 1) if k.startswith("head.fc.") else k] = v
     kwargs = infer_swin_args(out)
-    return Converted("swin", out, kwargs, _cfg(224, kwargs["in_chans"]))
+    img = declared.get("img_size") or swin_img_size_from_masks(state, kwargs)
+    if img is not None:
+        kwargs["img_size"] = img
+    cfg = _cfg(img or 224, kwargs["in_chans"])
+    return Converted("swin", out, kwargs, cfg, unknown=() if img is not None else ("img_size",))
+
+
+def swin_img_size_from_masks(state: dict[str, torch.Tensor], kwargs: dict[str, Any]) -> list[int] | None:
+    """The image size that the first saved shifted-window mask was built for: stage i's mask is
+    ``[windows, M^2, M^2]`` over a map of the image / (patch * 2^i), in whole windows as the official code builds
+    it. None when no mask was saved or its windows tile no square map."""
+    windows = kwargs["window_size"]
+    for k, mask in state.items():
+        if m := re.fullmatch(r"layers\.(\d+)\.blocks\.\d+\.attn_mask", k):
+            i = int(m.group(1))
+            M = windows if isinstance(windows, int) else windows[i]
+            per_side = math.isqrt(mask.shape[0])
+            if per_side**2 != mask.shape[0] or mask.shape[1] != M * M:
+                return None
+            ph, pw = kwargs["patch_size"]
+            return [per_side * M * ph * 2**i, per_side * M * pw * 2**i]
+    return None
 
 
 def infer_swin_args(state: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -397,7 +422,6 @@ def infer_swin_args(state: dict[str, torch.Tensor]) -> dict[str, Any]:
         if state[f"layers.{i}.blocks.0.norm1.weight"].shape[0] != D * 2**i:
             raise VitlabError("Swin whose width does not double at every stage is not supported")
     return {
-        "img_size": 224,
         "patch_size": [ph, pw],
         "in_chans": C,
         "num_classes": state["head.weight"].shape[0] if "head.weight" in state else 0,

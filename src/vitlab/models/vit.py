@@ -77,6 +77,7 @@ class VisionTransformer(nn.Module):
         qk_norm: bool = False,
         init_values: float | None = None,
         class_token: bool = True,
+        no_embed_class: bool = False,
         pos_embed: Literal["learn", "sincos", "none"] = "learn",
         pre_norm: bool = False,
         fc_norm: bool = False,
@@ -103,6 +104,7 @@ class VisionTransformer(nn.Module):
         self.global_pool = global_pool
         self.embed_dim = embed_dim
         self.num_prefix_tokens = 1 if class_token else 0
+        self.no_embed_class = no_embed_class
         self.dynamic_img_size = dynamic_img_size
 
         # embed_layer: a built patch embedding with PatchEmbed's interface (the hybrid's CNN stem + 1x1 projection)
@@ -122,10 +124,10 @@ class VisionTransformer(nn.Module):
         if pos_embed == "none":
             self.pos_embed = None
         else:
-            # E_pos covers the class token too (eq. 1); a fixed table is a frozen parameter so that checkpoints
-            # keep one layout whatever the choice.
+            # E_pos covers the class token too (eq. 1), unless no_embed_class; a fixed table is a frozen parameter
+            # so that checkpoints keep one layout whatever the choice.
             self.pos_embed = nn.Parameter(
-                torch.zeros(1, self.num_prefix_tokens + num_patches, embed_dim), requires_grad=pos_embed == "learn"
+                torch.zeros(1, self.num_pos_prefix_tokens + num_patches, embed_dim), requires_grad=pos_embed == "learn"
             )
         self.pos_embed_type = pos_embed
         self.pos_drop = nn.Dropout(pos_drop_rate)
@@ -182,13 +184,19 @@ class VisionTransformer(nn.Module):
         if self.pos_embed_type == "sincos":
             self.pos_embed.zero_()
             table = sincos_pos_embed_2d(self.patch_embed.grid_size, self.embed_dim)
-            self.pos_embed[:, self.num_prefix_tokens :] = table.to(self.pos_embed)
+            self.pos_embed[:, self.num_pos_prefix_tokens :] = table.to(self.pos_embed)
         else:
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
 
     def no_weight_decay(self) -> set[str]:
         """Parameters that weight decay should not touch (besides norms and biases)."""
         return {"pos_embed", "cls_token"}
+
+    @property
+    def num_pos_prefix_tokens(self) -> int:
+        """The prefix tokens that the position table has rows for: all of them (eq. 1), or none with
+        ``no_embed_class`` (timm's layout for DeiT III: only patches have positions, the class token joins after)."""
+        return 0 if self.no_embed_class else self.num_prefix_tokens
 
     # --- input size ---------------------------------------------------------------------------------------
     def set_input_size(self, img_size: int | tuple[int, int]) -> None:
@@ -201,7 +209,7 @@ class VisionTransformer(nn.Module):
             self.pos_embed = nn.Parameter(
                 torch.zeros(
                     1,
-                    self.num_prefix_tokens + self.patch_embed.num_patches,
+                    self.num_pos_prefix_tokens + self.patch_embed.num_patches,
                     self.embed_dim,
                     device=self.pos_embed.device,
                     dtype=self.pos_embed.dtype,
@@ -210,7 +218,9 @@ class VisionTransformer(nn.Module):
             )
             self._init_pos_embed()
         else:
-            new = resample_pos_embed(self.pos_embed.data, self.patch_embed.grid_size, old_grid, self.num_prefix_tokens)
+            new = resample_pos_embed(
+                self.pos_embed.data, self.patch_embed.grid_size, old_grid, self.num_pos_prefix_tokens
+            )
             self.pos_embed = nn.Parameter(new)
         record_img_size(self, img_size)
 
@@ -225,13 +235,16 @@ class VisionTransformer(nn.Module):
             x = x.reshape(B, H * W, D)  # (B, N, D)
             pos = None
             if self.pos_embed is not None:
-                pos = resample_pos_embed(self.pos_embed, (H, W), self.patch_embed.grid_size, self.num_prefix_tokens)
+                grid = self.patch_embed.grid_size
+                pos = resample_pos_embed(self.pos_embed, (H, W), grid, self.num_pos_prefix_tokens)
         else:
             pos = self.pos_embed
         prefix = [t.expand(x.shape[0], -1, -1) for t in self.prefix_tokens()]
+        if pos is not None and self.no_embed_class:
+            x = x + pos  # (B, N, D): positions for the patches only; the prefix tokens join without one
         if prefix:
             x = torch.cat([*prefix, x], dim=1)  # (B, prefix + N, D)
-        if pos is not None:
+        if pos is not None and not self.no_embed_class:
             x = x + pos
         return self.pos_drop(x)
 
@@ -413,11 +426,12 @@ def is_timm_vit(state: dict[str, torch.Tensor]) -> bool:
 
 
 @register_timm_converter(is_timm_vit)
-def convert_timm_vit(state: dict[str, torch.Tensor]) -> Converted:
-    """timm's ViT names are vitlab's: only the constructor arguments are read off the tensor shapes."""
+def convert_timm_vit(state: dict[str, torch.Tensor], declared: dict[str, Any]) -> Converted:
+    """timm's ViT names are vitlab's: only the constructor arguments are read, off the tensor shapes where they
+    show and from ``declared`` (a timm config, a named variant) where they do not."""
     check_timm_vit_options(state)
-    kwargs = infer_vit_args(state)
-    return Converted("vit", dict(state), kwargs, _cfg(224, kwargs["in_chans"]))
+    kwargs, unknown, source_img = infer_vit_args(state, declared)
+    return Converted("vit", dict(state), kwargs, _cfg(224, kwargs["in_chans"]), source_img, unknown)
 
 
 def check_timm_vit_options(state: dict[str, torch.Tensor]) -> None:
@@ -427,42 +441,83 @@ def check_timm_vit_options(state: dict[str, torch.Tensor]) -> None:
             raise VitlabError(f"timm ViT option with parameter {key!r} is not supported by vitlab yet")
 
 
-def infer_vit_args(state: dict[str, torch.Tensor], *, extra_prefix_tokens: int = 0) -> dict[str, Any]:
-    """Read ViT constructor arguments off a timm-named state dict's tensor shapes (64-dimensional heads assumed).
-    ``extra_prefix_tokens``: tokens besides the class token that the position embedding covers (DeiT's one)."""
+def infer_vit_args(
+    state: dict[str, torch.Tensor],
+    declared: dict[str, Any],
+    *,
+    extra_prefix_tokens: int = 0,
+    patch: tuple[int, int] | None = None,
+) -> tuple[dict[str, Any], tuple[str, ...], list[int] | None]:
+    """ViT constructor arguments of a timm-named state dict: (those its tensor shapes tell, those they do not and
+    ``declared`` does not either, the image size its position table was made for).
+
+    The head count is never guessed: the weights hold only the heads' concatenation ([3D, D] for q, k, v), so it
+    comes from ``declared``, from the per-head q/k norms where the model has them, or is reported unknown.
+    ``extra_prefix_tokens``: tokens besides the class token (DeiT's distillation token); ``patch``: the pixels per
+    position-table cell when it is not the patch embedding's kernel (a hybrid's CNN stride)."""
     w = state["patch_embed.proj.weight"]  # (D, C, P, P)
     D, C, ph, pw = w.shape
     depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
     class_token = "cls_token" in state
     prefix = (1 if class_token else 0) + extra_prefix_tokens
+    img, no_embed_class = None, bool(declared.get("no_embed_class", False))
     if "pos_embed" in state:
-        n = state["pos_embed"].shape[1] - prefix
-        side = math.isqrt(n)
-        if side * side != n:
-            raise VitlabError(f"cannot infer the image size from {n} position embeddings; pass model_name=")
-        img = [side * ph, side * pw]
-    else:
-        img = [224, 224]
+        img, no_embed_class = vit_geometry(state["pos_embed"].shape[1], prefix, patch or (ph, pw), declared)
     fc_norm = "fc_norm.weight" in state
-    return {
-        "img_size": img,
+    kwargs: dict[str, Any] = {
+        "img_size": img or [224, 224],
         "patch_size": [ph, pw],
         "in_chans": C,
         "num_classes": state["head.weight"].shape[0] if "head.weight" in state else 0,
         "global_pool": "avg" if fc_norm or not class_token else "token",
         "embed_dim": D,
         "depth": depth,
-        "num_heads": max(D // 64, 1),
         "mlp_ratio": state["blocks.0.mlp.fc1.weight"].shape[0] / D,
         "qkv_bias": "blocks.0.attn.qkv.bias" in state,
         "qk_norm": "blocks.0.attn.q_norm.weight" in state,
-        "init_values": 1e-5 if "blocks.0.ls1.gamma" in state else None,
+        "init_values": 1e-5 if "blocks.0.ls1.gamma" in state else None,  # the value is loaded, not used
         "class_token": class_token,
+        "no_embed_class": no_embed_class,
         "pos_embed": "learn" if "pos_embed" in state else "none",
         "pre_norm": "norm_pre.weight" in state,
         "fc_norm": fc_norm,
         "head_hidden_dim": state["pre_logits.fc.weight"].shape[0] if "pre_logits.fc.weight" in state else None,
     }
+    unknown: tuple[str, ...] = ("num_heads",)
+    if "blocks.0.attn.q_norm.weight" in state:  # q/k norms act on one head: their width is the head size
+        kwargs["num_heads"] = D // state["blocks.0.attn.q_norm.weight"].shape[0]
+        unknown = ()
+    return kwargs, unknown, img
+
+
+def vit_geometry(rows: int, prefix: int, patch: tuple[int, int], declared: dict[str, Any]) -> tuple[list[int], bool]:
+    """(image size, no_embed_class) of a position table with ``rows`` rows before ``prefix`` prefix tokens.
+
+    The declared image size settles it when its grid fits the table with or without the prefix rows; otherwise the
+    grid is taken square, as every published ViT's. A table that fits a square grid only without its prefix rows
+    is also a non-square grid with them (15 + 1 = 16 = 4 x 4), so that layout must be declared (``no_embed_class``,
+    or a variant or config.json that says it)."""
+    stated = declared.get("no_embed_class")
+    layouts = [bool(stated)] if stated is not None else [False, True]
+    if prefix == 0:  # no prefix token: the two layouts are one
+        layouts = layouts[:1]
+    img = declared.get("img_size")
+    if img is not None:
+        h, w = (img, img) if isinstance(img, int) else img
+        for no_embed_class in layouts:
+            if (h // patch[0]) * (w // patch[1]) == rows - (0 if no_embed_class else prefix):
+                return [h, w], no_embed_class
+    n = rows - (0 if layouts[0] else prefix)
+    side = math.isqrt(n)
+    if side * side == n:
+        return [side * patch[0], side * patch[1]], layouts[0]
+    if len(layouts) > 1 and math.isqrt(rows) ** 2 == rows:
+        raise VitlabError(
+            f"the position table's {rows} rows fit a square grid without a class-token row (timm's "
+            "no_embed_class, as DeiT III) or another grid with one; name the model (model_name=) or pass its "
+            "config.json"
+        )
+    raise VitlabError(f"cannot infer the image size from {rows} position embeddings; pass model_name=")
 
 
 # --- registered variants -------------------------------------------------------------------------------------

@@ -250,7 +250,7 @@ def _is_timm_hybrid(state: dict[str, torch.Tensor]) -> bool:
 
 
 @register_timm_converter(_is_timm_hybrid, priority=10)  # above plain ViT, whose keys a hybrid's also has
-def convert_timm_hybrid(state: dict[str, torch.Tensor]) -> Converted:
+def convert_timm_hybrid(state: dict[str, torch.Tensor], declared: dict[str, Any]) -> Converted:
     """timm's ``vit_*_r50_*`` / ``vit_*_r26_*`` with a ResNet-v2 backbone (``ResNetV2(preact=False)``)."""
     preact = "patch_embed.backbone.norm.weight" in state
     if preact or "patch_embed.backbone.stages.0.blocks.0.conv1.weight" not in state:
@@ -265,18 +265,17 @@ def convert_timm_hybrid(state: dict[str, torch.Tensor]) -> Converted:
     widths = [state[f"patch_embed.backbone.stages.{i}.blocks.0.conv3.weight"].shape[0] for i in range(len(layers))]
     stem = state["patch_embed.backbone.stem.conv.weight"]  # (stem width, C, 7, 7)
     vit = {k: v for k, v in state.items() if not k.startswith("patch_embed.backbone.")}
-    kwargs = infer_vit_args(vit)
-    stride = 4 * 2 ** (len(layers) - 1)
-    grid = kwargs["img_size"]  # read off the position embedding with 1x1 "patches": the map's size
+    stride = 4 * 2 ** (len(layers) - 1)  # a position-table cell covers stride x stride pixels of the image
+    kwargs, unknown, source_img = infer_vit_args(vit, declared, patch=(stride, stride))
     kwargs.update(
-        img_size=[grid[0] * stride, grid[1] * stride] if "pos_embed" in state else [224, 224],
         in_chans=stem.shape[1],
         backbone_layers=layers,
         backbone_widths=widths,
         backbone_stem_width=stem.shape[0],
     )
     kwargs.pop("patch_size")
-    return Converted("vit_hybrid", dict(state), kwargs, _cfg(kwargs["img_size"][0], kwargs["in_chans"]))
+    cfg = _cfg(kwargs["img_size"][0], kwargs["in_chans"])
+    return Converted("vit_hybrid", dict(state), kwargs, cfg, source_img, unknown)
 
 
 # --- registered variants -------------------------------------------------------------------------------------
