@@ -354,6 +354,7 @@ def test_timm_vit_h14_heads_from_the_name_and_the_hub_config(tmp_path, monkeypat
 def test_no_embed_class_checkpoints_load_when_named_or_configured(tmp_path) -> None:
     """DeiT III's layout: the position table has rows for the 16 patches only, and the class token joins after the
     positions are added."""
+    from vitlab.analysis import pos_embed_similarity
     from vitlab.layers import resample_pos_embed
 
     sd = timm_vit_state(no_embed_class=True, layer_scale=True)
@@ -375,6 +376,7 @@ def test_no_embed_class_checkpoints_load_when_named_or_configured(tmp_path) -> N
         bigger = vitlab.from_pretrained(tmp_path / "a", img_size=48)
         torch.testing.assert_close(bigger.pos_embed, resample_pos_embed(sd["pos_embed"], (6, 6), (4, 4), 0))
         assert bigger(torch.randn(1, 3, 48, 48)).shape == (1, 7)
+    assert pos_embed_similarity(configured)[0].shape == (16, 16)  # the table's rows are the patches
 
 
 def test_new_classes_from_a_hf_model_drop_its_pooler(tmp_path) -> None:

@@ -57,7 +57,7 @@ def pos_embed_similarity(model: nn.Module) -> tuple[Tensor, tuple[int, int]]:
     pe = getattr(model, "pos_embed", None)
     if not isinstance(pe, Tensor):
         raise VitlabError(f"{type(model).__name__} has no position embedding table to compare")
-    prefix = getattr(model, "num_prefix_tokens", 0)
+    prefix = getattr(model, "num_pos_prefix_tokens", getattr(model, "num_prefix_tokens", 0))  # rows before the grid
     grid = tuple(model.patch_embed.grid_size)
     table = pe[0, prefix:].float()
     if table.shape[0] != grid[0] * grid[1]:
