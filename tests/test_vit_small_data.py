@@ -168,7 +168,7 @@ def test_variants_carry_their_levers(name: str, embed: type, attn: type) -> None
     model = tiny_model(name)
     assert type(model.patch_embed) is embed
     assert all(type(b.attn) is attn for b in model.blocks)
-    assert "Lee, Lee and Song" in model.default_cfg["paper"]
+    assert ("Xiao et al." if embed is ConvStem else "Lee, Lee and Song") in model.default_cfg["paper"]
     with pytest.raises(vitlab.VitlabError, match="tokenizer must be one of"):
         vitlab.create_model(name, tokenizer="shifted")
 

@@ -33,10 +33,8 @@ from vitlab.layers import Attention, ConvStem, LocalitySelfAttention, ShiftedPat
 from vitlab.models._head import image_cfg
 from vitlab.models.vit import _SIZES, VisionTransformer
 
-PAPERS = (
-    "Lee, Lee and Song, Vision Transformer for Small-Size Datasets, 2021 (arXiv:2112.13492); Xiao et al., Early "
-    "Convolutions Help Transformers See Better, NeurIPS 2021 (arXiv:2106.14881)"
-)
+SPT_LSA_PAPER = "Lee, Lee and Song, Vision Transformer for Small-Size Datasets, 2021 (arXiv:2112.13492)"
+STEM_PAPER = "Xiao et al., Early Convolutions Help Transformers See Better, NeurIPS 2021 (arXiv:2106.14881)"
 TOKENIZERS = ("patch", "spt", "conv")
 
 
@@ -135,7 +133,8 @@ def _add_variant(levers: str, img: int, in_chans: int, size: str = "tiny", patch
         "lsa": lsa,
     }
     doc = f"ViT-{size[0].upper()}/{patch} at {img}x{img} ({in_chans} channels) with {levers.replace('_', ' + ')}."
-    cfg = image_cfg(img, in_chans, paper=PAPERS, num_classes=10)  # mean and std 0.5, as the plain ViT variants
+    paper = STEM_PAPER if tokenizer == "conv" else SPT_LSA_PAPER
+    cfg = image_cfg(img, in_chans, paper=paper, num_classes=10)  # mean and std 0.5, as the plain ViT variants
     register_variant(name, SmallDataVisionTransformer, kwargs, cfg, doc)
 
 
