@@ -656,7 +656,7 @@ def zeroshot(
 # --- data that ships ---------------------------------------------------------------------------------------------
 @cli.group()
 def data() -> None:
-    """Datasets made from data that ships: scenes with captions, boxes and masks."""
+    """Datasets made from data that ships (scenes with captions, boxes and masks), and any dataset as shards."""
 
 
 @data.command("scenes")
@@ -685,6 +685,27 @@ def data_scenes(out, count, size, seed, items, data_dir) -> None:
     click.echo("  images/*.png, masks/*.png with labels.txt, " + ", ".join(f"captions_{s}.json" for s in counts)
                + ", " + ", ".join(f"instances_{s}.json" for s in counts))  # fmt: skip
     click.echo(f"  read them with --data coco-captions:{out}")
+
+
+@data.command("shards")
+@click.option("--data", "spec", required=True, help="The dataset to write: digits, folder:PATH, captions:FILE, ...")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write (replaced atomically).")
+@click.option("--shard-size", type=int, default=1000, show_default=True, help="Samples per tar file.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Splits the data and orders the train shards.")
+@click.option("--val-fraction", type=float, default=0.1, show_default=True, help="As vitlab train splits the data.")
+@click.option("--data-dir", help="Where a built-in dataset's files are.")
+def data_shards(spec, out, shard_size, seed, val_fraction, data_dir) -> None:
+    """Write a dataset's splits as WebDataset tar shards with index.json; train from them with --data wds:OUT."""
+    from vitlab.data.shards import write_dataset_shards
+
+    index = write_dataset_shards(spec, out, shard_size=shard_size, seed=seed, val_fraction=val_fraction,
+                                 data_dir=data_dir)  # fmt: skip
+    for split, info in index["splits"].items():
+        click.echo(
+            f"{split}: {info['count']} samples in {len(info['shards'])} shard{'s' * (len(info['shards']) != 1)} "
+            f"({info['shards'][0]['name']} ...)"
+        )
+    click.echo(f"  {out}/index.json: {len(index['classes'])} classes, counts, mean / std; train with --data wds:{out}")
 
 
 def main() -> None:

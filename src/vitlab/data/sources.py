@@ -12,6 +12,8 @@ from vitlab.data.captions import build_caption_dataset, caption_facts
 from vitlab.data.coco import build_coco_dataset, coco_facts
 from vitlab.data.folder import build_folder_dataset, folder_facts
 from vitlab.data.scenes import build_scene_dataset, scene_facts
+from vitlab.data.shards import PREFIX as SHARDS
+from vitlab.data.shards import build_shard_dataset, shard_facts
 from vitlab.errors import VitlabError, closest
 
 DATASET_NAMES = [
@@ -23,6 +25,7 @@ DATASET_NAMES = [
     "captions:FILE",
     "scenes:fashion-mnist",
     "coco-captions:DIR",
+    "wds:DIR_OR_PATTERN",
 ]
 
 
@@ -37,6 +40,8 @@ def describe_dataset(spec: str, *, data_dir: str | None = None, val_fraction: fl
         return scene_facts(spec, val_fraction=val_fraction)
     if spec.startswith("coco-captions:"):
         return coco_facts(spec, val_fraction=val_fraction)
+    if spec.startswith(SHARDS):
+        return shard_facts(spec)
     name = spec.lower()
     if name not in BUILTIN_FACTS:
         raise VitlabError(
@@ -67,6 +72,9 @@ def build_dataset(
     - ``captions:FILE`` / ``captions:fashion-mnist``: images with captions, for CLIP; see `vitlab.data.captions`.
     - ``scenes:fashion-mnist`` / ``scenes:digits``: scenes with captions, boxes and masks, drawn in memory; see
       `vitlab.data.scenes`. ``coco-captions:DIR``: a COCO-format caption set; see `vitlab.data.coco`.
+    - ``wds:DIR`` (or a pattern of its training shards): WebDataset shards that `vitlab data shards` wrote, their
+      splits as written (``seed`` and ``val_fraction`` chose them then); the training split streams. See
+      `vitlab.data.shards`.
 
     ``img_size`` and ``in_chans`` are the size (default 224x224) and channels (default 3) a folder's images are
     decoded to. Built-in datasets keep their native size and channels in memory; `to_model_input` converts
@@ -88,6 +96,8 @@ def build_dataset(
         )
     if spec.startswith("scenes:"):
         return build_scene_dataset(spec, data_dir=data_dir, val_fraction=val_fraction)
+    if spec.startswith(SHARDS):
+        return build_shard_dataset(spec, img_size=img_size, in_chans=in_chans)
     if spec.startswith("coco-captions:"):
         return build_coco_dataset(spec, img_size=img_size, in_chans=in_chans, seed=seed, val_fraction=val_fraction,
                                   skip_bad_images=skip_bad_images)  # fmt: skip
