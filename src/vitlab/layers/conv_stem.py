@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from vitlab.errors import VitlabError
-from vitlab.layers.patch_embed import check_image, map_to_tokens, to_2tuple
+from vitlab.layers.patch_embed import PatchGrid, map_to_tokens
 
 
 def stem_widths(patch_size: int, embed_dim: int) -> list[int]:
@@ -31,7 +31,7 @@ def stem_widths(patch_size: int, embed_dim: int) -> list[int]:
     return [max(1, embed_dim // 2 ** (n - 1 - i)) for i in range(n)]
 
 
-class ConvStem(nn.Module):
+class ConvStem(PatchGrid):
     def __init__(
         self,
         img_size: int | tuple[int, int] = 224,
@@ -43,17 +43,13 @@ class ConvStem(nn.Module):
         flatten: bool = True,
         strict_img_size: bool = True,
     ) -> None:
-        super().__init__()
         widths = list(widths) if widths is not None else stem_widths(patch_size, embed_dim)
         if 2 ** len(widths) != patch_size:
             raise VitlabError(
                 f"{len(widths)} stride-2 convolutions make patch size {2 ** len(widths)}, not {patch_size}"
             )
-        self.patch_size = (patch_size, patch_size)
-        self.in_chans = in_chans
-        self.flatten = flatten
-        self.strict_img_size = strict_img_size
-        self.set_img_size(img_size)
+        # each 3 x 3 / 2 convolution with padding 1 maps n to ceil(n / 2): n / P after log2(P) of them
+        super().__init__(img_size, patch_size, in_chans, flatten=flatten, strict_img_size=strict_img_size)
         layers: list[nn.Module] = []
         for c_in, c_out in zip([in_chans, *widths[:-1]], widths):
             # no bias: the BatchNorm that follows would cancel it
@@ -70,19 +66,7 @@ class ConvStem(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
-    def set_img_size(self, img_size: int | tuple[int, int]) -> None:
-        self.img_size = to_2tuple(img_size)
-        for s, p in zip(self.img_size, self.patch_size):
-            if s % p:
-                raise VitlabError(f"image size {self.img_size} is not divisible by patch size {self.patch_size}")
-        # each 3 x 3 / 2 convolution with padding 1 maps n to ceil(n / 2): n / P after log2(P) of them
-        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images [B, C, H, W] -> tokens [B, N, D] in row-major order (a [B, H/P, W/P, D] grid without flatten)."""
-        check_image(x, self.in_chans, self.img_size if self.strict_img_size else None)
-        H, W = x.shape[-2:]
-        if H % self.patch_size[0] or W % self.patch_size[1]:
-            raise VitlabError(f"input size ({H}, {W}) is not divisible by patch size {self.patch_size}")
+        self.check_input(x)
         return map_to_tokens(self.proj(self.stem(x)), self.flatten)  # proj: (B, D, H/P, W/P)

@@ -44,7 +44,45 @@ def map_to_tokens(x: torch.Tensor, flatten: bool = True) -> torch.Tensor:
     return x.permute(0, 2, 3, 1)  # (B, H, W, D)
 
 
-class PatchEmbed(nn.Module):
+class PatchGrid(nn.Module):
+    """What ViT asks of a tokenizer: the image cut into a grid of P x P patches (``patch_size``, ``img_size``,
+    ``grid_size``, ``num_patches``, ``set_img_size``) and the input checks. Subclasses say how a patch becomes a token
+    (a linear map here; shifted copies in SPT; a convolutional stem)."""
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int],
+        patch_size: int | tuple[int, int],
+        in_chans: int,
+        *,
+        flatten: bool = True,
+        strict_img_size: bool = True,
+    ) -> None:
+        super().__init__()
+        self.patch_size = to_2tuple(patch_size)
+        self.in_chans = in_chans
+        self.flatten = flatten
+        self.strict_img_size = strict_img_size
+        self.set_img_size(img_size)
+
+    def set_img_size(self, img_size: int | tuple[int, int]) -> None:
+        self.img_size = to_2tuple(img_size)
+        for s, p in zip(self.img_size, self.patch_size):
+            if s % p:
+                raise VitlabError(f"image size {self.img_size} is not divisible by patch size {self.patch_size}")
+        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+
+    def check_input(self, x: torch.Tensor) -> tuple[int, int]:
+        """(H, W) of images [B, C, H, W], after one-line errors for the wrong channels, size or divisibility."""
+        check_image(x, self.in_chans, self.img_size if self.strict_img_size else None)
+        H, W = x.shape[-2:]
+        if H % self.patch_size[0] or W % self.patch_size[1]:
+            raise VitlabError(f"input size ({H}, {W}) is not divisible by patch size {self.patch_size}")
+        return H, W
+
+
+class PatchEmbed(PatchGrid):
     def __init__(
         self,
         img_size: int | tuple[int, int] = 224,
@@ -57,27 +95,11 @@ class PatchEmbed(nn.Module):
         strict_img_size: bool = True,
         norm_layer: Callable[[int], nn.Module] | None = None,
     ) -> None:
-        super().__init__()
-        self.patch_size = to_2tuple(patch_size)
-        self.in_chans = in_chans
-        self.flatten = flatten
-        self.strict_img_size = strict_img_size
-        self.set_img_size(img_size)
+        super().__init__(img_size, patch_size, in_chans, flatten=flatten, strict_img_size=strict_img_size)
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias)
         # a norm over the embedding (Swin's "patch_norm"); Identity holds no state, so ViT checkpoints are unchanged
         self.norm = norm_layer(embed_dim) if norm_layer else nn.Identity()
 
-    def set_img_size(self, img_size: int | tuple[int, int]) -> None:
-        self.img_size = to_2tuple(img_size)
-        for s, p in zip(self.img_size, self.patch_size):
-            if s % p:
-                raise VitlabError(f"image size {self.img_size} is not divisible by patch size {self.patch_size}")
-        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_image(x, self.in_chans, self.img_size if self.strict_img_size else None)
-        H, W = x.shape[-2:]
-        if H % self.patch_size[0] or W % self.patch_size[1]:
-            raise VitlabError(f"input size ({H}, {W}) is not divisible by patch size {self.patch_size}")
+        self.check_input(x)
         return self.norm(map_to_tokens(self.proj(x), self.flatten))  # proj: (B, D, H/P, W/P)

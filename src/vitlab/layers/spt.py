@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitlab.errors import VitlabError
-from vitlab.layers.patch_embed import check_image, to_2tuple
+from vitlab.layers.patch_embed import PatchGrid
 
 # (dy, dx) in units of the shift: the shifted copy holds x[i + dy * s, j + dx * s] (the official order)
 DIAGONAL_SHIFTS = ((-1, -1), (-1, 1), (1, -1), (1, 1))
@@ -43,7 +43,7 @@ def shifted_copies(x: torch.Tensor, shift: int) -> torch.Tensor:
     return torch.cat([x, *crops], dim=1)
 
 
-class ShiftedPatchTokenization(nn.Module):
+class ShiftedPatchTokenization(PatchGrid):
     def __init__(
         self,
         img_size: int | tuple[int, int] = 224,
@@ -55,34 +55,18 @@ class ShiftedPatchTokenization(nn.Module):
         strict_img_size: bool = True,
         norm_eps: float = 1e-5,
     ) -> None:
-        super().__init__()
-        self.patch_size = to_2tuple(patch_size)
+        super().__init__(img_size, patch_size, in_chans, flatten=flatten, strict_img_size=strict_img_size)
         if self.patch_size[0] != self.patch_size[1]:
             raise VitlabError(f"shifted patch tokenization shifts by half a square patch; got {self.patch_size}")
         self.shift = self.patch_size[0] // 2
-        self.in_chans = in_chans
-        self.flatten = flatten
-        self.strict_img_size = strict_img_size
-        self.set_img_size(img_size)
         patch_dim = 5 * in_chans * self.patch_size[0] * self.patch_size[1]
         self.norm = nn.LayerNorm(patch_dim, eps=norm_eps)  # over each flattened patch, before E_S (eq. 3)
         self.proj = nn.Linear(patch_dim, embed_dim)  # E_S
 
-    def set_img_size(self, img_size: int | tuple[int, int]) -> None:
-        self.img_size = to_2tuple(img_size)
-        for s, p in zip(self.img_size, self.patch_size):
-            if s % p:
-                raise VitlabError(f"image size {self.img_size} is not divisible by patch size {self.patch_size}")
-        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images [B, C, H, W] -> tokens [B, N, D] in row-major order (a [B, H/P, W/P, D] grid without flatten)."""
-        check_image(x, self.in_chans, self.img_size if self.strict_img_size else None)
-        B, _, H, W = x.shape
-        P = self.patch_size[0]
-        if H % P or W % P:
-            raise VitlabError(f"input size ({H}, {W}) is not divisible by patch size {self.patch_size}")
+        H, W = self.check_input(x)
+        B, P = x.shape[0], self.patch_size[0]
         x = shifted_copies(x, self.shift)  # (B, 5C, H, W)
         C5, gh, gw = x.shape[1], H // P, W // P
         x = x.reshape(B, C5, gh, P, gw, P).permute(0, 2, 4, 3, 5, 1)  # (B, gh, gw, P, P, 5C): channel fastest
