@@ -9,6 +9,8 @@ from vitlab.models.cpvt import CPVT
 from vitlab.models.cvt import ConvolutionalVisionTransformer
 from vitlab.models.deit import VisionTransformerDistilled
 from vitlab.models.grid_vit import GridVisionTransformer
+from vitlab.models.lseg import DPTSegmenter, LSeg
+from vitlab.models.mmt import MMT
 from vitlab.models.nonlocal_net import NonLocalNet
 from vitlab.models.resnet import ResNet
 from vitlab.models.swin import SwinTransformer
@@ -20,12 +22,15 @@ __all__ = [
     "CCT",
     "CLIP",
     "CPVT",
+    "MMT",
     "AttentionCNN",
     "CaiT",
     "ConvNeXt",
     "ConvolutionalVisionTransformer",
+    "DPTSegmenter",
     "GridVisionTransformer",
     "HybridVisionTransformer",
+    "LSeg",
     "NonLocalNet",
     "ResNet",
     "SmallDataVisionTransformer",
