@@ -2,6 +2,7 @@
 
 from vitlab.models.attention_cnn import AttentionCNN
 from vitlab.models.cait import CaiT
+from vitlab.models.caption import CaptionModel
 from vitlab.models.cct import CCT
 from vitlab.models.clip import CLIP
 from vitlab.models.convnext import ConvNeXt
@@ -25,6 +26,7 @@ __all__ = [
     "MMT",
     "AttentionCNN",
     "CaiT",
+    "CaptionModel",
     "ConvNeXt",
     "ConvolutionalVisionTransformer",
     "DPTSegmenter",

@@ -137,6 +137,36 @@ def train_bpe_tokenizer(texts: Iterable[str], *, vocab_size: int = 8192, context
     return TextTokenizer(tok, context_length=context_length, pad_token=PAD)
 
 
+# word-level vocabularies (captioning): lower-cased words, punctuation split off, rare words mapped to <unk>
+WORD_PAD, WORD_BOS, WORD_EOS, WORD_UNK = "<pad>", "<bos>", "<eos>", "<unk>"
+# a word keeps inner hyphens and apostrophes ("t-shirt", "cat's"); any other non-space character is a token
+_WORD_PATTERN = r"\w+(?:[-']\w+)*|[^\w\s]"
+
+
+def train_word_tokenizer(texts: Iterable[str], *, min_count: int = 5, context_length: int = 32) -> TextTokenizer:
+    """A word-level vocabulary of ``texts``, as captioning papers build theirs (Karpathy & Fei-Fei's threshold of
+    5): lower-cased words with punctuation split off, words seen fewer than ``min_count`` times mapped to
+    ``<unk>``, every sequence bracketed as ``<bos> ... <eos>``. Padding is ``<pad>`` (id 0). Deterministic, and
+    saved as ``tokenizer.json`` like the BPE (`TextTokenizer.save`)."""
+    if min_count < 1:
+        raise VitlabError(f"min_count must be at least 1, got {min_count}")
+    tk = _tokenizers()
+    tok = tk.Tokenizer(tk.models.WordLevel(unk_token=WORD_UNK))
+    tok.normalizer = tk.normalizers.Sequence([tk.normalizers.NFC(), tk.normalizers.Lowercase()])
+    tok.pre_tokenizer = tk.pre_tokenizers.Sequence(
+        [tk.pre_tokenizers.WhitespaceSplit(), tk.pre_tokenizers.Split(tk.Regex(_WORD_PATTERN), behavior="isolated")]
+    )
+    trainer = tk.trainers.WordLevelTrainer(
+        min_frequency=min_count, special_tokens=[WORD_PAD, WORD_BOS, WORD_EOS, WORD_UNK], show_progress=False
+    )
+    tok.train_from_iterator(list(texts), trainer)
+    tok.post_processor = tk.processors.TemplateProcessing(
+        single=f"{WORD_BOS} $A {WORD_EOS}",
+        special_tokens=[(WORD_BOS, tok.token_to_id(WORD_BOS)), (WORD_EOS, tok.token_to_id(WORD_EOS))],
+    )
+    return TextTokenizer(tok, context_length=context_length, pad_token=WORD_PAD)
+
+
 # --- towers ------------------------------------------------------------------------------------------------------
 def causal_mask(n: int, device: torch.device | None = None) -> torch.Tensor:
     """Additive mask [n, n]: 0 where query i may attend key j (j <= i), -inf above the diagonal."""
