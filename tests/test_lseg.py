@@ -20,7 +20,9 @@ from vitlab.models.lseg import (
     DPTSegmenter,
     LabelEncoder,
     LSeg,
+    Reassemble,
     create_lseg,
+    hook_blocks,
     segmentation_loss,
     supports_dense_tokens,
 )
@@ -81,6 +83,19 @@ def test_dpt_decoder_shapes(name: str) -> None:
     assert [m[-2] for m in maps] == [int(np.ceil(grid * s)) for s in RESAMPLE_SCALES]
     assert feats.shape == (2, 8, 8 * grid, 8 * grid)  # fusion ends at 8x the grid (1/2 of the input at p=16)
     assert logits.shape == (2, 3, H, W) and torch.isfinite(logits).all()
+
+
+def test_taps_and_readouts() -> None:
+    assert hook_blocks(12) == [2, 5, 8, 11] and hook_blocks(24) == [5, 11, 17, 23]  # DPT's / LSeg's hooks
+    assert hook_blocks(4) == [0, 1, 2, 3]
+    x = torch.randn(2, 2 + 6, 8)  # a class token, a distillation token, 6 patches
+    patches, cls = x[:, 2:], x[:, :1]
+    read = {r: Reassemble(8, 4, scale=1, readout=r, num_prefix_tokens=2) for r in ("ignore", "add", "project")}
+    torch.testing.assert_close(read["ignore"].read(x), patches)
+    torch.testing.assert_close(read["add"].read(x), patches + cls)
+    proj = read["project"].read_proj[0]
+    by_hand = F.gelu(torch.cat([patches, cls.expand_as(patches)], -1) @ proj.weight.T + proj.bias)
+    torch.testing.assert_close(read["project"].read(x), by_hand)
 
 
 def test_logits_are_the_fixed_temperature_times_the_cosine() -> None:

@@ -82,6 +82,27 @@ def test_padded_features_are_invisible() -> None:
     torch.testing.assert_close(padded, video, atol=1e-5, rtol=0)
 
 
+def test_aggregated_tokens_and_temporal_embeddings() -> None:
+    # without blocks, expert n's embedding is its aggregated token as it entered: the max-pool of its REAL
+    # features, projected, plus E^n and T_agg, through the two LayerNorms
+    model = tiny_mmt(depth=0).eval()
+    features, timestamps, masks = clips(3)
+    features["motion"][:, 4:] = 100.0  # padding: never the max
+    with torch.no_grad():
+        video, _ = model.encode_video(features, timestamps, masks)
+        for n, name in enumerate(EXPERTS):
+            pooled = features[name].masked_fill(~masks[name][..., None], float("-inf")).amax(1)
+            token = model.project(name, pooled) + model.expert_embed.weight[n] + model.temporal_embed.weight[0]
+            by_hand = F.normalize(model.norm(model.embed_norm(token)), dim=-1)
+            have = masks[name].any(1)
+            torch.testing.assert_close(video[have, n], by_hand[have])
+        # one temporal embedding per second after T_agg (row 0), later times clamped to the last
+        t = torch.tensor([[0.0, 1.5, 3.0, 4.9, 7.2, 100.0]])
+        _, pos, _ = model.expert_tokens("audio", torch.randn(1, 6, 8), t, torch.ones(1, 6, dtype=torch.bool))
+    assert pos.tolist() == [[0, 1, 2, 4, 5, 8, 8]]
+    assert tiny_mmt(temporal=False).temporal_embed is None
+
+
 def test_mixture_weights_renormalise_over_available_experts() -> None:
     model = tiny_mmt().eval()
     features, timestamps, masks = clips(3)
@@ -142,6 +163,18 @@ def test_one_line_errors() -> None:
         model.encode_video(features, dict(timestamps, motion=timestamps["motion"][:, :2]), masks)
     with pytest.raises(vitlab.VitlabError, match="text_pool='tower'"):
         tiny_mmt(text_pool="cls")
+
+
+@pytest.mark.parametrize("lock_text", [False, True])
+def test_gradients_reach_every_trained_parameter(lock_text: bool) -> None:
+    model = tiny_mmt(lock_text=lock_text, drop_rate=0.1).train()
+    assert model.text_encoder.training is not lock_text  # a frozen tower stays in eval mode
+    features, timestamps, masks = clips(4)
+    max_margin_ranking_loss(model(captions(4), features, timestamps, masks), margin=1.0).backward()
+    for name, p in model.named_parameters():
+        frozen = lock_text and name.startswith("text_encoder.")
+        assert (p.grad is None) == frozen, name
+        assert frozen or p.grad.abs().sum() > 0, name
 
 
 def test_overfits_64_clips() -> None:
