@@ -117,6 +117,23 @@ def test_decoder_shapes_maps_and_gradients(decoder, image, tokenizer):
     assert [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum()] == []
 
 
+def test_hard_attention_samples_per_image(tokenizer):
+    """In training each sequence samples its locations with probability 0.5 ("for a given image"), else takes the
+    expected context, which is what evaluation always takes; log p(s_t) is 0 where nothing was sampled."""
+    model = captioner("hard", tokenizer)
+    x = torch.randn(64, 3, 32, 32)
+    inputs = model.tokenize(CAPTIONS * 22)[:64, :4]
+    with torch.no_grad():
+        mixed = model.train()(x, inputs)
+        expected = model.eval()(x, inputs)
+    s = mixed.sampled
+    assert 0.3 < s.float().mean() < 0.7  # per image, not one coin for the batch
+    assert (mixed.log_p_s[~s] == 0).all() and (mixed.log_p_s[s] < 0).all()
+    torch.testing.assert_close(mixed.logits[~s], expected.logits[~s])
+    assert not torch.allclose(mixed.logits[s], expected.logits[s])
+    assert expected.sampled is None and expected.log_p_s is None
+
+
 @pytest.mark.parametrize("decoder", DECODERS)
 def test_steps_are_teacher_forcing(decoder, tokenizer):
     """Generation's one-word steps compute what teacher forcing computes (the transformer's causal mask)."""
