@@ -181,6 +181,22 @@ def test_minilm_labels_are_frozen_and_cached() -> None:
     assert not any(p.requires_grad for p in encode.module.parameters())
 
 
+def test_clip_text_tower_feeds_lseg_at_its_own_width() -> None:
+    from vitlab.models.clip import create_clip
+    from vitlab.models.text import train_bpe_tokenizer
+
+    tokenizer = train_bpe_tokenizer(["a red sneaker on grass", "a bag on brick", "gravel"], context_length=16)
+    clip = create_clip("vit_tiny_patch4_32", "text_transformer_tiny", tokenizer=tokenizer, embed_dim=16,
+                       image_args={"depth": 1, "embed_dim": 32, "num_heads": 2},
+                       text_args={"width": 32, "depth": 1, "num_heads": 2, "context_length": 16})  # fmt: skip
+    encode = LabelEncoder.from_clip(clip)
+    labels = encode(["sneaker", "grass", "a label never seen"])
+    torch.testing.assert_close(labels, clip.encode_text(["sneaker", "grass", "a label never seen"]).detach())
+    model = create_lseg("vit_tiny_patch4_32", encoder_args=SMALL, embed_dim=encode.dim, features=8)
+    assert model.text_proj is None  # LSeg's case: the text side has nothing to train
+    assert model(torch.randn(1, 3, 32, 32), labels).shape == (1, 3, 32, 32)
+
+
 def _scenes(count: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Scenes of digit items over three textures, labelled item / brick / grass / gravel."""
     from vitlab.data.scenes import generate_scenes
