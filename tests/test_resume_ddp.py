@@ -4,12 +4,83 @@ resume that refuses to change the run."""
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import signal
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
+from click.testing import CliRunner
+from PIL import Image
 
-from test_train import tiny_cfg
+from test_train import TINY, cli_args, metrics, tiny_cfg, weights
+from vitlab.cli import cli
 from vitlab.train import distributed, train
+
+# `vitlab` with two test hooks, set by environment variables: every process SIGKILLs itself right after step
+# VITLAB_TEST_KILL_AT (the same step on every rank: no rank is left waiting), and rank VITLAB_TEST_FAST_CLOCK_RANK
+# sees its clock run 50 times faster than the others'
+HOOKED_VITLAB = """
+import os, signal, sys, time
+
+from vitlab.train import trainer
+
+rank = os.environ.get("RANK", "0")
+if os.environ.get("VITLAB_TEST_FAST_CLOCK_RANK") == rank:
+    real, t0 = time.perf_counter, time.perf_counter()
+    time.perf_counter = lambda: t0 + 50 * (real() - t0)
+kill_at = int(os.environ.get("VITLAB_TEST_KILL_AT", "0"))
+after_step = trainer.after_step
+
+
+def after_step_then_die(loop, state, **kwargs):
+    done = after_step(loop, state, **kwargs)
+    if state.step == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return done
+
+
+trainer.after_step = after_step_then_die
+from vitlab.cli import cli
+
+cli(sys.argv[1:])
+"""
+
+
+def hooked_vitlab(tmp_path: Path, *args: str, processes: int = 1, timeout: float = 180, **env: str):
+    """Run ``vitlab ARGS`` with the test hooks in a subprocess (under torchrun with gloo for ``processes`` > 1)."""
+    script = tmp_path / "hooked_vitlab.py"
+    script.write_text(HOOKED_VITLAB)
+    launch = [sys.executable, str(script)]
+    if processes > 1:
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
+        launch += ["--master_port", str(free_port()), str(script)]
+    log = tmp_path / f"vitlab-{len(list(tmp_path.glob('vitlab-*.log')))}.log"
+    with log.open("w") as out:  # a file, not a pipe: a worker left behind cannot keep the test waiting for EOF
+        proc = subprocess.Popen(
+            [*launch, *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+            start_new_session=True,
+        )
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.terminate()  # torchrun stops its workers, a hung one included
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            pytest.fail(f"vitlab {' '.join(args)} did not finish in {timeout} s:\n{log.read_text()[-3000:]}")
+    return proc.returncode, log.read_text()
 
 
 def free_port() -> int:
@@ -50,5 +121,91 @@ def test_every_collective_runs_on_the_process_group_device(tmp_path, monkeypatch
     monkeypatch.setattr(torch.Tensor, "copy_", copy_back)
     summary = train(tiny_cfg(tmp_path / "run", max_steps=6, budget_s=20, eval_every=3, time_budget_s=600))
     assert summary["steps"] == 6
-    assert {name for name, _ in seen} >= {"all_reduce"}
+    assert {name for name, _ in seen} == {"all_reduce", "broadcast"}
     assert all(device.type == "meta" for _, device in seen), sorted(set(seen))
+
+
+def resumed_at(output: str, run: Path) -> int:
+    return int(re.search(rf"resumed {re.escape(str(run))} at step (\d+)", output).group(1))
+
+
+def image_folder(root: Path, *, classes: int = 3, per_class: int = 12, size: int = 8) -> Path:
+    """A folder dataset of random grayscale PNGs, one folder per class."""
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, (size, size), dtype=np.uint8) // (c + 1)
+            Image.fromarray(pixels, mode="L").save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+def test_sigkill_and_resume_on_a_folder_dataset_is_exact(tmp_path) -> None:
+    """RandAugment, mixup/cutmix, dropout and drop path on a folder dataset; every process killed with SIGKILL after
+    step 5, one random-drawing step past the checkpoint of step 4 and inside an epoch: the resumed run ends with the
+    weights and metrics of a run that never stopped."""
+    data = image_folder(tmp_path / "images")
+    model_args = {**TINY, "img_size": 8, "drop_rate": 0.1, "proj_drop_rate": 0.1}
+    args = [
+        *("train", "--data", f"folder:{data}", "--model", "vit_tiny_patch4_28", "--precision", "fp32"),
+        *("--epochs", "4", "--batch-size", "6", "--set", f"model_args={json.dumps(model_args)}"),
+        *("--set", "drop_path_rate=0.1", "--set", "randaugment=[2, 9]", "--set", "mixup_alpha=0.8"),
+        *("--set", "cutmix_alpha=1.0", "--set", "val_fraction=0.25", "--set", "num_workers=0"),
+        *("--set", "threads=1", "--set", "checkpoint_every=4", "--set", "eval_every=3"),
+    ]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    runner = CliRunner()
+    r = runner.invoke(cli, [*args, "--out", str(full)])
+    assert r.exit_code == 0, r.output
+    code, out = hooked_vitlab(tmp_path, *args, "--out", str(killed), VITLAB_TEST_KILL_AT="5")
+    assert code == -signal.SIGKILL, out[-2000:]
+    assert json.loads((killed / "checkpoints" / "last" / "config.json").read_text())["step"] == 4
+
+    r = runner.invoke(cli, ["train", "--resume", "--out", str(killed)])
+    assert r.exit_code == 0, r.output
+    assert resumed_at(r.output, killed) == 4  # 18 training images, 3 steps an epoch: steps 4-6 are the second
+    assert json.loads((killed / "summary.json").read_text())["steps"] == 12
+    assert metrics(killed) == metrics(full) and [m["step"] for m in metrics(full)] == [3, 6, 9, 12]
+    a, b = weights(full), weights(killed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+DDP_ARGS = (
+    *("--batch-size", "16", "--max-steps", "8", "--set", "warmup_epochs=0", "--set", "randaugment=[2, 9]"),
+    *("--set", "drop_path_rate=0.2", "--set", "mixup_alpha=0.8", "--set", "checkpoint_every=3"),
+    *("--set", "eval_every=4"),
+)
+
+
+def test_ddp_ranks_draw_their_own_numbers_and_resume_exactly(tmp_path) -> None:
+    """Two gloo processes with augmentation, mixup and drop path: each rank checkpoints its own random state (they
+    differ: the ranks draw different numbers), and a run SIGKILLed after step 5 resumes (from its checkpoint) to the
+    metrics and weights of a run that never stopped."""
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    code, out = hooked_vitlab(tmp_path, *cli_args(full, *DDP_ARGS), processes=2)
+    assert code == 0, out[-3000:]
+    code, out = hooked_vitlab(tmp_path, *cli_args(killed, *DDP_ARGS), processes=2, VITLAB_TEST_KILL_AT="5")
+    assert code != 0 and not (killed / "summary.json").exists()
+    saved = torch.load(killed / "checkpoints" / "last" / "trainer_state.pt", weights_only=False)
+    rngs = saved["rng"]
+    assert len(rngs) == 2 and not torch.equal(rngs[0]["torch"], rngs[1]["torch"])
+
+    code, out = hooked_vitlab(tmp_path, "train", "--resume", "--out", str(killed), processes=2)
+    assert code == 0, out[-3000:]
+    assert resumed_at(out, killed) == saved["step"] < 5
+    assert json.loads((killed / "summary.json").read_text())["processes"] == 2
+    assert metrics(killed) == metrics(full) and [m["step"] for m in metrics(full)] == [4, 8]
+    a, b = weights(full), weights(killed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ddp_time_budget_stops_every_rank_at_rank_0s_step(tmp_path) -> None:
+    """Rank 1's clock runs 50 times faster: were it to decide for itself, it would stop at its first steps and
+    leave rank 0 waiting in a collective. Rank 0 decides, and both stop at the same step."""
+    run = tmp_path / "run"
+    args = cli_args(run, "--batch-size", "16", "--epochs", "10", "--time-budget", "1.5", "--set", "eval_every=20")
+    code, out = hooked_vitlab(tmp_path, *args, processes=2, timeout=120, VITLAB_TEST_FAST_CLOCK_RANK="1")
+    assert code == 0, out[-3000:]
+    assert "stopped early: time budget of 2s reached" in out
+    summary = json.loads((run / "summary.json").read_text())
+    assert 1 < summary["steps"] < 400 and metrics(run)[-1]["step"] == summary["steps"]

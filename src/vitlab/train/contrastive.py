@@ -7,7 +7,8 @@ accumulation, optimizer, checkpoints, exact resume and DDP are its own. This tas
   (``cfg.text_model``); a text transformer trained from scratch gets a byte-level BPE trained on the training
   captions, deterministically (the same on every process and on resume);
 * the loss: each batch's labels are sample indices of a caption set (`vitlab.data.captions`); each image gets one
-  of its captions, drawn from torch's global generator (checkpointed by the loop, so resume is exact), and the
+  of its captions, drawn from a generator of (seed, epoch) that every process shares (so resume is exact and N
+  processes draw what one does), and the
   symmetric cross-entropy of the paper's Figure 3 is taken over the *global* batch: under DDP every process
   all-gathers the embeddings with `torch.distributed.nn.functional.all_gather`, which passes gradients back to the
   process that computed them, and scores its own images against every text and its own texts against every image.
@@ -29,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from vitlab.data.base import derive_seed
 from vitlab.data.captions import CaptionSplits
 from vitlab.errors import VitlabError
 from vitlab.models.clip import CLIP, contrastive_loss, create_clip
@@ -77,6 +79,8 @@ class ContrastiveTask:
         self.args = dict(cfg.clip_args)
         self.captions = splits.train.captions
         self.counts = torch.tensor([len(c) for c in self.captions])
+        self.seed = cfg.seed
+        self.start_epoch(0)
         self.tokenizer: TextTokenizer | None = None
         if cfg.text_model in TEXT_TRANSFORMERS:
             from vitlab.models.text import text_tower_args
@@ -108,14 +112,17 @@ class ContrastiveTask:
         self.tokenizer = model.tokenizer  # a pretrained tower's own
 
     # --- training ------------------------------------------------------------------------------------------------
+    def start_epoch(self, epoch: int) -> None:
+        """This epoch's caption draws: one uniform number per sample, from a generator of (seed, epoch) that every
+        process shares. An epoch visits each sample once, so each process picks for its samples the captions one
+        process with the whole batch would, and a resumed epoch picks them again with no saved state."""
+        generator = torch.Generator().manual_seed(derive_seed("captions", self.seed, epoch))
+        self.draws = torch.rand(len(self.captions), generator=generator)
+
     def batch_texts(self, labels: torch.Tensor) -> list[str]:
-        """One caption per sample index, drawn uniformly among the sample's captions. The draw comes from torch's
-        global generator (checkpointed: resume is exact) for the whole global batch, of which each process takes its
-        slice, so N processes draw the captions one process with N times the batch would."""
+        """One caption per sample index, drawn uniformly among the sample's captions (`start_epoch`)."""
         idx = labels.cpu()
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-        u = torch.rand(len(idx) * world)[rank * len(idx) : (rank + 1) * len(idx)]
-        pick = (u * self.counts[idx]).long()
+        pick = (self.draws[idx] * self.counts[idx]).long()
         return [self.captions[i][j] for i, j in zip(idx.tolist(), pick.tolist())]
 
     def loss(self, model: nn.Module, x: torch.Tensor, target: torch.Tensor, labels: torch.Tensor) -> TaskOutput:

@@ -12,8 +12,9 @@ GPU and back there. Objects (a run directory's name, every rank's random state) 
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,3 +107,17 @@ def barrier(info: DistInfo) -> None:
 def cleanup(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def main_first(info: DistInfo) -> Iterator[None]:
+    """Rank 0 runs the block first (a download, an archive unpacked); the others run it after, reading what it
+    wrote. Rank 0 reaches the barrier even when the block fails: the others then meet the error themselves."""
+    if not info.is_main:
+        barrier(info)
+        yield
+        return
+    try:
+        yield
+    finally:
+        barrier(info)

@@ -17,7 +17,9 @@ micro-batch it calls, under its autocast::
   predictions in the batch (a 0-dim tensor; the loop sums it into the training accuracy).
 
 ``task.setup(model)`` runs once on the bare model before the loop wraps it, and ``task.describe()`` is a line for the
-log. Two more calls let a task learn something other than a classifier without a second loop:
+log. ``task.start_epoch(epoch)`` runs before each epoch's batches (a task that draws per sample, as CLIP's captions,
+draws from a generator of (seed, epoch) that every process shares). Two more calls let a task learn something other
+than a classifier without a second loop:
 
 * ``task.build_model(cfg, splits)`` builds the model (seeded by the loop) and records on it what a checkpoint keeps
   (``pretrained_cfg``: class names and normalisation);
@@ -53,9 +55,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitlab.factory import create_model
 from vitlab.data import DatasetSplits
 from vitlab.errors import VitlabError
+from vitlab.factory import create_model
 from vitlab.train.config import TrainConfig
 from vitlab.train.evaluate import evaluate
 
@@ -67,6 +69,8 @@ class TaskOutput(NamedTuple):
 
 class Task(Protocol):
     def setup(self, model: nn.Module) -> None: ...
+
+    def start_epoch(self, epoch: int) -> None: ...
 
     def build_model(self, cfg: TrainConfig, splits: DatasetSplits) -> nn.Module: ...
 
@@ -96,6 +100,9 @@ class ClassificationTask:
     """Cross-entropy on (possibly mixed or smoothed) targets, plus the model's ``auxiliary_loss`` if it has one."""
 
     def setup(self, model: nn.Module) -> None:
+        pass
+
+    def start_epoch(self, epoch: int) -> None:
         pass
 
     def describe(self) -> str:
@@ -197,6 +204,9 @@ class DistillationTask:
     def setup(self, model: nn.Module) -> None:
         if hasattr(model, "set_distilled_training"):
             model.set_distilled_training(True)
+
+    def start_epoch(self, epoch: int) -> None:
+        pass
 
     def build_model(self, cfg: TrainConfig, splits: DatasetSplits) -> nn.Module:
         return self.base.build_model(cfg, splits)

@@ -4,11 +4,15 @@ and atomic checkpoints -> test report.
 What is learned is the task's business (`vitlab.train.tasks`): the loop hands it each batch and backpropagates the
 loss it returns (classification, distillation from a teacher, ...); it never branches on the kind of model.
 
-Exact resume: the sample order of an epoch depends only on (seed, epoch), every other random draw (augmentation,
-dropout, stochastic depth, mixup) comes from torch's global generator whose state is checkpointed, and the
-learning rate is a function of the step. A teacher is named in the run's config and runs deterministically in eval
-mode. So a run resumed from ``checkpoints/last`` takes bit-identical steps to one that never stopped (on CPU, with the
-same thread count).
+Exact resume: the sample order of an epoch depends only on (seed, epoch), loading draws from a generator of (seed,
+epoch, rank), every other random draw (augmentation, dropout, stochastic depth, mixup) comes from torch's global
+generator, whose state every process checkpoints, and the learning rate is a function of the step. A teacher is named
+in the run's config and runs deterministically in eval mode. So a run resumed from ``checkpoints/last`` takes
+bit-identical steps to one that never stopped (on CPU, with the same thread count).
+
+Under torchrun the processes build the same model from the run's seed, then each draws its own stream (seeded from
+(seed, rank)); what they must agree on is decided by rank 0 (the run directory, the data download, the time-budget
+stop) or drawn from generators they share (the sample order, a CLIP run's captions).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from vitlab._io import atomic_directory, recover_directory, write_json
 from vitlab._registry import get_variant
 from vitlab.checkpoint import from_pretrained, load_checkpoint_state, read_state_dict, write_pretrained
 from vitlab.data import DatasetSplits, build_augment, mixup_cutmix, normalize, to_float
+from vitlab.data.base import derive_seed
 from vitlab.data.manifest import SplitOptions, build_run_splits, record_split
 from vitlab.errors import VitlabError
 from vitlab.layers import to_2tuple
@@ -39,7 +44,17 @@ from vitlab.train.budget import BudgetProbe, Schedule, budget_warmup
 from vitlab.train.config import TrainConfig, save_yaml
 from vitlab.train.contrastive import ContrastiveTask
 from vitlab.train.defaults import apply_data_defaults
-from vitlab.train.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
+from vitlab.train.distributed import (
+    DistInfo,
+    all_gather_objects,
+    all_reduce_sum,
+    barrier,
+    broadcast,
+    broadcast_object,
+    cleanup,
+    init_distributed,
+    main_first,
+)
 from vitlab.train.evaluate import autocast
 from vitlab.train.optim import ModelEma, build_optimizer
 from vitlab.train.precision import resolve_precision
@@ -242,10 +257,12 @@ def prepare_run(cfg: TrainConfig, resume: bool, info: DistInfo) -> Run:
         torch.cuda.set_device(device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
+    run_dir = Path(cfg.out) if cfg.out else Path(broadcast_object(str(default_run_dir(cfg)), info))  # rank 0's clock
     last = run_dir / "checkpoints" / "last"
-    for d in (last, run_dir / "checkpoints" / "best"):  # a run killed inside a checkpoint swap left <dir>.old
-        recover_directory(d)
+    if info.is_main:  # a run killed inside a checkpoint swap left <dir>.old; the others look once it is back
+        for d in (last, run_dir / "checkpoints" / "best"):
+            recover_directory(d)
+    barrier(info)
     if not resume and (last / STATE_NAME).exists():
         raise VitlabError(f"{run_dir} already holds a run; add --resume to continue it, or choose another --out")
     if resume and not (last / STATE_NAME).exists():
@@ -273,14 +290,15 @@ def prepare_data(run: Run) -> DatasetSplits:
     cfg = run.cfg
     in_chans, img_size = input_shape(cfg)
     options, data = SplitOptions.of(cfg), cfg.data  # the splits `vitlab eval` rebuilds: built the same way
-    try:
-        splits = build_run_splits(data, options, data_dir=cfg.data_dir, img_size=img_size, in_chans=in_chans)
-    except VitlabError as e:
-        if not cfg.fallback_data:
-            raise
-        run.log.message(f"{cfg.data} is not available here ({e}); training on {cfg.fallback_data} instead")
-        data = cfg.fallback_data
-        splits = build_run_splits(data, options, img_size=img_size, in_chans=in_chans)
+    with main_first(run.info):  # rank 0 downloads and unpacks first; the others read what it wrote
+        try:
+            splits = build_run_splits(data, options, data_dir=cfg.data_dir, img_size=img_size, in_chans=in_chans)
+        except VitlabError as e:
+            if not cfg.fallback_data:
+                raise
+            run.log.message(f"{cfg.data} is not available here ({e}); training on {cfg.fallback_data} instead")
+            data = cfg.fallback_data
+            splits = build_run_splits(data, options, img_size=img_size, in_chans=in_chans)
     if splits.skipped:
         run.log.message(f"skipped {len(splits.skipped)} unreadable images (--skip-bad-images)")
     if cfg.classes is not None:
@@ -331,6 +349,8 @@ def build_model(run: Run, splits: DatasetSplits) -> tuple[torch.nn.Module, Task,
     model = pretrained if pretrained is not None else task.build_model(cfg, splits)
     model.to(run.device)
     task.setup(model)
+    if run.info.rank:  # the same model on every rank; from here each draws its own augmentation, mixing, drop path
+        seed_everything(derive_seed("rank", cfg.seed, run.info.rank))
     return model, task, (in_chans, img_size, mean, std)
 
 
@@ -467,7 +487,7 @@ def restore(run: Run, parts: Parts, plan: Plan) -> RunState:
         train_time=saved["train_time_s"],
         running=saved["running"],
     )
-    set_rng_state(saved["rng"])
+    set_rng_state(rank_rng_state(saved, run))
     if run.info.is_main:  # drop evaluations logged after this checkpoint: they will be recomputed identically
         kept = [m for m in read_metrics(run.metrics_path) if m["step"] <= state.step]
         run.metrics_path.write_text("".join(_json_line(m) for m in kept))
@@ -476,6 +496,17 @@ def restore(run: Run, parts: Parts, plan: Plan) -> RunState:
     save_config(run)  # flags may have extended the run (--epochs)
     barrier(run.info)
     return state
+
+
+def rank_rng_state(saved: dict[str, Any], run: Run) -> dict[str, Any]:
+    """This process's random generators in a checkpoint: every rank saved its own."""
+    states = saved["rng"] if isinstance(saved["rng"], list) else [saved["rng"]] * run.info.world_size  # older runs
+    if len(states) != run.info.world_size:
+        raise VitlabError(
+            f"{run.run_dir} was trained by {len(states)} processes; resume it with as many "
+            f"(torchrun --nproc_per_node {len(states)}), not {run.info.world_size}"
+        )
+    return states[run.info.rank]
 
 
 def step_until_done(loop: Loop, state: RunState) -> RunState:
@@ -569,7 +600,8 @@ def train_epoch(loop: Loop, state: RunState) -> None:
     run, cfg, plan, parts = loop.run, loop.run.cfg, loop.plan, loop.parts
     epoch = state.step // plan.steps_per_epoch
     first = (state.step % plan.steps_per_epoch) * cfg.accum_steps
-    batches = loop.splits.train.loader(
+    parts.task.start_epoch(epoch)
+    batches = loop.splits.train.loader(  # the order is (seed, epoch)'s on every rank, each taking its share
         plan.batch_size,
         shuffle=True,
         seed=cfg.seed,
@@ -664,8 +696,10 @@ def after_step(loop: Loop, state: RunState, *, lr: float, now: float) -> bool:
         images_per_s=rate,
         lr=lr,
     )
-    if cfg.time_budget_s is not None and state.train_time >= cfg.time_budget_s:
-        state.stop_reason = f"time budget of {cfg.time_budget_s:.0f}s reached"
+    if cfg.time_budget_s is not None:  # rank 0's clock decides, so that every rank stops at the same step
+        over = torch.tensor([float(state.train_time >= cfg.time_budget_s)], dtype=torch.float64)
+        if broadcast(over, run.info).item():
+            state.stop_reason = f"time budget of {cfg.time_budget_s:.0f}s reached"
     if cfg.max_steps and state.step >= cfg.max_steps and state.step < plan.planned:
         state.stop_reason = state.stop_reason or f"max_steps={cfg.max_steps} reached"
     finished = state.step == plan.total_steps or state.stop_reason is not None
@@ -759,6 +793,7 @@ def evaluate_and_record(loop: Loop, state: RunState, *, lr: float, rate: float) 
 def save_last(loop: Loop, state: RunState) -> None:
     """``checkpoints/last``: what --resume needs to take the very steps an uninterrupted run takes."""
     run, parts = loop.run, loop.parts
+    rngs = all_gather_objects(rng_state(), run.info)  # every rank's generators: each resumes its own stream
     if not run.info.is_main:
         return
     saved = {
@@ -769,7 +804,7 @@ def save_last(loop: Loop, state: RunState) -> None:
         "best_step": state.best_step,
         "train_time_s": state.train_time,
         "running": state.running,
-        "rng": rng_state(),
+        "rng": rngs,
         "config": run.cfg.to_dict(),
     }
     with atomic_directory(run.last_dir) as tmp:
