@@ -132,6 +132,15 @@ def test_any_label_set_at_test_time() -> None:
         model(x, torch.randn(3, 512))
 
 
+def test_any_input_size_with_a_dynamic_encoder() -> None:
+    model = create_lseg("vit_tiny_patch4_32", encoder_args={**SMALL, "dynamic_img_size": True}, embed_dim=16,
+                        features=8).eval()  # fmt: skip
+    with torch.no_grad():
+        for size in ((32, 48), (20, 36)):  # 8x12 and an odd 5x9 grid
+            assert model(torch.randn(1, 3, *size), torch.randn(2, 16)).shape == (1, 2, *size)
+            assert model.pixel_embeddings(torch.randn(1, 3, *size)).shape[-2:] == (2 * size[0], 2 * size[1])
+
+
 def test_classifier_head_shares_encoder_and_decoder() -> None:
     kwargs = {"encoder_args": SMALL, "features": 8}
     lseg = create_lseg("vit_tiny_patch4_32", embed_dim=16, **kwargs)

@@ -110,7 +110,9 @@ class MMT(nn.Module):
     tower of `vitlab.models.text` (a BERT-style one for [CLS] pooling: all_minilm_l6_v2, or its ``hf_config`` with
     other sizes), its features pooled at [CLS] (``text_pool='cls'``, MMT's) or by the tower itself
     (``'tower'``: MiniLM's mean, a causal transformer's [EOS]); ``lock_text`` freezes it. ``max_seconds``: the
-    temporal embeddings (one per second; later times share the last); ``temporal=False`` drops them.
+    temporal embeddings (one per second; later times share the last); ``temporal=False`` drops them. The sizes
+    default to MMT's MSR-VTT configuration (d_model 512, 4 layers, 4 heads, dropout 0.1); `create_mmt` builds one
+    with the packaged MiniLM and its tokenizer.
     """
 
     arch = "mmt"
@@ -125,8 +127,8 @@ class MMT(nn.Module):
         d_model: int = 512,
         depth: int = 4,
         num_heads: int = 4,
-        mlp_ratio: float = 4.0,
-        max_seconds: int = 30,
+        mlp_ratio: float = 6.0,  # MMT's MSR-VTT config: hidden 512, intermediate 3072
+        max_seconds: int = 30,  # its 32 position rows, less [CLS] and "unknown"
         temporal: bool = True,
         text_pool: Literal["cls", "tower"] = "cls",
         cls_token_id: int | None = None,
