@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from vitlab._io import write_text_atomic
 from vitlab.errors import VitlabError, closest
 from vitlab.train.budget import parse_duration
 from vitlab.train.precision import PRECISIONS
@@ -198,7 +199,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def save_yaml(cfg: TrainConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))  # a kill mid-write leaves the old file
 
 
 # --- reading values: YAML numbers as YAML 1.2 reads them, no key twice, each field's type --------------------------
