@@ -28,6 +28,15 @@ from vitlab.models.lseg import (
 )
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from a second thread and lose much on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @functools.cache
 def _dense_arch(arch: str) -> bool:
     name = next(n for n in vitlab.list_models() if get_variant(n)[0].arch == arch)
@@ -225,21 +234,17 @@ def test_overfits_sixteen_scenes() -> None:
                         embed_dim=32, features=16)  # fmt: skip
     labels = F.normalize(torch.randn(4, 32), dim=-1)  # a frozen text encoder's view of four names
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    threads, start, miou = torch.get_num_threads(), time.perf_counter(), 0.0
-    torch.set_num_threads(1)  # a tiny model gains nothing from a second thread and loses much on a busy machine
-    try:
-        for step in range(1, 201):
-            model.train()
-            loss = segmentation_loss(model(x, labels), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if step % 20 == 0:
-                model.eval()
-                with torch.no_grad():
-                    miou = segmentation_metrics(model(x, labels).argmax(1), y, num_classes=4)["miou"]
-                if miou > 0.9:
-                    break
-    finally:
-        torch.set_num_threads(threads)
+    start, miou = time.perf_counter(), 0.0
+    for step in range(1, 201):
+        model.train()
+        loss = segmentation_loss(model(x, labels), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 20 == 0:
+            model.eval()
+            with torch.no_grad():
+                miou = segmentation_metrics(model(x, labels).argmax(1), y, num_classes=4)["miou"]
+            if miou > 0.9:
+                break
     assert miou > 0.9, f"mIoU {miou:.3f} after {step} steps ({time.perf_counter() - start:.1f} s)"
