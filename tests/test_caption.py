@@ -252,6 +252,24 @@ def test_beam_search_keeps_the_best_hypothesis_and_its_maps():
     assert beam.attention[0].argmax(-1).tolist() == [1, 4]
 
 
+def test_beam_search_reorders_words_and_maps_together():
+    """The two hypotheses trade places at every step (A B A .. against B A B ..), and the chosen one comes back with
+    its own maps, each the one-hot of the word before."""
+    table = {1: [0, 0, 0, 0.6, 0.4], 3: [0, 0, 0.4, 0, 0.6], 4: [0, 0, 0.01, 0.99, 0]}
+    out = beam_search(TableDecoder(table), torch.zeros(1, 1, 1), beam_size=2, max_length=4, alpha=0.0, **IDS)
+    assert out.tokens.tolist() == [[4, 3, 4, 3]]  # 0.4 x 0.99 x 0.6 x 0.99 beats 0.6 x 0.6 x 0.99 x 0.6
+    assert out.attention[0].argmax(-1).tolist() == [1, 4, 3, 4]
+
+
+def test_beam_search_stops_when_every_hypothesis_has_ended():
+    """An image that has kept beam_size finished hypotheses searches no further: the beam shrinks as they end (here
+    <eos> ends one at once, A <eos> the other at step 2, while A A .. could go on to the length limit)."""
+    table = {1: [0, 0, 0.35, 0.4, 0.25], 3: [0, 0, 0.9, 0.1, 0], 4: [0, 0, 0.9, 0, 0.1]}
+    decoder = TableDecoder(table)
+    out = beam_search(decoder, torch.zeros(1, 1, 1), beam_size=2, max_length=10, alpha=0.0, **IDS)
+    assert decoder.steps == 2 and out.tokens.tolist() == [[3, 2]]
+
+
 def test_length_penalty_prefers_longer_captions_with_alpha():
     # <eos> now (0.5) against A then <eos> (0.5 x 0.99): log-probability prefers the first, GNMT's lp the second
     table = {1: [0, 0, 0.5, 0.5, 0], 3: [0, 0, 0.99, 0.01, 0]}
