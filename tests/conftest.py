@@ -170,7 +170,6 @@ def fit_one_batch(model: torch.nn.Module, steps: int = 20, lr: float = 1e-2) -> 
     return losses
 
 
-@pytest.fixture(scope="session")
 def train_on_digits(
     model: torch.nn.Module, *, steps: int = 150, lr: float = 5e-3, sam_rho: float | None = None
 ) -> tuple[list[float], float]:
@@ -214,6 +213,7 @@ def train_on_digits(
     return losses, accuracy
 
 
+@pytest.fixture(scope="session")
 def digits_checkpoint(tmp_path_factory):
     """A tiny ViT trained on digits for one epoch through the CLI, as a user makes one (for export and serving)."""
     import json
