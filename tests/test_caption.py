@@ -191,6 +191,19 @@ def test_reinforce_term_against_its_formula():
     assert reward.grad is None  # the reward is not pushed up through this term
 
 
+def test_soft_loss_adds_the_regulariser():
+    """Eq. 14 per caption, -log p(y | a) + lambda sum_i (1 - sum_t alpha_ti)^2, summed over the batch, per token."""
+    logits = torch.randn(2, 3, 5)
+    targets = torch.tensor([[1, 2, 0], [3, 4, 2]])
+    mask = targets != 0
+    attention = torch.rand(2, 3, 4).softmax(-1)
+    out = DecoderOutput(logits, attention)
+    loss, _ = CaptionLoss(kind="soft", penalty_weight=0.3)(out, targets, mask, None)
+    nll = -logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)[mask].sum()
+    want = (nll + 0.3 * doubly_stochastic_penalty(attention, mask).sum()) / 5
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+
+
 def test_hard_loss_baseline_and_shown_value():
     """The loss shown is the captions' negative log-likelihood per token; the REINFORCE gradient uses the baseline
     from before the batch, which then moves 0.1 of the way to the mean reward of the sequences that sampled."""
@@ -403,7 +416,9 @@ def test_task_trains_and_evaluates(decoder, scenes):
     assert task.batch_texts(labels) == again  # an epoch's caption draws are a function of (seed, epoch)
     result = task.evaluate(model, splits.train, splits=splits, batch_size=16)
     assert result["count"] == 32 and 0 <= result["accuracy"] <= 1 and math.isfinite(result["loss"])
-    assert result["report"]["caption_tokens"] > 32 * 5  # every caption of every image
+    # every caption of every image, each token after <bos> (<eos> included)
+    captions = [c for caps in splits.train.captions for c in caps]
+    assert result["report"]["caption_tokens"] == model.tokenize(captions).ne(model.pad_id).sum() - len(captions)
 
 
 def test_task_refuses_what_it_cannot_train(scenes):
