@@ -102,12 +102,17 @@ def test_decoder_shapes_maps_and_gradients(decoder, image, tokenizer):
     x = torch.randn(3, 3, 32, 32)
     inputs, targets, mask = teacher_forcing(model.tokenize(CAPTIONS), model.pad_id)
     B, T = inputs.shape
-    L = model.encode(x)[0].shape[1]
+    a, (h, w) = model.encode(x)
+    L = a.shape[1]
+    assert L == h * w
     out = model(x, inputs, need_attention=True)
     assert out.logits.shape == (B, T, tokenizer.vocab_size)
     assert out.attention.shape == (B, T, L)
     torch.testing.assert_close(out.attention.sum(-1), torch.ones(B, T))  # alpha: a distribution over locations
     assert (model(x, inputs).attention is None) == (decoder == "transformer")  # its maps cost the explicit path
+    for beam_size in (1, 2):  # generation: each token's map over the same grid
+        generated = model.generate(x, beam_size=beam_size, max_length=4)
+        assert generated.grid == (h, w) and generated.attention.shape == (B, generated.tokens.shape[1], L)
     if decoder == "hard":  # the REINFORCE inputs, per step, and which sequences sampled
         assert out.log_p_s.shape == out.entropy.shape == (B, T) and out.sampled.shape == (B,)
     loss, _ = CaptionLoss(kind=decoder)(out, targets, mask, model.decoder)
@@ -258,7 +263,7 @@ def test_beam_search_keeps_the_best_hypothesis_and_its_maps():
     a = torch.zeros(2, 1, 1)
     greedy = greedy_search(TableDecoder(table), a, max_length=6, **IDS)
     assert greedy.tokens[0, 0].item() == 3
-    beam = beam_search(TableDecoder(table), a, beam_size=2, max_length=6, alpha=0.0, **IDS)
+    beam = beam_search(TableDecoder(table), a, beam_size=2, max_length=6, length_alpha=0.0, **IDS)
     assert beam.tokens.tolist() == [[4, 2], [4, 2]]
     assert beam.log_prob[0].item() == pytest.approx(math.log(0.4499 * 0.99), rel=1e-5)
     # the maps of the chosen hypothesis: step 1 read <bos>, step 2 read B
@@ -269,7 +274,7 @@ def test_beam_search_reorders_words_and_maps_together():
     """The two hypotheses trade places at every step (A B A .. against B A B ..), and the chosen one comes back with
     its own maps, each the one-hot of the word before."""
     table = {1: [0, 0, 0, 0.6, 0.4], 3: [0, 0, 0.4, 0, 0.6], 4: [0, 0, 0.01, 0.99, 0]}
-    out = beam_search(TableDecoder(table), torch.zeros(1, 1, 1), beam_size=2, max_length=4, alpha=0.0, **IDS)
+    out = beam_search(TableDecoder(table), torch.zeros(1, 1, 1), beam_size=2, max_length=4, length_alpha=0.0, **IDS)
     assert out.tokens.tolist() == [[4, 3, 4, 3]]  # 0.4 x 0.99 x 0.6 x 0.99 beats 0.6 x 0.6 x 0.99 x 0.6
     assert out.attention[0].argmax(-1).tolist() == [1, 4, 3, 4]
 
@@ -279,7 +284,7 @@ def test_beam_search_stops_when_every_hypothesis_has_ended():
     <eos> ends one at once, A <eos> the other at step 2, while A A .. could go on to the length limit)."""
     table = {1: [0, 0, 0.35, 0.4, 0.25], 3: [0, 0, 0.9, 0.1, 0], 4: [0, 0, 0.9, 0, 0.1]}
     decoder = TableDecoder(table)
-    out = beam_search(decoder, torch.zeros(1, 1, 1), beam_size=2, max_length=10, alpha=0.0, **IDS)
+    out = beam_search(decoder, torch.zeros(1, 1, 1), beam_size=2, max_length=10, length_alpha=0.0, **IDS)
     assert decoder.steps == 2 and out.tokens.tolist() == [[3, 2]]
 
 
@@ -288,8 +293,8 @@ def test_length_penalty_prefers_longer_captions_with_alpha():
     table = {1: [0, 0, 0.5, 0.5, 0], 3: [0, 0, 0.99, 0.01, 0]}
     a = torch.zeros(1, 1, 1)
     assert length_penalty(2, 1.0) == pytest.approx(7 / 6)
-    short = beam_search(TableDecoder(table), a, beam_size=2, max_length=5, alpha=0.0, **IDS)
-    long = beam_search(TableDecoder(table), a, beam_size=2, max_length=5, alpha=1.0, **IDS)
+    short = beam_search(TableDecoder(table), a, beam_size=2, max_length=5, length_alpha=0.0, **IDS)
+    long = beam_search(TableDecoder(table), a, beam_size=2, max_length=5, length_alpha=1.0, **IDS)
     assert short.tokens.tolist() == [[2]] and long.tokens.tolist() == [[3, 2]]
 
 
@@ -395,7 +400,7 @@ def test_beam_one_is_greedy(decoder, scenes, trained):
     assert torch.equal(beam.tokens, greedy.tokens)
     assert torch.equal(beam.attention, greedy.attention)
     assert torch.equal(beam.log_prob, greedy.log_prob)
-    wider = beam_search(model.decoder, a, beam_size=3, max_length=20, alpha=0.0, **ids)
+    wider = beam_search(model.decoder, a, beam_size=3, max_length=20, length_alpha=0.0, **ids)
     assert (wider.log_prob >= greedy.log_prob - 1e-4).float().mean() > 0.9  # a wider beam rarely scores lower
 
 

@@ -358,6 +358,7 @@ class Generated(NamedTuple):
     tokens: torch.Tensor  # [B, T] int64: the words, then <eos> (unless the length limit came first), <pad> after
     attention: torch.Tensor | None  # [B, T, L]: alpha for each generated token, zeros after the end
     log_prob: torch.Tensor  # [B]: log P(Y | image) of the generated tokens, <eos> included
+    grid: tuple[int, int] | None = None  # (h, w) of the maps' L = h * w locations (`CaptionModel.generate`)
 
 
 def _pad_rows(rows: list[torch.Tensor], width: int, value: float) -> torch.Tensor:
@@ -409,7 +410,7 @@ def beam_search(
     eos_id: int,
     pad_id: int,
     max_length: int,
-    alpha: float = 0.6,
+    length_alpha: float = 0.6,
 ) -> Generated:
     """Beam search for a batch of images (annotations [B, L, D]), ``beam_size`` hypotheses each.
 
@@ -417,7 +418,7 @@ def beam_search(
     go on. A hypothesis that ends (<eos>, or ``max_length`` tokens) is kept aside, and its image searches with one
     hypothesis fewer from then on (the classic shrinking beam of the Show, Attend and Tell code), so the search
     ends after at most ``max_length`` steps, and with one hypothesis it is greedy search. The answer is the kept
-    hypothesis with the best log P(Y) / lp(Y) (`length_penalty`)."""
+    hypothesis with the best log P(Y) / lp(Y) (`length_penalty` with ``length_alpha``; 0.6 as tensor2tensor)."""
     B, k = a.shape[0], beam_size
     if k < 1 or max_length < 1:
         raise VitlabError(f"beam search needs beam_size >= 1 and max_length >= 1, got {k} and {max_length}")
@@ -448,7 +449,7 @@ def beam_search(
         for b, j in ends.nonzero().tolist():
             score, row = top[b, j].item(), b * k + j
             hyp_maps = maps[row].clone() if maps is not None else None
-            finished[b].append((score / length_penalty(t + 1, alpha), score, history[row].clone(), hyp_maps))
+            finished[b].append((score / length_penalty(t + 1, length_alpha), score, history[row].clone(), hyp_maps))
         scores = torch.where(live & ~ends, top, float("-inf"))
         if not bool(torch.isfinite(scores).any()):
             break
@@ -505,20 +506,27 @@ class CaptionModel(nn.Module):
 
     @torch.no_grad()
     def generate(
-        self, images: torch.Tensor, *, beam_size: int = 1, max_length: int | None = None, alpha: float = 0.6
+        self,
+        images: torch.Tensor,
+        *,
+        beam_size: int = 1,
+        max_length: int | None = None,
+        length_alpha: float = 0.6,
     ) -> Generated:
-        """Captions of ``images`` as token ids, with the attention of each word: greedy search for
-        ``beam_size=1``, else `beam_search` with length penalty ``alpha``. Runs in eval mode (the hard decoder
-        then takes the expected context)."""
+        """Captions of ``images`` as token ids, with the attention of each word over the grid: greedy search for
+        ``beam_size=1``, else `beam_search` with GNMT's length penalty ``length_alpha``. Runs in eval mode (the
+        hard decoder then takes the expected context)."""
         was_training = self.training
         self.eval()
         try:
-            a, _ = self.encode(images)
+            a, grid = self.encode(images)
             ids = {"bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id}
             n = max_length or self.max_length
             if beam_size == 1:
-                return greedy_search(self.decoder, a, max_length=n, **ids)
-            return beam_search(self.decoder, a, beam_size=beam_size, max_length=n, alpha=alpha, **ids)
+                out = greedy_search(self.decoder, a, max_length=n, **ids)
+            else:
+                out = beam_search(self.decoder, a, beam_size=beam_size, max_length=n, length_alpha=length_alpha, **ids)
+            return out._replace(grid=grid)
         finally:
             self.train(was_training)
 
