@@ -11,8 +11,8 @@ bytes through `decode_image`.
     python benchmarks/data_throughput.py --images 20000 --size 128 --workers 0 2 4
 
 Workers are DataLoader processes (the in-memory dataset has none: a batch is one tensor index). The table goes to
-stdout as Markdown, with one JSON line per row, after the machine's load average (on a shared machine other work
-takes cores from the workers: read the numbers against it).
+stdout as Markdown, with one JSON line per row (``--json FILE``: a file too), after the machine's load average: on a
+shared machine other work takes cores from the workers, so read the numbers against it.
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ def main() -> None:
     p.add_argument("--shard-size", type=int, default=500)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     p.add_argument("--quick", action="store_true", help="800 images of 32x32")
+    p.add_argument("--json", help="also write the rows here")
     args = p.parse_args()
     if args.quick:
         args.images, args.size = 800, 32
@@ -94,9 +95,15 @@ def main() -> None:
     print("\n| loader | workers | images/s | images |\n| --- | ---: | ---: | ---: |")
     for name, workers, rate, seen in rows:
         print(f"| {name} | {workers} | {rate:,.0f} | {seen} |")
-    for name, workers, rate, seen in rows:
-        print(json.dumps({"loader": name, "workers": workers, "images_per_s": round(rate, 1), "images": seen,
-                          "size": args.size, "batch_size": args.batch_size, "load_before": load}))  # fmt: skip
+    setting = {"size": args.size, "batch_size": args.batch_size, "load_before": round(load, 2)}
+    records = [
+        {"loader": name, "workers": workers, "images_per_s": round(rate, 1), "images": seen, **setting}
+        for name, workers, rate, seen in rows
+    ]
+    for record in records:
+        print(json.dumps(record))
+    if args.json:
+        Path(args.json).write_text(json.dumps(records, indent=2) + "\n")
 
 
 if __name__ == "__main__":
