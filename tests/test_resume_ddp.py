@@ -16,12 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner
 from PIL import Image
 
 from test_train import TINY, cli_args, metrics, tiny_cfg, weights
+from vitlab import VitlabError
 from vitlab.cli import cli
-from vitlab.train import distributed, train
+from vitlab.train import TrainConfig, distributed, train, trainer
+from vitlab.train.trainer import relabelling
 
 # `vitlab` with two test hooks, set by environment variables: every process SIGKILLs itself right after step
 # VITLAB_TEST_KILL_AT (the same step on every rank: no rank is left waiting), and rank VITLAB_TEST_FAST_CLOCK_RANK
@@ -53,12 +56,14 @@ cli(sys.argv[1:])
 """
 
 
-def hooked_vitlab(tmp_path: Path, *args: str, processes: int = 1, timeout: float = 180, **env: str):
-    """Run ``vitlab ARGS`` with the test hooks in a subprocess (under torchrun with gloo for ``processes`` > 1)."""
+def hooked_vitlab(
+    tmp_path: Path, *args: str, processes: int = 1, torchrun: bool = False, timeout: float = 180, **env: str
+):
+    """Run ``vitlab ARGS`` with the test hooks in a subprocess, under torchrun for ``processes`` > 1 (or asked)."""
     script = tmp_path / "hooked_vitlab.py"
     script.write_text(HOOKED_VITLAB)
     launch = [sys.executable, str(script)]
-    if processes > 1:
+    if processes > 1 or torchrun:
         launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
         launch += ["--master_port", str(free_port()), str(script)]
     log = tmp_path / f"vitlab-{len(list(tmp_path.glob('vitlab-*.log')))}.log"
@@ -209,3 +214,81 @@ def test_ddp_time_budget_stops_every_rank_at_rank_0s_step(tmp_path) -> None:
     assert "stopped early: time budget of 2s reached" in out
     summary = json.loads((run / "summary.json").read_text())
     assert 1 < summary["steps"] < 400 and metrics(run)[-1]["step"] == summary["steps"]
+
+
+def test_resume_refuses_options_that_change_the_run(tmp_path) -> None:
+    run = tmp_path / "run"
+    train(tiny_cfg(run, max_steps=2))
+    r = CliRunner().invoke(cli, ["train", "--resume", "--out", str(run), "--batch-size", "16", "--lr", "0.5"])
+    assert r.exit_code == 2, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and "batch_size 64 -> 16" in lines[0] and "lr 0.002 -> 0.5" in lines[0], lines
+    with pytest.raises(VitlabError, match=r"would change it: epochs 2 -> 3\. "):
+        train(tiny_cfg(run, max_steps=2, epochs=3), resume=True)
+    # where and how fast it runs is not what it computes: those may change
+    summary = train(tiny_cfg(run, max_steps=2, threads=2, num_workers=0, log_every=1), resume=True)
+    assert summary["steps"] == 2
+
+
+def test_a_budget_run_killed_between_its_probe_and_its_refit_resumes_to_the_same_count(tmp_path, monkeypatch) -> None:
+    """The count is measured again when the warmup ends (a fixed one here: the machine's speed must not matter). A
+    run stopped after the probe fixed its first count but before that second measurement takes it at the same step
+    once resumed, and ends with the count an uninterrupted run ends with, not the probe's."""
+    monkeypatch.setattr("vitlab.train.budget.BudgetProbe.refit", lambda self, step, train_time: step + 12)
+
+    class Interrupted(Exception):
+        pass
+
+    cut = tmp_path / "cut"
+
+    def stop_inside_the_warmup(model, splits, record) -> None:
+        probe_steps = yaml.safe_load((cut / "config.yaml").read_text()).get("probe_steps")
+        if probe_steps and record["step"] == probe_steps + 2:
+            raise Interrupted  # the checkpoint of the step before holds the probe's count, not yet the refit's
+
+    cfg = tiny_cfg(cut, budget_s=10, warmup_steps=4, eval_every=1, checkpoint_every=1, max_steps=None)
+    with pytest.raises(Interrupted):
+        train(cfg, on_eval=stop_inside_the_warmup)
+    saved = yaml.safe_load((cut / "config.yaml").read_text())
+    refit_count = saved["probe_steps"] + 4 + 12
+    assert saved["steps"] > refit_count  # the probe's count: 10 s hold many more steps
+    summary = train(TrainConfig.from_dict(saved), resume=True)
+    assert summary["steps"] == refit_count
+    assert yaml.safe_load((cut / "config.yaml").read_text())["steps"] == refit_count
+
+
+def test_checkpoint_every_is_the_cadence_of_checkpoints_and_files_are_replaced_whole(tmp_path, monkeypatch) -> None:
+    """checkpoint_every=5 with eval_every=2: checkpoints at 5, 10 and the end, not at every evaluation. config.yaml,
+    metrics.jsonl and summary.json appear by a rename of a complete file: a kill mid-write leaves no torn file."""
+    saved_at, renamed = [], []
+    save_last = trainer.save_last
+    monkeypatch.setattr(trainer, "save_last", lambda loop, state: (saved_at.append(state.step), save_last(loop, state)))
+    replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (renamed.append(Path(dst).name), replace(src, dst)))
+    run = tmp_path / "run"
+    train(tiny_cfg(run, max_steps=11, eval_every=2, checkpoint_every=5))
+    assert saved_at == [5, 10, 11]
+    assert [m["step"] for m in metrics(run)] == [2, 4, 6, 8, 10, 11]
+    assert renamed.count("metrics.jsonl") == 1 + 6  # created empty, then one more line at each evaluation
+    assert {"config.yaml", "summary.json"} <= set(renamed)
+
+
+def test_a_class_subset_says_how_it_is_relabelled(tmp_path, capsys) -> None:
+    """Two classes read "labels 0 and 1", never a range like 0-1 (or 0--1 for a reader of 0-{k - 1})."""
+    train(tiny_cfg(tmp_path / "run", classes="3,7", max_steps=1))
+    assert "training on 2 classes (3, 7), as labels 0 and 1 in this order" in capsys.readouterr().out
+    assert relabelling(["cat"]) == "1 class (cat), as label 0 in this order"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and torch.distributed.is_nccl_available()), reason="needs CUDA and NCCL"
+)
+def test_every_collective_of_a_budget_run_works_under_nccl(tmp_path) -> None:
+    """Under torchrun on a GPU the group is NCCL, which takes only CUDA tensors: a --budget run with a time budget
+    (the probe's vote, the evaluation sums, the stop flag) goes through every collective of the loop and finishes."""
+    run = tmp_path / "run"
+    args = cli_args(run, "--device", "cuda", "--budget", "20s", "--time-budget", "600", "--max-steps", "12")
+    code, out = hooked_vitlab(tmp_path, *args, "--set", "eval_every=4", torchrun=True)
+    assert code == 0, out[-3000:]
+    assert json.loads((run / "summary.json").read_text())["steps"] == 12

@@ -166,7 +166,7 @@ def test_cli_classes_trains_and_evaluates_on_the_subset(tmp_path) -> None:
     run = tmp_path / "run"
     r = train_cli("--data", "digits", "--classes", "0-5", "--max-steps", 2, "--out", run)
     assert r.exit_code == 0, r.output
-    assert "training on 6 classes (0, 1, 2, 3, 4, 5), relabelled 0-5" in r.output
+    assert "training on 6 classes (0, 1, 2, 3, 4, 5), as labels 0 to 5 in this order" in r.output
     summary = json.loads((run / "summary.json").read_text())
     assert list(summary["per_class_accuracy"]) == list("012345")
     assert json.loads((run / "checkpoints" / "best" / "config.json").read_text())["num_classes"] == 6

@@ -168,7 +168,7 @@ def test_resume_refuses_data_that_changed_since_the_run_started(tmp_path) -> Non
     train(cfg)
     (data / "c2" / "000.png").unlink()  # one image less: the split is another one
     with pytest.raises(VitlabError, match="the data changed since the run started"):
-        train(folder_cfg(data, tmp_path / "run", max_steps=4, precision="fp32"), resume=True)
+        train(folder_cfg(data, tmp_path / "run", max_steps=2, precision="fp32"), resume=True)
 
 
 # --- no validation split -------------------------------------------------------------------------------------------

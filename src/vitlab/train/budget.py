@@ -5,8 +5,9 @@ The number of optimizer steps that fit is measured, not guessed: the first steps
 Adam's moment estimates warm up on them, the weights do not move. Their rate, averaged over the processes, sizes the
 rest of the budget, and is measured once more, over all the steps so far, when the warmup ends (`refit`);
 the count is recorded in the run's config (``steps``, ``probe_steps``, ``warmup_steps``), and a resumed run reads
-it back instead of measuring again, so resume stays exact. Only training time counts: evaluation
-and checkpoints are not in the budget (as in the trainer's ``train_time_s``).
+it back from its checkpoint instead of measuring again, so resume stays exact; a checkpoint taken while a count is
+still to fix keeps the probe's clock (`BudgetProbe.state_dict`), and the resumed run fixes it at the same step.
+Only training time counts: evaluation and checkpoints are not in the budget (as in the trainer's ``train_time_s``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -68,6 +70,19 @@ class BudgetProbe:
         self.start: tuple[int, float] | None = None  # (step, training time) where the clock started
         self.count: int | None = None  # the step count, once fixed
         self.refit_at: int | None = None  # the step where `after_step` measures again (the trainer's warmup end)
+
+    @property
+    def measuring(self) -> bool:
+        """A count still to fix: the first, or the one measured again at ``refit_at``."""
+        return self.rate is None or self.refit_at is not None
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps, so that a resumed run fixes the count at the step, and from the clock, that an
+        uninterrupted one does."""
+        return {"start": self.start, "rate": self.rate, "count": self.count, "refit_at": self.refit_at}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.start, self.rate, self.count, self.refit_at = (state[k] for k in ("start", "rate", "count", "refit_at"))
 
     def after_step(self, step: int, train_time: float) -> tuple[int, str] | None:
         """(the step count, why) when this step fixes it: the probe's first count, or the count measured again at

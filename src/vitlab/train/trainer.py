@@ -31,9 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from vitlab._io import atomic_directory, recover_directory, write_json
+from vitlab._io import atomic_directory, recover_directory, write_json, write_text_atomic
 from vitlab._registry import get_variant
-from vitlab.checkpoint import from_pretrained, load_checkpoint_state, read_state_dict, write_pretrained
+from vitlab.checkpoint import CONFIG_NAME, from_pretrained, load_checkpoint_state, read_state_dict, write_pretrained
 from vitlab.data import DatasetSplits, build_augment, mixup_cutmix, normalize, to_float
 from vitlab.data.base import derive_seed
 from vitlab.data.manifest import SplitOptions, build_run_splits, record_split
@@ -63,6 +63,9 @@ from vitlab.train.tasks import ClassificationTask, DistillationTask, Task, load_
 from vitlab.train.transfer import freeze_backbone, hold_backbone_in_eval, init_model
 
 STATE_NAME = "trainer_state.pt"
+# where and how fast a run trains, not what it computes: --resume may change these, and only these
+RUNTIME_OPTIONS = ("out", "data_dir", "num_workers", "threads", "log_every", "device")
+BUDGET_RECORDS = ("steps", "probe_steps", "warmup_steps")  # what a --budget run measures and records itself
 OnEval = Callable[[torch.nn.Module, Any, dict[str, Any]], "dict[str, Any] | None"]
 TIMING_KEYS = ("images_per_s", "time_s")  # the only metrics that differ between identical runs
 
@@ -203,8 +206,8 @@ class Plan:
     batch_size: int  # per process and micro-step
     steps_per_epoch: int
     global_batch: int  # images per optimizer step, over every process
-    planned: int  # the schedule's length (2**62 while a budget's probe measures)
-    probe: BudgetProbe | None
+    planned: int = 0  # the schedule's length (2**62 while a budget's probe measures)
+    probe: BudgetProbe | None = None
     total_steps: int = 0
     schedule: Schedule | None = None
     eval_every: int = 1
@@ -213,14 +216,14 @@ class Plan:
 
 @dataclass
 class RunState:
-    """What changes as the run steps; all of it but the throughput window is checkpointed."""
+    """What changes as the run steps; a checkpoint keeps the first five (``running`` on every rank)."""
 
     step: int = 0
     best_acc: float = -1.0
     best_step: int = 0
     train_time: float = 0.0
-    running: torch.Tensor = field(default_factory=lambda: torch.zeros(3, dtype=torch.float64))  # loss sum, correct,
-    # count since the last evaluation
+    # this rank's loss sum, correct predictions and images since the last evaluation
+    running: torch.Tensor = field(default_factory=lambda: torch.zeros(3, dtype=torch.float64))
     stop_reason: str | None = None
     window_t: float = 0.0  # images/s are measured since the last evaluation
     window_images: int = 0
@@ -267,10 +270,27 @@ def prepare_run(cfg: TrainConfig, resume: bool, info: DistInfo) -> Run:
         raise VitlabError(f"{run_dir} already holds a run; add --resume to continue it, or choose another --out")
     if resume and not (last / STATE_NAME).exists():
         raise VitlabError(f"nothing to resume in {run_dir}: {last / STATE_NAME} does not exist")
+    if resume:
+        check_unchanged(cfg, run_dir)
     log = Progress(0, enabled=info.is_main)
     precision, why = resolve_precision(cfg.precision, device)
     intro = [*([chosen] if chosen else []), f"precision {precision} ({why})"]
     return Run(cfg, info, resume, device, precision, run_dir, log, intro)
+
+
+def check_unchanged(cfg: TrainConfig, run_dir: Path) -> None:
+    """--resume continues the run its last checkpoint recorded: options that would change its steps (a batch size,
+    a schedule, the data) are refused in one line naming them, never applied to the steps still to take."""
+    recorded = json.loads((run_dir / "checkpoints" / "last" / CONFIG_NAME).read_text())["train_config"]
+    before, now = TrainConfig.from_dict(recorded).to_dict(), cfg.to_dict()
+    free = {*RUNTIME_OPTIONS, *(BUDGET_RECORDS if cfg.budget_s else ())}  # a budget's records come from its checkpoint
+    changed = [k for k in now if k not in free and now[k] != before.get(k)]
+    if changed:
+        what = ", ".join(f"{k} {before.get(k)!r} -> {now[k]!r}" for k in changed)
+        raise VitlabError(
+            f"--resume continues {run_dir} as it was started; these options would change it: {what}. Drop them, "
+            "or start a new run with another --out"
+        )
 
 
 def input_shape(cfg: TrainConfig) -> tuple[int | None, tuple[int, int] | None]:
@@ -302,10 +322,7 @@ def prepare_data(run: Run) -> DatasetSplits:
     if splits.skipped:
         run.log.message(f"skipped {len(splits.skipped)} unreadable images (--skip-bad-images)")
     if cfg.classes is not None:
-        run.intro.append(
-            f"training on {splits.num_classes} classes ({', '.join(splits.class_names)}), relabelled 0-"
-            f"{splits.num_classes - 1}"
-        )
+        run.intro.append(f"training on {relabelling(splits.class_names)}")
     if not len(splits.val):
         run.intro.append(
             f"no validation split (val_fraction={cfg.val_fraction}): no model selection, checkpoints/best is the "
@@ -315,6 +332,13 @@ def prepare_data(run: Run) -> DatasetSplits:
     # RUN/split.json: what the run holds out, written by a fresh run, checked by a resumed one
     record_split(run.run_dir, splits, data=data, options=options, resume=run.resume, write=run.info.is_main)
     return splits
+
+
+def relabelling(names: list[str]) -> str:
+    """'2 classes (3, 7), as labels 0 and 1 in this order': a class subset's names and the labels they train as."""
+    k = len(names)
+    labels = "label 0" if k == 1 else "labels 0 and 1" if k == 2 else f"labels 0 to {k - 1}"
+    return f"{k} class{'es' * (k != 1)} ({', '.join(names)}), as {labels} in this order"
 
 
 def build_model(run: Run, splits: DatasetSplits) -> tuple[torch.nn.Module, Task, tuple]:
@@ -436,15 +460,22 @@ def plan_steps(run: Run, splits: DatasetSplits) -> Plan:
         run.intro.append(shrunk)
     micro_per_epoch = splits.train.num_batches(batch_size, world_size=info.world_size, drop_last=True, rank=info.rank)
     steps_per_epoch = micro_per_epoch // cfg.accum_steps
-    planned = cfg.steps or cfg.epochs * steps_per_epoch  # --budget fixes cfg.steps after its first steps
-    probe = None
-    if cfg.budget_s and not cfg.steps:
-        probe = BudgetProbe(cfg.budget_s, reduce=lambda t: all_reduce_sum(t, info), world_size=info.world_size)
-        planned = 2**62  # until the first steps have been timed
-    global_batch = batch_size * cfg.accum_steps * info.world_size
-    plan = Plan(batch_size, steps_per_epoch, global_batch, planned, probe)
-    size_schedule(cfg, plan)
+    plan = Plan(batch_size, steps_per_epoch, global_batch=batch_size * cfg.accum_steps * info.world_size)
+    plan_length(run, plan)
     return plan
+
+
+def plan_length(run: Run, plan: Plan, measuring: dict[str, Any] | None = None) -> None:
+    """The schedule's length: the recipe's (steps, or epochs), or a --budget run's, fixed after its first steps by a
+    probe; ``measuring``: the state of a probe that had not fixed its count yet at a checkpoint."""
+    cfg, info = run.cfg, run.info
+    plan.probe = None
+    if cfg.budget_s and (not cfg.steps or measuring):
+        plan.probe = BudgetProbe(cfg.budget_s, reduce=lambda t: all_reduce_sum(t, info), world_size=info.world_size)
+        if measuring:
+            plan.probe.load_state_dict(measuring)
+    plan.planned = cfg.steps or (2**62 if plan.probe else cfg.epochs * plan.steps_per_epoch)  # 2**62: until timed
+    size_schedule(cfg, plan)
 
 
 def size_schedule(cfg: TrainConfig, plan: Plan) -> None:
@@ -466,7 +497,7 @@ def start(run: Run) -> RunState:
     """A fresh run: its directory, an empty metrics.jsonl and its config.yaml."""
     if run.info.is_main:
         run.run_dir.mkdir(parents=True, exist_ok=True)
-        run.metrics_path.write_text("")
+        write_metrics(run, [])
     save_config(run)
     barrier(run.info)
     return RunState()
@@ -485,22 +516,25 @@ def restore(run: Run, parts: Parts, plan: Plan) -> RunState:
         best_acc=saved["best_acc"],
         best_step=saved["best_step"],
         train_time=saved["train_time_s"],
-        running=saved["running"],
+        running=own(saved, "running", run),
     )
-    set_rng_state(rank_rng_state(saved, run))
+    set_rng_state(own(saved, "rng", run))
+    if run.cfg.budget_s:  # the count as the checkpoint knew it: one still to fix is fixed where it would have been
+        for key in BUDGET_RECORDS:
+            setattr(run.cfg, key, saved["config"][key])
+        plan_length(run, plan, measuring=saved.get("budget"))
     if run.info.is_main:  # drop evaluations logged after this checkpoint: they will be recomputed identically
-        kept = [m for m in read_metrics(run.metrics_path) if m["step"] <= state.step]
-        run.metrics_path.write_text("".join(_json_line(m) for m in kept))
+        write_metrics(run, [m for m in read_metrics(run.metrics_path) if m["step"] <= state.step])
     epoch = state.step / plan.steps_per_epoch
     run.log.message(f"resumed {run.run_dir} at step {state.step}/{plan.total_steps} (epoch {epoch:.2f})")
-    save_config(run)  # flags may have extended the run (--epochs)
+    save_config(run)  # a budget's records as the checkpoint knew them
     barrier(run.info)
     return state
 
 
-def rank_rng_state(saved: dict[str, Any], run: Run) -> dict[str, Any]:
-    """This process's random generators in a checkpoint: every rank saved its own."""
-    states = saved["rng"] if isinstance(saved["rng"], list) else [saved["rng"]] * run.info.world_size  # older runs
+def own(saved: dict[str, Any], key: str, run: Run) -> Any:
+    """This process's part of what every rank saved for itself (its random generators, its training sums)."""
+    states = saved[key] if isinstance(saved[key], list) else [saved[key]] * run.info.world_size  # older runs
     if len(states) != run.info.world_size:
         raise VitlabError(
             f"{run.run_dir} was trained by {len(states)} processes; resume it with as many "
@@ -705,7 +739,7 @@ def after_step(loop: Loop, state: RunState, *, lr: float, now: float) -> bool:
     finished = state.step == plan.total_steps or state.stop_reason is not None
     if state.step % plan.eval_every == 0 or finished:
         evaluate_and_record(loop, state, lr=lr, rate=rate)
-    if state.step % plan.ckpt_every == 0 or state.step % plan.eval_every == 0 or finished:
+    if state.step % plan.ckpt_every == 0 or finished:
         save_last(loop, state)
     barrier(run.info)
     if cfg.freeze == "backbone":  # evaluation put the whole model back in training mode
@@ -771,8 +805,7 @@ def evaluate_and_record(loop: Loop, state: RunState, *, lr: float, rate: float) 
     state.running.zero_()
     state.window_t, state.window_images = time.perf_counter(), 0
     if run.info.is_main:
-        with run.metrics_path.open("a") as f:
-            f.write(_json_line(record))
+        write_metrics(run, [*read_metrics(run.metrics_path), record])
         scores = f"val_acc {val['accuracy']:.4f} val_loss {val['loss']:.4f} " if val["accuracy"] is not None else ""
         loop.progress.message(f"eval step {state.step}: {scores}train_loss {record['train_loss']:.4f}")
     if val["accuracy"] is None or val["accuracy"] > state.best_acc:
@@ -793,7 +826,9 @@ def evaluate_and_record(loop: Loop, state: RunState, *, lr: float, rate: float) 
 def save_last(loop: Loop, state: RunState) -> None:
     """``checkpoints/last``: what --resume needs to take the very steps an uninterrupted run takes."""
     run, parts = loop.run, loop.parts
-    rngs = all_gather_objects(rng_state(), run.info)  # every rank's generators: each resumes its own stream
+    # every rank's generators and training sums since the last evaluation: each resumes its own
+    ranks = all_gather_objects({"rng": rng_state(), "running": state.running}, run.info)
+    probe = loop.plan.probe
     if not run.info.is_main:
         return
     saved = {
@@ -803,8 +838,9 @@ def save_last(loop: Loop, state: RunState) -> None:
         "best_acc": state.best_acc,
         "best_step": state.best_step,
         "train_time_s": state.train_time,
-        "running": state.running,
-        "rng": rngs,
+        "running": [r["running"] for r in ranks],
+        "rng": [r["rng"] for r in ranks],
+        "budget": probe.state_dict() if probe is not None and probe.measuring else None,  # a count still to fix
         "config": run.cfg.to_dict(),
     }
     with atomic_directory(run.last_dir) as tmp:
@@ -825,5 +861,7 @@ def mixes(cfg: TrainConfig) -> bool:
     return cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0
 
 
-def _json_line(record: dict[str, Any]) -> str:
-    return json.dumps(record) + "\n"
+def write_metrics(run: Run, records: list[dict[str, Any]]) -> None:
+    """metrics.jsonl, replaced whole (a kill mid-write leaves the previous file, never a torn line): a run has tens of
+    evaluations, rewriting them costs nothing."""
+    write_text_atomic(run.metrics_path, "".join(json.dumps(r) + "\n" for r in records))
