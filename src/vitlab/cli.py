@@ -153,7 +153,7 @@ def _train_config(config_file: str | None, resume: bool, overrides: dict):
         saved = Path(overrides["out"]) / "config.yaml"
         if not saved.exists():
             raise VitlabError(f"nothing to resume: {saved} does not exist")
-        # the run's own recipe, so that the resumed steps are the ones it would have taken; flags may extend it
+        # the run's own recipe: the trainer refuses a flag that would change it (where and how fast it runs may change)
         return TrainConfig.from_dict(merge_options(load_yaml(saved), overrides))
     return TrainConfig.from_sources(config_file, **overrides)
 
