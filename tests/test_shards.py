@@ -185,6 +185,17 @@ def test_folder_shards_keep_the_files_and_decode_as_the_folder_does(tmp_path) ->
     assert samples(a.train.loader(8, shuffle=False)) == samples(b.train.loader(8, shuffle=True, num_workers=2))
 
 
+def test_a_caption_set_keeps_its_captions_and_classes(tmp_path) -> None:
+    """KEY.txt holds a sample's captions, one a line, and KEY.cls its class where the caption set knows it."""
+    source = build_dataset("captions:digits").train
+    index = write_dataset_shards("captions:digits", tmp_path / "shards", shard_size=500)
+    assert index["captions"] and index["splits"]["train"]["count"] == len(source)
+    for key, files in read_tar(tmp_path / "shards" / "train-000000.tar"):
+        i = int(key.split("-")[1])
+        assert files["txt"].decode().split("\n") == source.captions[i]
+        assert int(files["cls"]) == source.classes[i]
+
+
 def test_mistakes_are_one_line(shards, tmp_path) -> None:
     with pytest.raises(VitlabError, match=r"has no index\.json: write shards there"):
         build_dataset(f"wds:{tmp_path}")
