@@ -25,6 +25,8 @@ from vitlab.train.budget import parse_duration
 from vitlab.train.precision import PRECISIONS
 
 FREEZE_CHOICES = ("backbone",)
+# where evaluations go: metrics.jsonl always (--resume and the curves read it), TensorBoard event files when asked
+LOG_BACKENDS = ("jsonl", "tensorboard")
 # model_args keys the trainer sets itself: num_classes (the data's), drop_path_rate (its own option), weights (--init)
 RESERVED_MODEL_ARGS = {
     "num_classes": "comes from the data (choose a class subset with --classes)",
@@ -92,6 +94,7 @@ class TrainConfig:
     eval_every: int | None = None  # steps; default once per epoch
     checkpoint_every: int | None = None  # steps; default at every evaluation
     log_every: int | None = None  # steps between plain progress lines when not on a terminal
+    log: list[str] = field(default_factory=lambda: ["jsonl"])  # jsonl, tensorboard (RUN/tensorboard/, rank 0)
     max_steps: int | None = None  # stop early (for tests and time budgets)
     time_budget_s: float | None = None  # stop training after this many seconds
     # a schedule sized to a budget of training time (600, "90s", "10m"): warmup and cosine end at the budget
@@ -153,6 +156,7 @@ class TrainConfig:
                 f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}: at 1 the last block is always dropped"
             )
         self._validate_model_args()
+        self._validate_log()
         if self.distill_tau <= 0:
             raise VitlabError(f"distill_tau must be positive, got {self.distill_tau}")
         if not 0 <= self.distill_alpha <= 1:
@@ -173,6 +177,13 @@ class TrainConfig:
             # a dropout or drop-path probability of 1 zeroes every activation it touches
             if key.endswith("drop_rate") and not (isinstance(value, int | float) and 0 <= value < 1):
                 raise VitlabError(f"model_args.{key} must be a probability in [0, 1), got {value!r}")
+
+    def _validate_log(self) -> None:
+        for backend in self.log:
+            if backend not in LOG_BACKENDS:
+                hint = closest(backend, LOG_BACKENDS)
+                raise VitlabError(f"log: no backend {backend!r}; choose among {', '.join(LOG_BACKENDS)}.{hint}")
+        self.log = ["jsonl", *dict.fromkeys(b for b in self.log if b != "jsonl")]  # jsonl is always written
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

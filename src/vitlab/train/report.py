@@ -1,17 +1,21 @@
-"""What the user sees: a progress bar on a terminal, plain periodic lines in logs, curves and confusion plots."""
+"""What the user sees: a progress bar on a terminal, plain periodic lines in logs, curves and confusion plots, and
+TensorBoard's event files when the run asks for them."""
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
 from vitlab._plot import pyplot
+from vitlab.data.images import decode_image
+from vitlab.errors import VitlabError
 
 
 def format_duration(seconds: float) -> str:
@@ -118,7 +122,7 @@ def plot_curves(metrics: list[dict[str, Any]], out: Path) -> None:
     plt.close(fig)
 
 
-def plot_confusion(confusion: torch.Tensor, class_names: Sequence[str], out: Path, title: str = "") -> None:
+def plot_confusion(confusion: torch.Tensor, class_names: Sequence[str], out: Path | IO[bytes], title: str = "") -> None:
     """Row-normalised confusion matrix (rows: true class) with the counts written in the cells."""
     plt = pyplot()
 
@@ -146,3 +150,88 @@ def plot_confusion(confusion: torch.Tensor, class_names: Sequence[str], out: Pat
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
+
+
+# --- TensorBoard -------------------------------------------------------------------------------------------------
+# metrics.jsonl's keys as TensorBoard tags: one section per quantity, train and val side by side; other keys (what an
+# on_eval hook adds) keep their names
+SCALAR_TAGS = {
+    "train_loss": "loss/train",
+    "val_loss": "loss/val",
+    "train_acc": "accuracy/train",
+    "val_acc": "accuracy/val",
+    "lr": "lr",
+    "images_per_s": "images_per_s",
+    "time_s": "time_s",
+    "epoch": "epoch",
+}
+
+
+def summary_writer() -> type:
+    """TensorBoard's writer, or a one-line error saying how to install it."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # imports the tensorboard package
+    except ImportError:
+        raise VitlabError("--log tensorboard needs the tensorboard package: pip install vitlab[tensorboard]") from None
+    return SummaryWriter
+
+
+class RunLogs:
+    """Where a run's evaluations and report go besides metrics.jsonl, which the trainer always writes (--resume and
+    the curves read it): TensorBoard event files in RUN/tensorboard/ when ``backends`` names it. Only the main
+    process writes (``enabled``); on the others every method does nothing."""
+
+    def __init__(self, backends: Sequence[str], run_dir: Path, *, enabled: bool) -> None:
+        # looked up on every rank: a missing package stops all of them before the first step
+        self._writer_class = summary_writer() if "tensorboard" in backends else None
+        self._dir = run_dir / "tensorboard"
+        self._enabled = enabled and self._writer_class is not None
+        self._writer = None
+
+    def start(self, step: int) -> None:
+        """A new event file for this session of the run, which stands at ``step`` (0, or a resumed checkpoint's)."""
+        if self._enabled:
+            # purge_step: TensorBoard drops what earlier sessions logged from this step on, so the evaluations a killed
+            # run logged after its last checkpoint, which this session logs again, are not shown twice
+            self._writer = self._writer_class(str(self._dir), purge_step=step + 1)
+
+    def on_eval(self, record: dict[str, Any]) -> None:
+        """A metrics.jsonl line as scalars at its step."""
+        if self._writer is None:
+            return
+        for key, value in record.items():
+            if key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
+                self._writer.add_scalar(SCALAR_TAGS.get(key, key), value, record["step"])
+        self._writer.flush()  # on disk before the checkpoint that may follow, which a resume starts from
+
+    def on_report(
+        self,
+        summary: dict[str, Any],
+        *,
+        curves: Path,
+        confusion: torch.Tensor | None = None,
+        class_names: Sequence[str] = (),
+    ) -> None:
+        """The test scores, the curves' PNG, the test split's confusion matrix (when the task has one) as images,
+        and the summary as text, at the run's last step."""
+        if self._writer is None:
+            return
+        step = summary["steps"]
+        for key in ("test_accuracy", "test_loss"):
+            if summary.get(key) is not None:
+                self._writer.add_scalar(key.replace("_", "/", 1), summary[key], step)
+        if curves.exists():
+            self._writer.add_image("curves", decode_image(curves, in_chans=3), step)
+        if confusion is not None:
+            png = io.BytesIO()
+            title = f"{summary['data']} {summary['test_split']}: accuracy {summary['test_accuracy']:.4f}"
+            plot_confusion(confusion, class_names, png, title=title)
+            self._writer.add_image("confusion_matrix", decode_image(png.getvalue(), in_chans=3), step)
+        text = json.dumps(summary, indent=2).splitlines()
+        self._writer.add_text("summary", "\n".join(f"    {line}" for line in text), step)  # a Markdown code block
+        self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
