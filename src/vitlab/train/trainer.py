@@ -58,13 +58,13 @@ from vitlab.train.distributed import (
 from vitlab.train.evaluate import autocast
 from vitlab.train.optim import ModelEma, build_optimizer
 from vitlab.train.precision import resolve_precision
-from vitlab.train.report import Progress, format_duration, plot_curves, read_metrics
+from vitlab.train.report import Progress, RunLogs, format_duration, plot_curves, read_metrics
 from vitlab.train.tasks import ClassificationTask, DistillationTask, Task, load_teacher
 from vitlab.train.transfer import freeze_backbone, hold_backbone_in_eval, init_model
 
 STATE_NAME = "trainer_state.pt"
 # where and how fast a run trains, not what it computes: --resume may change these, and only these
-RUNTIME_OPTIONS = ("out", "data_dir", "num_workers", "threads", "log_every", "device")
+RUNTIME_OPTIONS = ("out", "data_dir", "num_workers", "threads", "log_every", "log", "device")
 BUDGET_RECORDS = ("steps", "probe_steps", "warmup_steps")  # what a --budget run measures and records itself
 OnEval = Callable[[torch.nn.Module, Any, dict[str, Any]], "dict[str, Any] | None"]
 TIMING_KEYS = ("images_per_s", "time_s")  # the only metrics that differ between identical runs
@@ -239,10 +239,12 @@ class Loop:
     plan: Plan
     on_eval: OnEval | None
     progress: Progress = field(init=False)
+    logs: RunLogs = field(init=False)  # TensorBoard, when asked (metrics.jsonl is written here, always)
 
     def __post_init__(self) -> None:
         info, log_every = self.run.info, self.run.cfg.log_every
         self.progress = Progress(self.plan.total_steps, enabled=info.is_main, log_every=log_every)
+        self.logs = RunLogs(self.run.cfg.log, self.run.run_dir, enabled=info.is_main)  # rank 0 writes
 
 
 # --- the phases --------------------------------------------------------------------------------------------------
@@ -548,6 +550,7 @@ def step_until_done(loop: Loop, state: RunState) -> RunState:
     a stop (max_steps, the time budget) comes first."""
     announce(loop)
     loop.progress.start(state.step)
+    loop.logs.start(state.step)
     state.window_t = time.perf_counter()
     while state.step < loop.plan.total_steps and state.stop_reason is None:
         train_epoch(loop, state)
@@ -601,6 +604,9 @@ def report(loop: Loop, state: RunState) -> dict[str, Any]:
     if run.info.is_main:
         write_json(run.run_dir / "summary.json", summary)
         plot_curves(metrics, run.run_dir / "curves.png")
+        curves, confusion = run.run_dir / "curves.png", result.get("confusion")
+        loop.logs.on_report(summary, curves=curves, confusion=confusion, class_names=splits.class_names)
+        loop.logs.close()
     return summary
 
 
@@ -806,6 +812,7 @@ def evaluate_and_record(loop: Loop, state: RunState, *, lr: float, rate: float) 
     state.window_t, state.window_images = time.perf_counter(), 0
     if run.info.is_main:
         write_metrics(run, [*read_metrics(run.metrics_path), record])
+        loop.logs.on_eval(record)
         scores = f"val_acc {val['accuracy']:.4f} val_loss {val['loss']:.4f} " if val["accuracy"] is not None else ""
         loop.progress.message(f"eval step {state.step}: {scores}train_loss {record['train_loss']:.4f}")
     if val["accuracy"] is None or val["accuracy"] > state.best_acc:
