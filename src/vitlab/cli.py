@@ -122,6 +122,10 @@ def _options(flags: dict, sets: tuple[str, ...]) -> dict:
 )
 @click.option("--time-budget", "time_budget_s", type=float, help="Stop after this many seconds of training.")
 @click.option(
+    "--log",
+    help="tensorboard: also write RUN/tensorboard/ (pip install vitlab[tensorboard]); metrics.jsonl is always written.",
+)
+@click.option(
     "--set",
     "sets",
     multiple=True,
@@ -528,6 +532,10 @@ def clip() -> None:
 @click.option("--skip-bad-images", is_flag=True, default=None, help="Leave out rows with missing or bad images.")
 @click.option("--max-steps", type=int, help="Stop after this many optimizer steps.")
 @click.option("--time-budget", "time_budget_s", type=float, help="Stop after this many seconds of training.")
+@click.option(
+    "--log",
+    help="tensorboard: also write RUN/tensorboard/ (pip install vitlab[tensorboard]); metrics.jsonl is always written.",
+)
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Any other training option.")
 def clip_train(
     config_file, resume, sets, image_column, caption_column, unseen, embed_dim, lock_text, lock_image, **flags
