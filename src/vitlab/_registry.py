@@ -1,6 +1,7 @@
 """Model registry, the ground floor: `@register_model` on variant functions, `list_models(pattern)`, and the
 checkpoint converters each family registers next to its model (`register_hf_converter`, `register_timm_converter`),
-so that `vitlab.checkpoint` dispatches without a branch per family.
+so that `vitlab.checkpoint` dispatches without a branch per family, and their inverses, the exporters
+(`register_hf_exporter`, `register_timm_exporter`), through which `vitlab.export.layouts` writes HF and timm layouts.
 
 It imports no model file and no checkpoint loader: the families register themselves when ``vitlab`` is imported
 (its ``__init__`` imports `vitlab.models`), and `vitlab.factory.create_model`, which may load published weights,
@@ -14,6 +15,7 @@ arguments) and ``model.default_cfg``.
 from __future__ import annotations
 
 import fnmatch
+import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -109,6 +111,74 @@ def register_timm_converter(
         return fn
 
     return wrap
+
+
+class Exported(NamedTuple):
+    """A vitlab model in another library's layout: its state dict under that library's names, and what the config
+    file says of the architecture (HF: config.json's ``model_type``, ``architectures`` and sizes; timm:
+    ``architecture``, ``model_args`` and the ``pretrained_cfg`` keys naming its layers). `vitlab.export.layouts`
+    adds what every family shares: class names, normalisation, input size.
+
+    ``processor`` (HF): preprocessor_config.json keys over the default ViTImageProcessor; ``compare`` (HF):
+    ``fn(ours, theirs) -> (our output, theirs)`` on the same inputs, for a model whose output is not the logits of
+    ``pixel_values`` (CLIP)."""
+
+    state: dict[str, torch.Tensor]
+    config: dict[str, Any]
+    processor: dict[str, Any] | None = None
+    compare: Callable[[nn.Module, nn.Module], tuple[torch.Tensor, torch.Tensor]] | None = None
+
+
+# fn(model) -> Exported, raising a one-line VitlabError naming an option the other library cannot express
+Exporter = Callable[[nn.Module], Exported]
+EXPORT_FORMATS = ("hf", "timm")
+_exporters: dict[str, dict[str, Exporter]] = {fmt: {} for fmt in EXPORT_FORMATS}
+
+
+def _register_exporter(fmt: str, archs: tuple[str, ...]) -> Callable[[Exporter], Exporter]:
+    def wrap(fn: Exporter) -> Exporter:
+        for arch in archs:
+            _exporters[fmt][arch] = fn
+        return fn
+
+    return wrap
+
+
+def register_hf_exporter(*archs: str) -> Callable[[Exporter], Exporter]:
+    """Register ``fn(model) -> Exported`` writing models of these architectures in HF transformers' layout (the
+    inverse of the family's `register_hf_converter`)."""
+    return _register_exporter("hf", archs)
+
+
+def register_timm_exporter(*archs: str) -> Callable[[Exporter], Exporter]:
+    """Register ``fn(model) -> Exported`` writing models of these architectures in timm's layout (the inverse of
+    the family's `register_timm_converter`)."""
+    return _register_exporter("timm", archs)
+
+
+def exporter(fmt: str, arch: str | None) -> Exporter | None:
+    return _exporters[fmt].get(arch or "")
+
+
+def export_formats(arch: str | None) -> list[str]:
+    """The other libraries' layouts that models of ``arch`` export to."""
+    return [fmt for fmt in EXPORT_FORMATS if (arch or "") in _exporters[fmt]]
+
+
+def constructor_args(model: nn.Module) -> dict[str, Any]:
+    """Every constructor argument of a model built by `build_model`: what it was built with (``init_kwargs``) over
+    the keyword defaults of its class and of the parents an ``__init__(**kwargs)`` passes them on to."""
+    if not hasattr(model, "init_kwargs"):
+        raise VitlabError("exporting needs a model built by vitlab.create_model or vitlab.from_pretrained")
+    args: dict[str, Any] = {}
+    for cls in reversed(type(model).__mro__):  # a subclass's defaults over its parents'
+        init = cls.__dict__.get("__init__")
+        if init is None or cls is nn.Module:
+            continue
+        for p in inspect.signature(init).parameters.values():
+            if p.kind is p.KEYWORD_ONLY and p.default is not p.empty:
+                args[p.name] = p.default
+    return {**args, **model.init_kwargs}
 
 
 def hf_converter(model_type: str | None) -> HFConverter | None:

@@ -35,6 +35,7 @@ from vitlab.layers import resample_pos_embed, to_2tuple
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+TIMM_ARG_NAMES = {"act_layer": "act", "kernel_sizes": "kernel_size"}
 
 
 # --- saving --------------------------------------------------------------------------------------------------
@@ -234,7 +235,8 @@ def _read_timm_directory(
         declared["num_classes"] = classes
     if pre.get("input_size"):
         declared["img_size"] = list(pre["input_size"][1:])
-    declared.update(config.get("model_args") or {})
+    # timm's argument names where they differ from ours (its act_layer / kernel_sizes take our names' values)
+    declared.update({TIMM_ARG_NAMES.get(k, k): v for k, v in (config.get("model_args") or {}).items()})
     weights = _find_weights(path, ("model.safetensors", "pytorch_model.bin"))
     state = _unwrap_state_dict(read_state_dict(weights, map_location))
     conv = _read_timm(state, str(path), name=name, declared=declared)

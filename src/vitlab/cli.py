@@ -254,17 +254,29 @@ def predict(checkpoint, images, top_k, as_json, runtime) -> None:
 # --- deploying -------------------------------------------------------------------------------------------------
 @cli.command()
 @click.argument("checkpoint", type=click.Path())
-@click.option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True)
-@click.option("--out", help="Output file (default CHECKPOINT/model.onnx, or NAME.onnx beside a checkpoint file).")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "hf", "timm"]), default="onnx", show_default=True)
+@click.option(
+    "--out",
+    help="Output (default: CHECKPOINT/model.onnx, CHECKPOINT/hf or CHECKPOINT/timm; NAME.onnx, NAME.hf or NAME.timm "
+    "beside a checkpoint file).",
+)
 @click.option("--opset", type=int, help="ONNX opset version (default: the exporter's recommended one).")
-@click.option("--atol", type=float, default=1e-4, show_default=True, help="Largest logit difference accepted.")
+@click.option("--atol", type=float, default=1e-4, show_default=True, help="Largest output difference accepted.")
 def export(checkpoint, fmt, out, opset, atol) -> None:
-    """Export a checkpoint to ONNX (dynamic batch, class names and normalisation in its metadata), checked
-    against eager PyTorch in onnxruntime."""
-    from vitlab.export import export_onnx
+    """Export a checkpoint to ONNX (dynamic batch, class names and normalisation in its metadata), checked against
+    eager PyTorch in onnxruntime; or to a directory that HF transformers (--format hf) or timm (--format timm)
+    loads, checked against vitlab's outputs (docs/export.md)."""
+    from vitlab.export import export_hf, export_onnx, export_timm
 
-    r = export_onnx(checkpoint, out, opset=opset, atol=atol)
-    click.echo(f"{r['path']}: opset {r['opset']}, largest logit difference to PyTorch {r['max_abs_diff']:.2e}")
+    if fmt == "onnx":
+        r = export_onnx(checkpoint, out, opset=opset, atol=atol)
+        click.echo(f"{r['path']}: opset {r['opset']}, largest logit difference to PyTorch {r['max_abs_diff']:.2e}")
+        return
+    if opset is not None:
+        raise VitlabError(f"--opset is an ONNX option; --format {fmt} takes none")
+    r = {"hf": export_hf, "timm": export_timm}[fmt](checkpoint, out, atol=atol)
+    diff = "not compared" if r["max_abs_diff"] is None else f"largest difference {r['max_abs_diff']:.2e}"
+    click.echo(f"{r['path']}: {fmt} layout, checked with {r['checked_with']}: {diff}")
 
 
 @cli.command()

@@ -36,7 +36,16 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from vitlab._registry import Converted, register_architecture, register_timm_converter, register_variant
+from vitlab._io import to_jsonable
+from vitlab._registry import (
+    Converted,
+    Exported,
+    constructor_args,
+    register_architecture,
+    register_timm_converter,
+    register_timm_exporter,
+    register_variant,
+)
 from vitlab.errors import VitlabError
 from vitlab.layers import (
     AttentionBase,
@@ -57,7 +66,7 @@ from vitlab.models._head import (
     record_num_classes,
     zero_classifier,
 )
-from vitlab.models.vit import vit_geometry
+from vitlab.models.vit import refuse_options, vit_geometry
 
 PAPER = "Touvron et al., Going deeper with Image Transformers, ICCV 2021 (arXiv:2103.17239)"
 
@@ -334,6 +343,51 @@ def convert_timm_cait(state: dict[str, torch.Tensor], declared: dict[str, Any]) 
         "mlp_ratio_token_only": state["blocks_token_only.0.mlp.fc1.weight"].shape[0] / D,
     }
     return Converted("cait", convert_timm_cait_state(state), kwargs, _cfg(img[0], C), img)
+
+
+def export_timm_cait_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our CaiT names -> timm's (the inverse of `convert_timm_cait_state`)."""
+    out: dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        if m := re.match(r"^(blocks(?:_token_only)?\.\d+)\.ls([12])\.gamma$", k):
+            out[f"{m.group(1)}.gamma_{m.group(2)}"] = v
+        elif m := re.match(r"^(blocks_token_only\.\d+\.attn)\.kv\.(weight|bias)$", k):
+            k_part, v_part = v.chunk(2, dim=0)  # W_k over W_v
+            out[f"{m.group(1)}.k.{m.group(2)}"], out[f"{m.group(1)}.v.{m.group(2)}"] = k_part, v_part
+        else:
+            out[k] = v
+    return out
+
+
+# the CaiT arguments timm's Cait takes under the same names; it builds LayerNorm eps 1e-6 and GELU only
+TIMM_CAIT_ARGS = (
+    "img_size",
+    "patch_size",
+    "in_chans",
+    "global_pool",
+    "embed_dim",
+    "depth",
+    "num_heads",
+    "mlp_ratio",
+    "qkv_bias",
+    "depth_token_only",
+    "mlp_ratio_token_only",
+)
+
+
+@register_timm_exporter("cait")
+def export_timm_cait(model: nn.Module) -> Exported:
+    """CaiT -> timm's Cait."""
+    args = constructor_args(model)
+    refuse_options(args, {"norm_eps": 1e-6, "act": "gelu"}, "timm's CaiT")
+    model_args = {k: args[k] for k in TIMM_CAIT_ARGS}
+    model_args.update(num_classes=model.num_classes, init_values=model.init_values)
+    config = {
+        "architecture": "cait_xxs24_224",
+        "model_args": to_jsonable(model_args),
+        "pretrained_cfg": {"first_conv": "patch_embed.proj", "classifier": "head", "fixed_input_size": True},
+    }
+    return Exported(export_timm_cait_state(model.state_dict()), config)
 
 
 # --- registered variants -------------------------------------------------------------------------------------

@@ -39,25 +39,39 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitlab._io import to_jsonable
 from vitlab._registry import (
     Converted,
+    Exported,
     build_model,
     build_variant,
     check_model_name,
+    constructor_args,
     list_models,
     register_architecture,
     register_hf_converter,
+    register_hf_exporter,
 )
 from vitlab.errors import VitlabError
 from vitlab.models.text import (
+    SOT,
     TOKENIZER_FILE,
     TextTokenizer,
+    TextTransformer,
     build_text_tower,
     load_pretrained_text,
     text_context_length,
     text_tower_args,
 )
-from vitlab.models.vit import convert_hf_encoder_layers, hf_act
+from vitlab.models.vit import (
+    HF_VIT_FIXED,
+    convert_hf_encoder_layers,
+    export_hf_encoder,
+    full_pos_embed,
+    hf_act,
+    hf_hidden_act,
+    refuse_options,
+)
 
 PAPER = (
     "Radford et al., Learning Transferable Visual Models From Natural Language Supervision, ICML 2021 "
@@ -344,3 +358,136 @@ def convert_hf_clip(config: dict[str, Any], raw: dict[str, torch.Tensor]) -> Con
         "paper": PAPER,
     }
     return Converted("clip", state, kwargs, cfg)
+
+
+# --- ours -> HF transformers CLIPModel ------------------------------------------------------------------------------
+_HF_CLIP_EXPORT_LAYER = {
+    "norm1": "layer_norm1",
+    "attn.proj": "self_attn.out_proj",
+    "norm2": "layer_norm2",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+}
+_HF_CLIP_EXPORT_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+# what HF's CLIPVisionModel builds one way: a ViT with CLIP's ln_pre, a class token it pools, biased projections
+HF_CLIP_IMAGE_FIXED = {**HF_VIT_FIXED, "pre_norm": True, "qkv_bias": True}
+HF_LEGACY_EOS = 2  # HF CLIP pools the largest token id instead of the end-of-text token when eos_token_id == 2
+
+
+def _hf_clip_tower(state: dict[str, torch.Tensor], prefix: str, simple: dict[str, str]) -> dict[str, torch.Tensor]:
+    encoder = export_hf_encoder(
+        state, simple, layer="encoder.layers", names=_HF_CLIP_EXPORT_LAYER, qkv=_HF_CLIP_EXPORT_QKV
+    )
+    return {prefix + k: v for k, v in encoder.items()}
+
+
+def _hf_clip_vision(image: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    if getattr(image, "arch", None) != "vit":
+        raise VitlabError(f"a CLIP image tower of architecture {image.arch!r} has no HF CLIP counterpart (a ViT has)")
+    args = constructor_args(image)
+    refuse_options(args, HF_CLIP_IMAGE_FIXED, "HF transformers' CLIP vision tower")
+    (h, w), (ph, pw) = image.patch_embed.img_size, image.patch_embed.patch_size
+    if h != w or ph != pw:
+        raise VitlabError(f"img_size={[h, w]}, patch_size={[ph, pw]}: HF's CLIP vision tower takes square ones")
+    body = {k: v for k, v in image.state_dict().items() if k not in ("cls_token", "pos_embed")}
+    simple = {
+        "patch_embed.proj.weight": "embeddings.patch_embedding.weight",
+        "norm_pre.weight": "pre_layrnorm.weight",
+        "norm_pre.bias": "pre_layrnorm.bias",
+        "norm.weight": "post_layernorm.weight",
+        "norm.bias": "post_layernorm.bias",
+    }
+    state = _hf_clip_tower(body, "vision_model.", simple)
+    state["vision_model.embeddings.class_embedding"] = image.cls_token.detach().reshape(-1)
+    state["vision_model.embeddings.position_embedding.weight"] = full_pos_embed(image)[0]
+    config = {
+        "hidden_size": image.embed_dim,
+        "intermediate_size": image.blocks[0].mlp.fc1.out_features,
+        "num_hidden_layers": len(image.blocks),
+        "num_attention_heads": image.blocks[0].attn.num_heads,
+        "image_size": h,
+        "patch_size": ph,
+        "num_channels": image.patch_embed.in_chans,
+        "hidden_act": hf_hidden_act(args["act"]),
+        "layer_norm_eps": args["norm_eps"],
+    }
+    return state, config
+
+
+def _hf_clip_text(model: CLIP) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    text = model.text_encoder
+    if not isinstance(text, TextTransformer):
+        raise VitlabError(
+            f"text model {model.init_kwargs['text_model']!r} has no HF CLIP counterpart (a causal text transformer has)"
+        )
+    args = dict(model.init_kwargs["text_args"])
+    eos = HF_LEGACY_EOS if text.pool == "argmax" else text.eot_token_id
+    if text.pool == "eot" and eos == HF_LEGACY_EOS:
+        # vitlab's BPE puts [EOS] at id 2 (after padding and [SOS]); HF would pool the largest id there instead
+        raise VitlabError(
+            "the text tower's end-of-text token has id 2, which HF CLIP reads as its legacy argmax "
+            "pooling; HF cannot express pooling at [EOS] with this vocabulary"
+        )
+    body = {k: v for k, v in text.state_dict().items() if k != "pos_embed"}
+    simple = {
+        "token_embed.weight": "embeddings.token_embedding.weight",
+        "norm.weight": "final_layer_norm.weight",
+        "norm.bias": "final_layer_norm.bias",
+    }
+    state = _hf_clip_tower(body, "text_model.", simple)
+    state["text_model.embeddings.position_embedding.weight"] = text.pos_embed.detach()[0]
+    tok = model.tokenizer
+    config = {
+        "vocab_size": text.token_embed.num_embeddings,
+        "hidden_size": text.num_features,
+        "intermediate_size": text.blocks[0].mlp.fc1.out_features,
+        "num_hidden_layers": len(text.blocks),
+        "num_attention_heads": text.blocks[0].attn.num_heads,
+        "max_position_embeddings": text.context_length,
+        "hidden_act": hf_hidden_act(args.get("act", "gelu")),
+        "layer_norm_eps": text.norm.eps,
+        "eos_token_id": eos,
+        "bos_token_id": tok.token_id(SOT) if tok is not None and tok.tokenizer.token_to_id(SOT) is not None else None,
+        "pad_token_id": tok.pad_id if tok is not None else None,
+    }
+    return state, config
+
+
+@register_hf_exporter("clip")
+def export_hf_clip(model: nn.Module) -> Exported:
+    """CLIP with a ViT image tower (CLIP's ``pre_norm``) and a causal `TextTransformer` -> HF ``CLIPModel``; the
+    logit scale is written clipped, as ours applies it (HF does not clip)."""
+    image_state, vision = _hf_clip_vision(model.image_encoder)
+    text_state, text = _hf_clip_text(model)
+    state = {
+        **image_state,
+        **text_state,
+        "visual_projection.weight": model.image_proj.weight,
+        "text_projection.weight": model.text_proj.weight,
+        "logit_scale": model.logit_scale.detach().clamp(max=model.max_log_scale),
+    }
+    config = {
+        "model_type": "clip",
+        "architectures": ["CLIPModel"],
+        "projection_dim": model.embed_dim,
+        "logit_scale_init_value": float(state["logit_scale"]),
+        "vision_config": {**vision, "projection_dim": model.embed_dim},
+        "text_config": {**text, "projection_dim": model.embed_dim},
+    }
+    # our evaluation preprocessing (a resize to the input size), in the processor CLIPProcessor expects
+    processor = {"image_processor_type": "CLIPImageProcessor", "do_center_crop": False, "do_convert_rgb": True}
+    return Exported(state, to_jsonable(config), processor, _compare_hf_clip)
+
+
+@torch.no_grad()
+def _compare_hf_clip(ours: nn.Module, theirs: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image-text logits of ours and HF's CLIPModel for 3 images and 4 texts, each with its end-of-text token at a
+    different position."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(3, *ours.default_cfg["input_size"], generator=g)
+    text = ours.text_encoder
+    L = min(text.context_length, 8)
+    ids = torch.randint(0, text.token_embed.num_embeddings, (4, L), generator=g)
+    ids[torch.arange(4), torch.arange(4) % L] = text.eot_token_id  # (4, L)
+    got = theirs(input_ids=ids, pixel_values=images).logits_per_image
+    return ours(images, ids).logits_per_image, got

@@ -44,18 +44,23 @@ from typing import Any
 import torch
 from torch import nn
 
+from vitlab._io import to_jsonable
 from vitlab._registry import (
     Converted,
+    Exported,
+    constructor_args,
     register_architecture,
     register_hf_converter,
+    register_hf_exporter,
     register_model,
     register_timm_converter,
+    register_timm_exporter,
 )
 from vitlab.errors import VitlabError
 from vitlab.layers import DropPath, LayerNorm2d, LayerScale, Mlp, drop_path_rates, get_act_layer, trunc_normal_init
 from vitlab.models._features import stage_intermediates
 from vitlab.models._head import imagenet_cfg, record_num_classes, zero_classifier
-from vitlab.models.vit import hf_act
+from vitlab.models.vit import hf_act, hf_hidden_act, refuse_options
 
 PAPER = "Liu et al., A ConvNet for the 2020s, CVPR 2022 (arXiv:2201.03545)"
 
@@ -286,6 +291,80 @@ def infer_convnext_args(state: dict[str, torch.Tensor]) -> dict[str, Any]:
         "mlp_ratio": state["stages.0.blocks.0.mlp.fc1.weight"].shape[0] / dims[0],
         "ls_init_value": 1e-6 if "stages.0.blocks.0.ls.gamma" in state else None,
     }
+
+
+# --- checkpoint exporters: ours -> HF transformers and timm names ----------------------------------------------
+_HF_EXPORT_NAMES = [  # (pattern, replacement) on our names: the inverse of _HF_NAMES
+    (r"^stem\.0\.", "convnext.embeddings.patch_embeddings."),
+    (r"^stem\.1\.", "convnext.embeddings.layernorm."),
+    (r"^stages\.(\d+)\.downsample\.", r"convnext.encoder.stages.\1.downsampling_layer."),
+    (r"^stages\.(\d+)\.blocks\.(\d+)\.conv_dw\.", r"convnext.encoder.stages.\1.layers.\2.dwconv."),
+    (r"^stages\.(\d+)\.blocks\.(\d+)\.norm\.", r"convnext.encoder.stages.\1.layers.\2.layernorm."),
+    (r"^stages\.(\d+)\.blocks\.(\d+)\.mlp\.fc(\d)\.", r"convnext.encoder.stages.\1.layers.\2.pwconv\3."),
+    (r"^stages\.(\d+)\.blocks\.(\d+)\.ls\.gamma$", r"convnext.encoder.stages.\1.layers.\2.layer_scale_parameter"),
+    (r"^head\.norm\.", "convnext.layernorm."),
+    (r"^head\.fc\.", "classifier."),
+]
+# options HF's and timm's ConvNeXt build one way: a 7x7 depthwise kernel (HF), an MLP 4x wide, block norms at 1e-6
+HF_CONVNEXT_FIXED = {"kernel_size": 7, "mlp_ratio": 4.0, "norm_eps": 1e-6}
+TIMM_CONVNEXT_FIXED = {"mlp_ratio": 4.0, "norm_eps": 1e-6, "head_norm_eps": 1e-6}
+
+
+def _rename(k: str, table: list[tuple[str, str]]) -> str:
+    for pattern, repl in table:
+        new, hits = re.subn(pattern, repl, k)
+        if hits:
+            return new
+    raise VitlabError(f"parameter {k!r} has no HF ConvNeXt counterpart")
+
+
+@register_hf_exporter("convnext")
+def export_hf_convnext(model: nn.Module) -> Exported:
+    """ConvNeXt -> HF ``ConvNextForImageClassification``; its final LayerNorm takes ``layer_norm_eps``."""
+    args = constructor_args(model)
+    refuse_options(args, HF_CONVNEXT_FIXED, "HF transformers' ConvNeXt")
+    ls = args["ls_init_value"]
+    config = {
+        "model_type": "convnext",
+        "architectures": ["ConvNextForImageClassification"],
+        "num_channels": args["in_chans"],
+        "patch_size": args["patch_size"],
+        "num_stages": len(args["depths"]),
+        "hidden_sizes": list(args["dims"]),
+        "depths": list(args["depths"]),
+        "hidden_act": hf_hidden_act(args["act"]),
+        "layer_scale_init_value": ls if ls else 0.0,  # 0: no LayerScale parameter
+        "layer_norm_eps": args["head_norm_eps"],
+        "drop_path_rate": args["drop_path_rate"],
+        "image_size": model.default_cfg["input_size"][1],
+    }
+    state = {_rename(k, _HF_EXPORT_NAMES): v for k, v in model.state_dict().items()}
+    return Exported(state, to_jsonable(config))
+
+
+@register_timm_exporter("convnext")
+def export_timm_convnext(model: nn.Module) -> Exported:
+    """ConvNeXt -> timm's ConvNeXt with linear MLP layers (``conv_mlp=False``, convnext_tiny's): our names but
+    LayerScale's, which timm keeps on the block as ``gamma``."""
+    args = constructor_args(model)
+    refuse_options(args, TIMM_CONVNEXT_FIXED, "timm's ConvNeXt")
+    state = {re.sub(r"\.ls\.gamma$", ".gamma", k): v for k, v in model.state_dict().items()}
+    model_args = {
+        "in_chans": args["in_chans"],
+        "num_classes": model.num_classes,
+        "depths": list(args["depths"]),
+        "dims": list(args["dims"]),
+        "patch_size": args["patch_size"],
+        "kernel_sizes": args["kernel_size"],
+        "ls_init_value": args["ls_init_value"],
+        **({"act_layer": args["act"]} if args["act"] != "gelu" else {}),
+    }
+    config = {
+        "architecture": "convnext_tiny",
+        "model_args": to_jsonable(model_args),
+        "pretrained_cfg": {"first_conv": "stem.0", "classifier": "head.fc"},
+    }
+    return Exported(state, config)
 
 
 # --- registered variants -------------------------------------------------------------------------------------

@@ -31,7 +31,16 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from vitlab._registry import Converted, register_architecture, register_hf_converter, register_model
+from vitlab._io import to_jsonable
+from vitlab._registry import (
+    Converted,
+    Exported,
+    constructor_args,
+    register_architecture,
+    register_hf_converter,
+    register_hf_exporter,
+    register_model,
+)
 from vitlab.errors import VitlabError
 from vitlab.layers import Block, ConvAttention, ConvEmbed, low_precision_inference, trunc_normal_init, zero_init
 from vitlab.models._features import take_indices
@@ -42,6 +51,7 @@ from vitlab.models._head import (
     record_num_classes,
     zero_classifier,
 )
+from vitlab.models.vit import refuse_options
 
 PAPER = "Wu et al., CvT: Introducing Convolutions to Vision Transformers, ICCV 2021 (arXiv:2103.15808)"
 
@@ -349,6 +359,76 @@ def convert_hf_cvt(config: dict[str, Any], raw: dict[str, torch.Tensor]) -> Conv
         "norm_eps": 1e-5,
     }
     return Converted("cvt", state, kwargs, _cfg(224, kwargs["in_chans"]))
+
+
+# --- checkpoint exporter: ours -> HF transformers names ---------------------------------------------------------
+HF_CVT_EXPORT_LAYER = {ours: hf for hf, ours in HF_CVT_LAYER_NAMES.items()}
+HF_CVT_EXPORT_EMBED = {ours: hf for hf, ours in HF_CVT_EMBED_NAMES.items()}
+# options HF's CvT builds one way: a final LayerNorm, eps 1e-5 (its norms ignore layer_norm_eps), GELU, and a class
+# token, which it classifies (transformers 5.24's CvtForImageClassification fails without one: it reads outputs[1])
+HF_CVT_FIXED = {"final_norm": True, "norm_eps": 1e-5, "act": "gelu", "class_token": True, "global_pool": "token"}
+
+
+def export_hf_cvt_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our CvT names -> HF's (the inverse of `convert_hf_cvt_state`), BatchNorm statistics included."""
+    out: dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        if k.startswith(("norm.", "head.")):  # HF's final LayerNorm and classifier sit outside ``cvt.``
+            out[k.replace("norm.", "layernorm.", 1).replace("head.", "classifier.", 1)] = v
+            continue
+        parts = k.split(".")  # stages.i.(cls_token | patch_embed.* | blocks.j.*)
+        stage, rest = f"cvt.encoder.stages.{parts[1]}", ".".join(parts[2:])
+        mod, _, leaf = rest.rpartition(".")
+        if rest == "cls_token":
+            out[f"{stage}.cls_token"] = v
+        elif mod in HF_CVT_EXPORT_EMBED:
+            out[f"{stage}.{HF_CVT_EXPORT_EMBED[mod]}.{leaf}"] = v
+        elif parts[2] == "blocks" and ".".join(parts[4:-1]) in HF_CVT_EXPORT_LAYER:
+            out[f"{stage}.layers.{parts[3]}.{HF_CVT_EXPORT_LAYER['.'.join(parts[4:-1])]}.{leaf}"] = v
+        else:
+            raise VitlabError(f"parameter {k!r} has no HF CvT counterpart")
+    return out
+
+
+@register_hf_exporter("cvt")
+def export_hf_cvt(model: nn.Module) -> Exported:
+    """ConvolutionalVisionTransformer -> HF ``CvtForImageClassification``, which classifies the LayerNormed class
+    token of the last stage."""
+    args = constructor_args(model)
+    refuse_options(args, HF_CVT_FIXED, "HF transformers' CvT")
+    n = len(args["depth"])
+    depth = list(args["depth"])
+    if any(d <= i for i, d in enumerate(depth)):
+        # transformers' CvtStage indexes its stochastic-depth rates, one per block, by the stage number
+        raise VitlabError(
+            f"depth={depth} cannot be loaded by HF transformers' CvT, which needs more than i blocks in stage i"
+        )
+    kernel = list(_per_stage(args["kernel_size"], "kernel_size", n))
+    config = {
+        "model_type": "cvt",
+        "architectures": ["CvtForImageClassification"],
+        "num_channels": args["in_chans"],
+        "patch_sizes": list(_per_stage(args["patch_size"], "patch_size", n)),
+        "patch_stride": list(_per_stage(args["patch_stride"], "patch_stride", n)),
+        "patch_padding": list(_per_stage(args["patch_padding"], "patch_padding", n)),
+        "embed_dim": list(args["embed_dim"]),
+        "num_heads": list(args["num_heads"]),
+        "depth": depth,
+        "mlp_ratio": [float(r) for r in _per_stage(args["mlp_ratio"], "mlp_ratio", n)],
+        "qkv_bias": list(_per_stage(args["qkv_bias"], "qkv_bias", n)),
+        "cls_token": [False] * (n - 1) + [True],
+        "qkv_projection_method": ["dw_bn"] * n,
+        "kernel_qkv": kernel,
+        "padding_kv": [k // 2 for k in kernel],
+        "stride_kv": list(_per_stage(args["stride_kv"], "stride_kv", n)),
+        "padding_q": [k // 2 for k in kernel],
+        "stride_q": [1] * n,
+        "drop_rate": [args["proj_drop_rate"]] * n,
+        "attention_drop_rate": [args["attn_drop_rate"]] * n,
+        "drop_path_rate": [0.0] * (n - 1) + [args["drop_path_rate"]],
+        "layer_norm_eps": 1e-5,
+    }
+    return Exported(export_hf_cvt_state(model.state_dict()), to_jsonable(config))
 
 
 # --- registered variants -------------------------------------------------------------------------------------

@@ -35,9 +35,12 @@ from torch import nn
 
 from vitlab._registry import (
     Converted,
+    Exported,
     register_architecture,
     register_hf_converter,
+    register_hf_exporter,
     register_timm_converter,
+    register_timm_exporter,
     register_variant,
 )
 from vitlab.errors import VitlabError
@@ -47,9 +50,11 @@ from vitlab.models.vit import (
     VisionTransformer,
     check_timm_vit_options,
     convert_hf_encoder_layers,
+    hf_vit_export,
     hf_vit_kwargs,
     infer_vit_args,
     is_timm_vit,
+    timm_vit_args,
 )
 
 PAPER = (
@@ -185,6 +190,36 @@ def convert_timm_deit(state: dict[str, torch.Tensor], declared: dict[str, Any]) 
     kwargs, unknown, source_img = infer_vit_args(state, declared, extra_prefix_tokens=1)
     kwargs["dist_head"] = "head_dist.weight" in state or "head.weight" not in state
     return Converted("deit", dict(state), kwargs, _cfg(224, kwargs["in_chans"]), source_img, unknown)
+
+
+# --- checkpoint exporters: ours -> HF transformers and timm names ----------------------------------------------
+@register_hf_exporter("deit")
+def export_hf_deit(model: nn.Module) -> Exported:
+    """A distilled DeiT -> HF ``DeiTForImageClassificationWithTeacher`` (the mean of the two heads' logits, as
+    ours in eval mode), or ``DeiTForImageClassification`` without a distillation head (the class token's)."""
+    names = {ours: hf for hf, ours in HF_DEIT_NAMES.items() if not hf.startswith("classifier.")}
+    if not model.dist_head:  # HF's DeiTForImageClassification names its one classifier as ViT's does
+        names.update({"head.weight": "classifier.weight", "head.bias": "classifier.bias"})
+    state, config = hf_vit_export(model, names, "deit.")
+    cls = "DeiTForImageClassificationWithTeacher" if model.dist_head else "DeiTForImageClassification"
+    return Exported(state, {"model_type": "deit", "architectures": [cls], **config})
+
+
+@register_timm_exporter("deit")
+def export_timm_deit(model: nn.Module) -> Exported:
+    """A distilled DeiT -> timm's VisionTransformerDistilled (the names are the same)."""
+    if not model.dist_head:
+        raise VitlabError("dist_head=False cannot be expressed in timm's distilled DeiT, which always has head_dist")
+    config = {
+        "architecture": "deit_base_distilled_patch16_224",
+        "model_args": timm_vit_args(model),
+        "pretrained_cfg": {
+            "first_conv": "patch_embed.proj",
+            "classifier": ["head", "head_dist"],
+            "fixed_input_size": True,
+        },
+    }
+    return Exported(dict(model.state_dict()), config)
 
 
 # --- registered variants -------------------------------------------------------------------------------------

@@ -50,18 +50,23 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from vitlab._io import to_jsonable
 from vitlab._registry import (
     Converted,
+    Exported,
+    constructor_args,
     register_architecture,
     register_hf_converter,
+    register_hf_exporter,
     register_model,
     register_timm_converter,
+    register_timm_exporter,
 )
 from vitlab.errors import VitlabError
 from vitlab.layers import DropPath, drop_path_rates, get_act_layer
 from vitlab.models._features import stage_intermediates
 from vitlab.models._head import imagenet_cfg, record_num_classes, zero_classifier
-from vitlab.models.vit import hf_act
+from vitlab.models.vit import hf_act, hf_hidden_act, refuse_options
 
 PAPER = "He et al., Deep Residual Learning for Image Recognition, CVPR 2016 (arXiv:1512.03385)"
 
@@ -389,6 +394,75 @@ def infer_resnet_args(state: dict[str, torch.Tensor]) -> dict[str, Any]:
         "stem_width": w.shape[0],
         "stem_type": "cifar" if w.shape[-1] == 3 else "imagenet",
     }
+
+
+# --- checkpoint exporters: ours -> HF transformers and timm names ----------------------------------------------
+# options HF's and timm's ResNets build one way: the 7x7 / 2 stem with max-pool, no inserted modules; timm also
+# strides the first stage by 1 and a bottleneck on its 3x3 convolution
+RESNET_FIXED = {"stem_type": "imagenet", "insert_layer": None}
+TIMM_RESNET_FIXED = {**RESNET_FIXED, "first_stage_stride": 1, "stride_in_1x1": False}
+
+
+def _export_hf_resnet_key(k: str) -> str:
+    """One of our (timm's) ResNet names -> HF's (the inverse of `convert_hf_resnet_state`)."""
+    if m := re.match(r"(conv1|bn1)\.(.+)$", k):
+        return f"resnet.embedder.embedder.{'convolution' if m.group(1) == 'conv1' else 'normalization'}.{m.group(2)}"
+    if k.startswith("fc."):
+        return "classifier.1." + k.removeprefix("fc.")  # HF's classifier is nn.Sequential(Flatten, Linear)
+    if m := re.match(r"layer(\d+)\.(\d+)\.(.+)$", k):
+        rest = (
+            m.group(3)
+            .replace("downsample.0.", "shortcut.convolution.")
+            .replace("downsample.1.", "shortcut.normalization.")
+        )
+        rest = re.sub(r"^conv(\d)\.", lambda g: f"layer.{int(g.group(1)) - 1}.convolution.", rest)
+        rest = re.sub(r"^bn(\d)\.", lambda g: f"layer.{int(g.group(1)) - 1}.normalization.", rest)
+        return f"resnet.encoder.stages.{int(m.group(1)) - 1}.layers.{m.group(2)}.{rest}"
+    raise VitlabError(f"parameter {k!r} has no HF ResNet counterpart")
+
+
+@register_hf_exporter("resnet")
+def export_hf_resnet(model: nn.Module) -> Exported:
+    """ResNet -> HF ``ResNetForImageClassification``."""
+    args = constructor_args(model)
+    refuse_options(args, RESNET_FIXED, "HF transformers' ResNet")
+    refuse_options(args, {"first_stage_stride": (1, 2)}, "HF transformers' ResNet")
+    expansion = BLOCKS[args["block"]].expansion
+    config = {
+        "model_type": "resnet",
+        "architectures": ["ResNetForImageClassification"],
+        "num_channels": args["in_chans"],
+        "embedding_size": args["stem_width"],
+        "hidden_sizes": [c * expansion for c in args["channels"]],
+        "depths": list(args["layers"]),
+        "layer_type": args["block"],
+        "hidden_act": hf_hidden_act(args["act"]),
+        "downsample_in_first_stage": args["first_stage_stride"] == 2,
+        "downsample_in_bottleneck": bool(args["stride_in_1x1"]),
+    }
+    state = {_export_hf_resnet_key(k): v for k, v in model.state_dict().items()}
+    return Exported(state, to_jsonable(config))
+
+
+@register_timm_exporter("resnet")
+def export_timm_resnet(model: nn.Module) -> Exported:
+    """ResNet -> timm's ResNet (the names are the same). timm takes the block type from the architecture name."""
+    args = constructor_args(model)
+    refuse_options(args, TIMM_RESNET_FIXED, "timm's ResNet")
+    model_args = {
+        "layers": list(args["layers"]),
+        "channels": list(args["channels"]),
+        "in_chans": args["in_chans"],
+        "num_classes": model.num_classes,
+        "stem_width": args["stem_width"],
+        **({"act_layer": args["act"]} if args["act"] != "relu" else {}),
+    }
+    config = {
+        "architecture": "resnet50" if args["block"] == "bottleneck" else "resnet18",
+        "model_args": to_jsonable(model_args),
+        "pretrained_cfg": {"first_conv": "conv1", "classifier": "fc"},
+    }
+    return Exported(dict(model.state_dict()), config)
 
 
 # --- registered variants -------------------------------------------------------------------------------------

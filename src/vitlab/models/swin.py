@@ -39,12 +39,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitlab._io import to_jsonable
 from vitlab._registry import (
     Converted,
+    Exported,
+    constructor_args,
     register_architecture,
     register_hf_converter,
+    register_hf_exporter,
     register_model,
     register_timm_converter,
+    register_timm_exporter,
 )
 from vitlab.errors import VitlabError
 from vitlab.layers import (
@@ -66,7 +71,7 @@ from vitlab.models._head import (
     record_num_classes,
     zero_classifier,
 )
-from vitlab.models.vit import HF_LAYER_NAMES, HF_QKV_NAMES, hf_act
+from vitlab.models.vit import HF_LAYER_NAMES, HF_QKV_NAMES, export_hf_block, hf_act, hf_hidden_act, refuse_options
 
 PAPER = (
     "Liu et al., Swin Transformer: Hierarchical Vision Transformer using Shifted Windows, ICCV 2021 (arXiv:2103.14030)"
@@ -432,6 +437,98 @@ def infer_swin_args(state: dict[str, torch.Tensor]) -> dict[str, Any]:
         "mlp_ratio": state["layers.0.blocks.0.mlp.fc1.weight"].shape[0] / D,
         "qkv_bias": "layers.0.blocks.0.attn.qkv.bias" in state,
     }
+
+
+# --- checkpoint exporters: ours -> HF transformers and timm names ----------------------------------------------
+HF_SWIN_EXPORT_NAMES = {
+    "patch_embed.proj": "swin.embeddings.patch_embeddings.projection",
+    "patch_embed.norm": "swin.embeddings.norm",
+    "norm": "swin.layernorm",
+    "head": "classifier",
+}
+# options HF's and timm's Swin build one way: one window size for every stage, LayerNorm eps 1e-5, GELU
+SWIN_FIXED = {"norm_eps": 1e-5, "act": "gelu"}
+
+
+def _one_window(model: SwinTransformer) -> int:
+    windows = {stage.window_size for stage in model.layers}
+    if len(windows) != 1:
+        raise VitlabError(f"window_size={sorted(windows)} per stage cannot be expressed: HF and timm take one window")
+    return windows.pop()
+
+
+@register_hf_exporter("swin")
+def export_hf_swin(model: nn.Module) -> Exported:
+    """SwinTransformer -> HF ``SwinForImageClassification`` (the inverse of `convert_hf_swin_state`: patch merging
+    back to the end of the stage before, q / k / v split)."""
+    args = constructor_args(model)
+    refuse_options(args, {"norm_eps": 1e-5}, "HF transformers' Swin")
+    out: dict[str, torch.Tensor] = {}
+    qkv = [f"attention.self.{n}" for n in ("query", "key", "value")]
+    for k, v in model.state_dict().items():
+        mod, _, kind = k.rpartition(".")
+        if mod in HF_SWIN_EXPORT_NAMES:
+            out[f"{HF_SWIN_EXPORT_NAMES[mod]}.{kind}"] = v
+        elif m := re.match(r"layers\.(\d+)\.downsample\.(.+)$", k):
+            out[f"swin.encoder.layers.{int(m.group(1)) - 1}.downsample.{m.group(2)}"] = v
+        elif m := re.match(r"(layers\.\d+\.blocks\.\d+)\.(.+)$", k):
+            layer = "swin.encoder." + m.group(1)
+            if m.group(2) == "attn.relative_position_bias_table":
+                out[f"{layer}.attention.self.relative_position_bias_table"] = v
+            else:
+                out.update({f"{layer}.{n}": t for n, t in export_hf_block(m.group(2), v, qkv=qkv).items()})
+        else:
+            raise VitlabError(f"parameter {k!r} has no HF Swin counterpart")
+    patch, img = model.patch_embed.patch_size, args["img_size"]
+    config = {
+        "model_type": "swin",
+        "architectures": ["SwinForImageClassification"],
+        "image_size": img if isinstance(img, int) else list(img),
+        "patch_size": patch[0] if patch[0] == patch[1] else list(patch),
+        "num_channels": model.patch_embed.in_chans,
+        "embed_dim": model.patch_embed.proj.out_channels,
+        "depths": [len(stage.blocks) for stage in model.layers],
+        "num_heads": [stage.blocks[0].attn.num_heads for stage in model.layers],
+        "window_size": _one_window(model),
+        "mlp_ratio": args["mlp_ratio"],
+        "qkv_bias": args["qkv_bias"],
+        "hidden_act": hf_hidden_act(args["act"]),
+        "layer_norm_eps": 1e-5,
+        "use_absolute_embeddings": False,
+        "hidden_dropout_prob": args["proj_drop_rate"],
+        "attention_probs_dropout_prob": args["attn_drop_rate"],
+        "drop_path_rate": args["drop_path_rate"],
+    }
+    return Exported(out, config)
+
+
+@register_timm_exporter("swin")
+def export_timm_swin(model: nn.Module) -> Exported:
+    """SwinTransformer -> timm's SwinTransformer: our names but its classifier's, ``head.fc``."""
+    args = constructor_args(model)
+    refuse_options(args, SWIN_FIXED, "timm's Swin")
+    state = {
+        ("head.fc." + k.removeprefix("head.") if k.startswith("head.") else k): v for k, v in model.state_dict().items()
+    }
+    patch = model.patch_embed.patch_size
+    model_args = {
+        "img_size": args["img_size"],
+        "patch_size": patch[0] if patch[0] == patch[1] else list(patch),
+        "in_chans": model.patch_embed.in_chans,
+        "num_classes": model.num_classes,
+        "embed_dim": model.patch_embed.proj.out_channels,
+        "depths": [len(stage.blocks) for stage in model.layers],
+        "num_heads": [stage.blocks[0].attn.num_heads for stage in model.layers],
+        "window_size": _one_window(model),
+        "mlp_ratio": args["mlp_ratio"],
+        "qkv_bias": args["qkv_bias"],
+    }
+    config = {
+        "architecture": "swin_tiny_patch4_window7_224",
+        "model_args": to_jsonable(model_args),
+        "pretrained_cfg": {"first_conv": "patch_embed.proj", "classifier": "head.fc", "fixed_input_size": True},
+    }
+    return Exported(state, config)
 
 
 # --- registered variants -------------------------------------------------------------------------------------

@@ -26,11 +26,16 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
+from vitlab._io import to_jsonable
 from vitlab._registry import (
     Converted,
+    Exported,
+    constructor_args,
     register_architecture,
     register_hf_converter,
+    register_hf_exporter,
     register_timm_converter,
+    register_timm_exporter,
     register_variant,
 )
 from vitlab.errors import VitlabError
@@ -294,15 +299,16 @@ class VisionTransformer(nn.Module):
 
 
 # --- checkpoint converters: HF transformers and timm names -> ours ---------------------------------------------
-HF_ACT = {
+HF_ACT = {  # HF's hidden_act -> ours; the first name of each of ours is the one an export writes
     "gelu": "gelu",
-    "gelu_new": "gelu_tanh",
     "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
     "relu": "relu",
     "silu": "silu",
     "swish": "silu",
     "quick_gelu": "quick_gelu",
 }
+HF_ACT_EXPORT = {ours: hf for hf, ours in reversed(HF_ACT.items())}
 
 
 def hf_act(config: dict[str, Any]) -> str:
@@ -518,6 +524,172 @@ def vit_geometry(rows: int, prefix: int, patch: tuple[int, int], declared: dict[
             "config.json"
         )
     raise VitlabError(f"cannot infer the image size from {rows} position embeddings; pass model_name=")
+
+
+# --- checkpoint exporters: ours -> HF transformers and timm names (the inverses of the converters above) ---------
+def hf_hidden_act(act: str) -> str:
+    """HF's ``hidden_act`` for one of our activations, with a one-line error for one HF lacks."""
+    if act not in HF_ACT_EXPORT:
+        raise VitlabError(f"act={act!r} has no HF hidden_act; HF models take {sorted(HF_ACT_EXPORT)}")
+    return HF_ACT_EXPORT[act]
+
+
+def refuse_options(args: dict[str, Any], unsupported: dict[str, Any], target: str) -> None:
+    """A one-line error naming the first constructor argument whose value ``target`` cannot express:
+    ``unsupported`` maps an argument to the one value (or, given a tuple, the values) that ``target`` takes."""
+    for key, allowed in unsupported.items():
+        value = args.get(key)
+        if value not in (allowed if isinstance(allowed, tuple) else (allowed,)):
+            raise VitlabError(f"{key}={value!r} cannot be expressed in {target} (it takes {key}={allowed!r})")
+
+
+# the HF ViT options a vitlab ViT may not have; HF's ViTForImageClassification classifies the final-LayerNormed
+# class token with one linear layer
+HF_VIT_FIXED = {
+    "class_token": True,
+    "global_pool": "token",
+    "fc_norm": False,
+    "pre_norm": False,
+    "qk_norm": False,
+    "init_values": None,
+    "head_hidden_dim": None,
+}
+# per-layer names HF's save_pretrained writes (every transformers version reads them), for ours in a `Block`
+HF_SAVED_LAYER_NAMES = {
+    "norm1": "layernorm_before",
+    "attn.proj": "attention.output.dense",
+    "norm2": "layernorm_after",
+    "mlp.fc1": "intermediate.dense",
+    "mlp.fc2": "output.dense",
+}
+HF_SAVED_QKV = ("attention.attention.query", "attention.attention.key", "attention.attention.value")
+
+
+def export_hf_block(
+    key: str, v: torch.Tensor, *, names: dict[str, str] = HF_SAVED_LAYER_NAMES, qkv: Sequence[str] = HF_SAVED_QKV
+) -> dict[str, torch.Tensor]:
+    """One parameter of a `Block` (``key`` relative to it) under HF's names: the fused ``qkv`` split back into
+    query / key / value (the rows of each, in that order), the rest renamed by ``names``."""
+    mod, _, kind = key.rpartition(".")
+    if mod == "attn.qkv":
+        return {f"{name}.{kind}": part for name, part in zip(qkv, v.chunk(3, dim=0))}
+    if mod not in names:
+        raise VitlabError(f"parameter {key!r} of a block has no HF counterpart")
+    return {f"{names[mod]}.{kind}": v}
+
+
+def export_hf_encoder(
+    state: dict[str, torch.Tensor], simple: dict[str, str], *, layer: str = "encoder.layer", **block_names: Any
+) -> dict[str, torch.Tensor]:
+    """vitlab ViT-style names -> HF's: ``simple`` renames whole keys, ``blocks.i.*`` go to ``{layer}.i.*``
+    (`export_hf_block`); the inverse of `convert_hf_encoder_layers`."""
+    out: dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        if k in simple:
+            out[simple[k]] = v
+        elif m := re.match(r"blocks\.(\d+)\.(.+)$", k):
+            out.update(
+                {f"{layer}.{m.group(1)}.{n}": t for n, t in export_hf_block(m.group(2), v, **block_names).items()}
+            )
+        else:
+            raise VitlabError(f"parameter {k!r} has no HF counterpart")
+    return out
+
+
+def full_pos_embed(model: nn.Module) -> torch.Tensor:
+    """The position table [1, prefix + N, D] that a library adding it to every token (HF) needs, with the same
+    outputs: ours, with zero rows for the prefix tokens of timm's no_embed_class layout; zeros without one."""
+    D, N, prefix = model.embed_dim, model.patch_embed.num_patches, model.num_prefix_tokens
+    pos = model.pos_embed.detach() if model.pos_embed is not None else torch.zeros(1, N, D)
+    missing = prefix + N - pos.shape[1]  # (1, prefix + N, D): zero rows for what the table does not cover
+    return torch.cat([pos.new_zeros(1, missing, D), pos], dim=1)
+
+
+def hf_vit_export(model: nn.Module, names: dict[str, str], prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """The state (HF names, ``prefix`` before all but the classifiers) and config sizes of a ViT-style model
+    (ViT, DeiT), once its options pass `HF_VIT_FIXED`."""
+    args = constructor_args(model)
+    refuse_options(args, HF_VIT_FIXED, "HF transformers' ViT")
+    state = {k: v for k, v in model.state_dict().items() if k != "pos_embed"}
+    state["pos_embed"] = full_pos_embed(model)
+    heads = {v for v in names.values() if "classifier" in v}
+    out = {(n if n in heads else prefix + n): v for n, v in export_hf_encoder(state, names).items()}
+    patch, img, D = model.patch_embed.patch_size, model.patch_embed.img_size, model.embed_dim
+    config = {
+        "hidden_size": D,
+        "num_hidden_layers": len(model.blocks),
+        "num_attention_heads": model.blocks[0].attn.num_heads,
+        "intermediate_size": model.blocks[0].mlp.fc1.out_features,
+        "hidden_act": hf_hidden_act(args["act"]),
+        "layer_norm_eps": args["norm_eps"],
+        "image_size": img[0] if img[0] == img[1] else list(img),
+        "patch_size": patch[0] if patch[0] == patch[1] else list(patch),
+        "num_channels": model.patch_embed.in_chans,
+        "qkv_bias": args["qkv_bias"],
+        "hidden_dropout_prob": args["proj_drop_rate"],
+        "attention_probs_dropout_prob": args["attn_drop_rate"],
+    }
+    return out, config
+
+
+HF_VIT_EXPORT_NAMES = {ours: hf for hf, ours in HF_VIT_NAMES.items()}
+
+
+@register_hf_exporter("vit")
+def export_hf_vit(model: nn.Module) -> Exported:
+    """VisionTransformer -> HF ``ViTForImageClassification`` (a learned, sin-cos or absent position table is
+    written as HF's learned one, with the same values)."""
+    state, config = hf_vit_export(model, HF_VIT_EXPORT_NAMES, "vit.")
+    return Exported(state, {"model_type": "vit", "architectures": ["ViTForImageClassification"], **config})
+
+
+# the ViT arguments that timm's VisionTransformer takes under the same names and meaning (timm's config.json
+# ``model_args``, read back by `convert_timm_vit`)
+TIMM_VIT_ARGS = (
+    "img_size",
+    "patch_size",
+    "in_chans",
+    "num_classes",
+    "global_pool",
+    "embed_dim",
+    "depth",
+    "num_heads",
+    "mlp_ratio",
+    "qkv_bias",
+    "qk_norm",
+    "init_values",
+    "class_token",
+    "no_embed_class",
+    "pre_norm",
+    "fc_norm",
+    "dynamic_img_size",
+)
+# options timm's ViT builds only one way: no pre-logits MLP (timm removed it), LayerNorm eps 1e-6
+TIMM_VIT_FIXED = {"head_hidden_dim": None, "norm_eps": 1e-6}
+
+
+def timm_vit_args(model: nn.Module, keys: Sequence[str] = TIMM_VIT_ARGS) -> dict[str, Any]:
+    """timm ``model_args`` of a ViT-style model: every size stated (the architecture name timm is given is a base
+    variant), a sin-cos table written as a learned one with its values."""
+    args = constructor_args(model)
+    refuse_options(args, TIMM_VIT_FIXED, "timm's ViT")
+    out = {k: args[k] for k in keys if k in args}
+    out.update(num_heads=model.blocks[0].attn.num_heads, num_classes=model.num_classes)
+    out["pos_embed"] = "none" if model.pos_embed is None else "learn"
+    if args["act"] != "gelu":
+        out["act_layer"] = args["act"]  # timm's name for it; vitlab's timm reader maps it back
+    return to_jsonable(out)
+
+
+@register_timm_exporter("vit")
+def export_timm_vit(model: nn.Module) -> Exported:
+    """VisionTransformer -> timm's VisionTransformer (the names are the same)."""
+    config = {
+        "architecture": "vit_base_patch16_224",
+        "model_args": timm_vit_args(model),
+        "pretrained_cfg": {"first_conv": "patch_embed.proj", "classifier": "head", "fixed_input_size": True},
+    }
+    return Exported(dict(model.state_dict()), config)
 
 
 # --- registered variants -------------------------------------------------------------------------------------

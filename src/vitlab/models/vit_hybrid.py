@@ -30,10 +30,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitlab._registry import Converted, register_architecture, register_model, register_timm_converter
+from vitlab._registry import (
+    Converted,
+    Exported,
+    constructor_args,
+    register_architecture,
+    register_model,
+    register_timm_converter,
+    register_timm_exporter,
+)
 from vitlab.errors import VitlabError
 from vitlab.layers import MaxPool2dSame, StdConv2d, check_image, map_to_tokens, to_2tuple
-from vitlab.models.vit import VisionTransformer, _cfg, infer_vit_args
+from vitlab.models.vit import TIMM_VIT_ARGS, VisionTransformer, _cfg, infer_vit_args, timm_vit_args
 
 CONV_EPS = 1e-8  # the weight-standardisation epsilon of the official hybrid (timm's and HF's ports keep it)
 
@@ -276,6 +284,40 @@ def convert_timm_hybrid(state: dict[str, torch.Tensor], declared: dict[str, Any]
     kwargs.pop("patch_size")
     cfg = _cfg(kwargs["img_size"][0], kwargs["in_chans"])
     return Converted("vit_hybrid", dict(state), kwargs, cfg, source_img, unknown)
+
+
+# timm builds a hybrid's BiT ResNet from the architecture's name alone: stages -> the timm model that has them (at
+# widths 256 * 2^i, a 64-wide stem and 32 groups); model_args set the ViT's sizes
+TIMM_HYBRIDS = {
+    (3, 4, 9): "vit_base_r50_s16_384",
+    (3, 4, 6, 3): "vit_large_r50_s32_224",
+    (2, 2, 2, 2): "vit_small_r26_s32_224",
+}
+
+
+@register_timm_exporter("vit_hybrid")
+def export_timm_hybrid(model: nn.Module) -> Exported:
+    """HybridVisionTransformer -> timm's hybrid ViT of the same ResNet stages (the names are the same)."""
+    args = constructor_args(model)
+    layers = tuple(args["backbone_layers"])
+    built = (list(args["backbone_widths"]), args["backbone_stem_width"], args["backbone_groups"])
+    if layers not in TIMM_HYBRIDS or built != ([256 * 2**i for i in range(len(layers))], 64, 32):
+        raise VitlabError(
+            f"backbone_layers={list(layers)} (widths {list(args['backbone_widths'])}, stem "
+            f"{args['backbone_stem_width']}, {args['backbone_groups']} groups) cannot be expressed in timm, which "
+            f"builds a hybrid's ResNet from its name: stages {' or '.join(map(str, TIMM_HYBRIDS))} at widths "
+            "256, 512, ..., a 64-wide stem, 32 groups"
+        )
+    config = {
+        "architecture": TIMM_HYBRIDS[layers],
+        "model_args": timm_vit_args(model, [k for k in TIMM_VIT_ARGS if k != "patch_size"]),
+        "pretrained_cfg": {
+            "first_conv": "patch_embed.backbone.stem.conv",
+            "classifier": "head",
+            "fixed_input_size": True,
+        },
+    }
+    return Exported(dict(model.state_dict()), config)
 
 
 # --- registered variants -------------------------------------------------------------------------------------
