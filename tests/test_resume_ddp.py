@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -182,6 +183,7 @@ DDP_ARGS = (
 )
 
 
+@pytest.mark.slow
 def test_ddp_ranks_draw_their_own_numbers_and_resume_exactly(tmp_path) -> None:
     """Two gloo processes with augmentation, mixup and drop path: each rank checkpoints its own random state (they
     differ: the ranks draw different numbers), and a run SIGKILLed after step 5 resumes (from its checkpoint) to the
@@ -204,6 +206,7 @@ def test_ddp_ranks_draw_their_own_numbers_and_resume_exactly(tmp_path) -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_ddp_time_budget_stops_every_rank_at_rank_0s_step(tmp_path) -> None:
     """Rank 1's clock runs 50 times faster: were it to decide for itself, it would stop at its first steps and
     leave rank 0 waiting in a collective. Rank 0 decides, and both stop at the same step."""
@@ -292,3 +295,12 @@ def test_every_collective_of_a_budget_run_works_under_nccl(tmp_path) -> None:
     code, out = hooked_vitlab(tmp_path, *args, "--set", "eval_every=4", torchrun=True)
     assert code == 0, out[-3000:]
     assert json.loads((run / "summary.json").read_text())["steps"] == 12
+
+
+def test_a_run_resumes_with_as_many_processes_as_it_was_trained_by() -> None:
+    saved = {"rng": [{"torch": 0}, {"torch": 1}]}  # what two ranks checkpoint
+    two = SimpleNamespace(info=distributed.DistInfo(rank=1, world_size=2), run_dir=Path("run"))
+    assert trainer.own(saved, "rng", two) == {"torch": 1}
+    one = SimpleNamespace(info=distributed.DistInfo(), run_dir=Path("run"))
+    with pytest.raises(VitlabError, match=r"run was trained by 2 processes; resume it with as many"):
+        trainer.own(saved, "rng", one)

@@ -136,7 +136,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, on_eval: OnEval | None = No
     """
     info = init_distributed("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
     try:
-        return _train(cfg, resume, info, on_eval)
+        summary = _train(cfg, resume, info, on_eval)
+        barrier(info)  # the processes leave together: none tears its group down while another still writes
+        return summary
     finally:
         cleanup(info)
 
