@@ -4,6 +4,7 @@ resume that refuses to change the run."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -304,3 +305,18 @@ def test_a_run_resumes_with_as_many_processes_as_it_was_trained_by() -> None:
     one = SimpleNamespace(info=distributed.DistInfo(), run_dir=Path("run"))
     with pytest.raises(VitlabError, match=r"run was trained by 2 processes; resume it with as many"):
         trainer.own(saved, "rng", one)
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_rank_0_runs_a_download_first_and_the_others_follow(monkeypatch, fails: bool) -> None:
+    """`main_first`: rank 0 runs the block, then meets the others at the barrier (even when the block fails, so that
+    no rank waits forever); the others meet it there first, then run the block on what it wrote."""
+    events: list[str] = []
+    monkeypatch.setattr(distributed, "barrier", lambda info: events.append(f"barrier {info.rank}"))
+    for rank in (0, 1):
+        with pytest.raises(OSError) if fails else contextlib.nullcontext():
+            with distributed.main_first(distributed.DistInfo(rank=rank, world_size=2)):
+                events.append(f"download {rank}")
+                if fails:
+                    raise OSError("offline")
+    assert events == ["download 0", "barrier 0", "barrier 1", "download 1"]
