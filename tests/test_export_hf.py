@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import pytest
 import torch
@@ -233,6 +234,17 @@ def test_a_failed_check_keeps_the_previous_export(fmt, tmp_path, monkeypatch) ->
     assert "\n" not in str(e.value)
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
     assert (tmp_path / "out.failed" / "model.safetensors").exists()
+
+
+def test_without_transformers_the_hf_export_is_written_and_says_it_is_unchecked(tmp_path, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers raises ImportError
+    result = export_hf(_trained_like("vit_tiny_patch4_28"), tmp_path / "hf")
+    assert result["max_abs_diff"] is None and "not installed" in result["checked_with"]
+    assert {f.name for f in (tmp_path / "hf").iterdir()} == {
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+    }
 
 
 def test_cli_exports_a_trained_digits_checkpoint_with_its_class_names(digits_checkpoint, tmp_path) -> None:

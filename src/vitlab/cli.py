@@ -275,8 +275,11 @@ def export(checkpoint, fmt, out, opset, atol) -> None:
     if opset is not None:
         raise VitlabError(f"--opset is an ONNX option; --format {fmt} takes none")
     r = {"hf": export_hf, "timm": export_timm}[fmt](checkpoint, out, atol=atol)
-    diff = "not compared" if r["max_abs_diff"] is None else f"largest difference {r['max_abs_diff']:.2e}"
-    click.echo(f"{r['path']}: {fmt} layout, checked with {r['checked_with']}: {diff}")
+    if r["max_abs_diff"] is None:
+        click.echo(f"{r['path']}: {fmt} layout, not checked: {r['checked_with']}")
+    else:
+        diff = r["max_abs_diff"]
+        click.echo(f"{r['path']}: {fmt} layout, checked with {r['checked_with']}: largest difference {diff:.2e}")
 
 
 @cli.command()

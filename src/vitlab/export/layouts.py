@@ -51,7 +51,8 @@ def default_export_dir(checkpoint: str | os.PathLike, fmt: str) -> Path:
 
 def export_hf(model: nn.Module | str | os.PathLike, out: str | os.PathLike | None = None, *, atol: float = 1e-4):
     """Write ``model`` (a module, or anything `from_pretrained` reads) as a HF transformers directory at ``out``
-    and check it in transformers. Returns ``{"path", "format", "max_abs_diff", "checked_with"}``."""
+    and check it in transformers. Returns ``{"path", "format", "max_abs_diff", "checked_with"}``; without
+    transformers the export is written unchecked (``max_abs_diff`` None, ``checked_with`` saying why)."""
     return _export("hf", model, out, atol, _write_hf, _check_hf)
 
 
@@ -177,7 +178,7 @@ def _check_hf(model: nn.Module, exported: Exported, directory: Path) -> tuple[fl
     try:
         import transformers
     except ImportError:
-        return None, "not checked (transformers is not installed)"
+        return None, "transformers is not installed, so nothing could load the export"
     name = exported.config["architectures"][0]
     how = f"transformers {transformers.__version__} ({name})"
     try:
