@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -191,6 +192,7 @@ class RunLogs:
     def start(self, step: int) -> None:
         """A new event file for this session of the run, which stands at ``step`` (0, or a resumed checkpoint's)."""
         if self._enabled:
+            after_earlier_sessions(self._dir)
             # purge_step: TensorBoard drops what earlier sessions logged from this step on, so the evaluations a killed
             # run logged after its last checkpoint, which this session logs again, are not shown twice
             self._writer = self._writer_class(str(self._dir), purge_step=step + 1)
@@ -235,3 +237,14 @@ class RunLogs:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+def after_earlier_sessions(log_dir: Path) -> None:
+    """Wait, when needed, until this session's event file will be read after the earlier ones'. TensorBoard reads a
+    directory's files in name order, and a name starts with the second its writer opened, then the host and the
+    process id: a resume opened within the second the killed session opened in (a session that died young) could
+    sort first, and the old session's purge would then hide the new one's steps."""
+    opened = [re.match(r"events\.out\.tfevents\.(\d+)\.", f.name) for f in log_dir.glob("events.out.tfevents.*")]
+    wait = max((int(m.group(1)) for m in opened if m), default=0) + 1 - time.time()
+    if 0 < wait <= 2:  # more: another machine's clock runs ahead of this one, which no short wait mends
+        time.sleep(wait)
