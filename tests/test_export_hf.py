@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from vitlab._registry import Exported, exporter
 from vitlab.cli import cli
 from vitlab.errors import VitlabError
 from vitlab.export import export_hf, export_timm
+from vitlab.export.layouts import default_export_dir
 from vitlab.models.clip import create_clip
 
 transformers = pytest.importorskip("transformers")
@@ -67,12 +69,8 @@ def test_hf_export_loads_in_transformers_with_our_logits(case, tmp_path) -> None
 
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["architectures"] == [cls_name]
-    cls = (
-        transformers.AutoModelForImageClassification
-        if "Teacher" not in cls_name
-        else transformers.DeiTForImageClassificationWithTeacher
-    )
-    theirs, info = cls.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    auto = transformers.AutoModelForImageClassification  # it builds the class config.json names
+    theirs, info = auto.from_pretrained(tmp_path / "hf", output_loading_info=True)
     assert type(theirs).__name__ == cls_name
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     x = torch.randn(3, *model.default_cfg["input_size"])
@@ -245,6 +243,12 @@ def test_without_transformers_the_hf_export_is_written_and_says_it_is_unchecked(
         "model.safetensors",
         "preprocessor_config.json",
     }
+
+
+def test_default_directories(tmp_path) -> None:
+    assert default_export_dir(tmp_path, "hf") == tmp_path / "hf"  # inside a checkpoint directory
+    assert default_export_dir(tmp_path / "vit.pth", "timm") == tmp_path / "vit.timm"  # beside a file
+    assert default_export_dir("hf-hub:timm/vit_tiny.augreg", "hf") == Path("vit_tiny.augreg.hf")  # not hf-hub:timm/
 
 
 def test_cli_exports_a_trained_digits_checkpoint_with_its_class_names(digits_checkpoint, tmp_path) -> None:

@@ -44,7 +44,11 @@ PIL_BICUBIC = 3  # HF image processors name the resampling filter by its PIL num
 
 def default_export_dir(checkpoint: str | os.PathLike, fmt: str) -> Path:
     """Where `vitlab export --format FMT` writes by default: ``DIR/FMT`` for a checkpoint directory, ``NAME.FMT``
-    beside a checkpoint file."""
+    beside a checkpoint file, ``REPO.FMT`` in the working directory for ``hf-hub:ORG/REPO``."""
+    from vitlab.checkpoint import HUB_PREFIX
+
+    if str(checkpoint).startswith(HUB_PREFIX):
+        return Path(f"{str(checkpoint).rstrip('/').rsplit('/', 1)[-1]}.{fmt}")
     path = Path(checkpoint)
     return path / fmt if path.is_dir() else path.with_suffix(f".{fmt}")
 
