@@ -57,6 +57,7 @@ from vitlab.layers import (
     trunc_normal_init,
     zero_init,
 )
+from vitlab.models._export import refuse_options
 from vitlab.models._features import stage_intermediates
 from vitlab.models._head import (
     IMAGENET_DEFAULT_MEAN,
@@ -66,7 +67,7 @@ from vitlab.models._head import (
     record_num_classes,
     zero_classifier,
 )
-from vitlab.models.vit import refuse_options, vit_geometry
+from vitlab.models.vit import vit_geometry
 
 PAPER = "Touvron et al., Going deeper with Image Transformers, ICCV 2021 (arXiv:2103.17239)"
 

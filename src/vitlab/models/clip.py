@@ -53,6 +53,7 @@ from vitlab._registry import (
     register_hf_exporter,
 )
 from vitlab.errors import VitlabError
+from vitlab.models._export import export_hf_encoder, refuse_options
 from vitlab.models.text import (
     SOT,
     TOKENIZER_FILE,
@@ -63,15 +64,7 @@ from vitlab.models.text import (
     text_context_length,
     text_tower_args,
 )
-from vitlab.models.vit import (
-    HF_VIT_FIXED,
-    convert_hf_encoder_layers,
-    export_hf_encoder,
-    full_pos_embed,
-    hf_act,
-    hf_hidden_act,
-    refuse_options,
-)
+from vitlab.models.vit import HF_VIT_FIXED, convert_hf_encoder_layers, full_pos_embed, hf_act, hf_hidden_act
 
 PAPER = (
     "Radford et al., Learning Transferable Visual Models From Natural Language Supervision, ICML 2021 "

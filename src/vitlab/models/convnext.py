@@ -58,9 +58,10 @@ from vitlab._registry import (
 )
 from vitlab.errors import VitlabError
 from vitlab.layers import DropPath, LayerNorm2d, LayerScale, Mlp, drop_path_rates, get_act_layer, trunc_normal_init
+from vitlab.models._export import refuse_options
 from vitlab.models._features import stage_intermediates
 from vitlab.models._head import imagenet_cfg, record_num_classes, zero_classifier
-from vitlab.models.vit import hf_act, hf_hidden_act, refuse_options
+from vitlab.models.vit import hf_act, hf_hidden_act
 
 PAPER = "Liu et al., A ConvNet for the 2020s, CVPR 2022 (arXiv:2201.03545)"
 

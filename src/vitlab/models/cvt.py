@@ -43,6 +43,7 @@ from vitlab._registry import (
 )
 from vitlab.errors import VitlabError
 from vitlab.layers import Block, ConvAttention, ConvEmbed, low_precision_inference, trunc_normal_init, zero_init
+from vitlab.models._export import refuse_options
 from vitlab.models._features import take_indices
 from vitlab.models._head import (
     IMAGENET_DEFAULT_MEAN,
@@ -51,7 +52,6 @@ from vitlab.models._head import (
     record_num_classes,
     zero_classifier,
 )
-from vitlab.models.vit import refuse_options
 
 PAPER = "Wu et al., CvT: Introducing Convolutions to Vision Transformers, ICCV 2021 (arXiv:2103.15808)"
 

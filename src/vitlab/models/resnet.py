@@ -64,9 +64,10 @@ from vitlab._registry import (
 )
 from vitlab.errors import VitlabError
 from vitlab.layers import DropPath, drop_path_rates, get_act_layer
+from vitlab.models._export import refuse_options
 from vitlab.models._features import stage_intermediates
 from vitlab.models._head import imagenet_cfg, record_num_classes, zero_classifier
-from vitlab.models.vit import hf_act, hf_hidden_act, refuse_options
+from vitlab.models.vit import hf_act, hf_hidden_act
 
 PAPER = "He et al., Deep Residual Learning for Image Recognition, CVPR 2016 (arXiv:1512.03385)"
 

@@ -63,6 +63,7 @@ from vitlab.layers import (
     trunc_normal_init,
     zero_init,
 )
+from vitlab.models._export import export_hf_block, refuse_options
 from vitlab.models._features import take_indices
 from vitlab.models._head import (
     IMAGENET_DEFAULT_MEAN,
@@ -71,7 +72,7 @@ from vitlab.models._head import (
     record_num_classes,
     zero_classifier,
 )
-from vitlab.models.vit import HF_LAYER_NAMES, HF_QKV_NAMES, export_hf_block, hf_act, hf_hidden_act, refuse_options
+from vitlab.models.vit import HF_LAYER_NAMES, HF_QKV_NAMES, hf_act, hf_hidden_act
 
 PAPER = (
     "Liu et al., Swin Transformer: Hierarchical Vision Transformer using Shifted Windows, ICCV 2021 (arXiv:2103.14030)"

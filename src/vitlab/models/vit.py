@@ -49,6 +49,7 @@ from vitlab.layers import (
     trunc_normal_init,
     zero_init,
 )
+from vitlab.models._export import export_hf_encoder, refuse_options
 from vitlab.models._features import stage_intermediates
 from vitlab.models._head import image_cfg, record_img_size, record_num_classes, zero_classifier
 
@@ -534,15 +535,6 @@ def hf_hidden_act(act: str) -> str:
     return HF_ACT_EXPORT[act]
 
 
-def refuse_options(args: dict[str, Any], unsupported: dict[str, Any], target: str) -> None:
-    """A one-line error naming the first constructor argument whose value ``target`` cannot express:
-    ``unsupported`` maps an argument to the one value (or, given a tuple, the values) that ``target`` takes."""
-    for key, allowed in unsupported.items():
-        value = args.get(key)
-        if value not in (allowed if isinstance(allowed, tuple) else (allowed,)):
-            raise VitlabError(f"{key}={value!r} cannot be expressed in {target} (it takes {key}={allowed!r})")
-
-
 # the HF ViT options a vitlab ViT may not have; HF's ViTForImageClassification classifies the final-LayerNormed
 # class token with one linear layer
 HF_VIT_FIXED = {
@@ -554,46 +546,6 @@ HF_VIT_FIXED = {
     "init_values": None,
     "head_hidden_dim": None,
 }
-# per-layer names HF's save_pretrained writes (every transformers version reads them), for ours in a `Block`
-HF_SAVED_LAYER_NAMES = {
-    "norm1": "layernorm_before",
-    "attn.proj": "attention.output.dense",
-    "norm2": "layernorm_after",
-    "mlp.fc1": "intermediate.dense",
-    "mlp.fc2": "output.dense",
-}
-HF_SAVED_QKV = ("attention.attention.query", "attention.attention.key", "attention.attention.value")
-
-
-def export_hf_block(
-    key: str, v: torch.Tensor, *, names: dict[str, str] = HF_SAVED_LAYER_NAMES, qkv: Sequence[str] = HF_SAVED_QKV
-) -> dict[str, torch.Tensor]:
-    """One parameter of a `Block` (``key`` relative to it) under HF's names: the fused ``qkv`` split back into
-    query / key / value (the rows of each, in that order), the rest renamed by ``names``."""
-    mod, _, kind = key.rpartition(".")
-    if mod == "attn.qkv":
-        return {f"{name}.{kind}": part for name, part in zip(qkv, v.chunk(3, dim=0))}
-    if mod not in names:
-        raise VitlabError(f"parameter {key!r} of a block has no HF counterpart")
-    return {f"{names[mod]}.{kind}": v}
-
-
-def export_hf_encoder(
-    state: dict[str, torch.Tensor], simple: dict[str, str], *, layer: str = "encoder.layer", **block_names: Any
-) -> dict[str, torch.Tensor]:
-    """vitlab ViT-style names -> HF's: ``simple`` renames whole keys, ``blocks.i.*`` go to ``{layer}.i.*``
-    (`export_hf_block`); the inverse of `convert_hf_encoder_layers`."""
-    out: dict[str, torch.Tensor] = {}
-    for k, v in state.items():
-        if k in simple:
-            out[simple[k]] = v
-        elif m := re.match(r"blocks\.(\d+)\.(.+)$", k):
-            out.update(
-                {f"{layer}.{m.group(1)}.{n}": t for n, t in export_hf_block(m.group(2), v, **block_names).items()}
-            )
-        else:
-            raise VitlabError(f"parameter {k!r} has no HF counterpart")
-    return out
 
 
 def full_pos_embed(model: nn.Module) -> torch.Tensor:
@@ -612,7 +564,7 @@ def hf_vit_export(model: nn.Module, names: dict[str, str], prefix: str) -> tuple
     refuse_options(args, HF_VIT_FIXED, "HF transformers' ViT")
     state = {k: v for k, v in model.state_dict().items() if k != "pos_embed"}
     state["pos_embed"] = full_pos_embed(model)
-    heads = {v for v in names.values() if "classifier" in v}
+    heads = {v for v in names.values() if "classifier" in v}  # on HF's task model, outside its backbone's prefix
     out = {(n if n in heads else prefix + n): v for n, v in export_hf_encoder(state, names).items()}
     patch, img, D = model.patch_embed.patch_size, model.patch_embed.img_size, model.embed_dim
     config = {
