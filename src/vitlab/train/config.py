@@ -83,6 +83,9 @@ class TrainConfig:
     # text_args (tower sizes), bpe_vocab_size; see vitlab.train.contrastive
     text_model: str | None = None
     clip_args: dict[str, Any] = field(default_factory=dict)
+    # captioning (vitlab caption train): caption_args (decoder, decoder_args, tokenizer, min_count, ...; see
+    # vitlab.train.captioning.CAPTION_ARGS) make the run train a caption decoder on a caption set over `model`
+    caption_args: dict[str, Any] = field(default_factory=dict)
     # execution
     precision: str = "auto"  # auto | fp32 | bf16 (autocast); auto: bf16 where the hardware has it natively
     compile: bool = False

@@ -128,8 +128,10 @@ def apply_data_defaults(values: dict[str, Any], given: set[str], *, world_size: 
     if facts["in_chans"] != kwargs.get("in_chans", cfg["input_size"][0]):
         model_args["in_chans"] = facts["in_chans"]
     chosen = {"model": row.model, "model_args": {**model_args, **values.get("model_args", {})}}
-    # CLIP (a text tower): the row chooses the image tower only; its schedule was measured on classification
-    settings = {} if values.get("text_model") else row.settings
+    # CLIP (a text tower) and captioning: the row chooses the image tower only; its schedule (hflip among it, which
+    # would swap a caption's left and right) was measured on classification
+    tower_only = bool(values.get("text_model") or values.get("caption_args"))
+    settings = {} if tower_only else row.settings
     for key, value in settings.items():
         if key not in given and not (key == "epochs" and "budget_s" in given):
             chosen[key] = value
@@ -148,7 +150,7 @@ def apply_data_defaults(values: dict[str, Any], given: set[str], *, world_size: 
     what = (
         f"the image tower {row.model} at {size} px (the schedule is the recipe's: the row's was measured on "
         "classification)"
-        if values.get("text_model")
+        if tower_only
         else f"{row.model} at {size} px, {length}, batch {out.get('batch_size') * world_size}"
         f"{f' ({world_size} processes)' if world_size > 1 else ''}, lr {out.get('lr')}"
     )

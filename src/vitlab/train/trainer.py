@@ -41,6 +41,7 @@ from vitlab.errors import VitlabError
 from vitlab.layers import to_2tuple
 from vitlab.stats import count_params
 from vitlab.train.budget import BudgetProbe, Schedule, budget_warmup
+from vitlab.train.captioning import CaptioningTask
 from vitlab.train.config import TrainConfig, save_yaml
 from vitlab.train.contrastive import ContrastiveTask
 from vitlab.train.defaults import apply_data_defaults
@@ -254,7 +255,7 @@ def prepare_run(cfg: TrainConfig, resume: bool, info: DistInfo) -> Run:
     """The configuration completed (`model: auto` fits a model and schedule to the data), the device, the precision
     and the run directory, checked against --resume."""
     chosen = None
-    if cfg.data.startswith("captions:") and not cfg.text_model:  # caption sets train CLIP, not a classifier
+    if cfg.data.startswith("captions:") and not (cfg.text_model or cfg.caption_args):  # CLIP or a captioner
         raise VitlabError(f"{cfg.data} is a caption set: train a CLIP model on it with `vitlab clip train`")
     if cfg.model == "auto" and not cfg.init:  # a model and schedule that fit the data, recorded in config.yaml
         values, chosen = apply_data_defaults(cfg.to_dict(), cfg.explicit_fields(), world_size=info.world_size)
@@ -393,8 +394,12 @@ def build_task(
     device: torch.device | str = "cpu",
     splits: DatasetSplits | None = None,
 ) -> Task:
-    """The task a `TrainConfig` asks for: contrastive image-text training when it names a text tower, distillation
-    when it names a teacher, else classification."""
+    """The task a `TrainConfig` asks for: contrastive image-text training when it names a text tower, captioning
+    when it has caption_args, distillation when it names a teacher, else classification."""
+    if cfg.text_model and cfg.caption_args:
+        raise VitlabError("a run trains CLIP (text_model) or a captioner (caption_args), not both")
+    if cfg.caption_args:
+        return CaptioningTask(cfg, splits)  # it refuses data that is not a caption set, in one line
     if cfg.text_model:
         if splits is None:
             raise VitlabError("contrastive training needs the caption set to build its task")
