@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup data browser demo test lint bench clean
+.PHONY: setup java data browser demo test lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,7 +13,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -e ".[dev]"
 	touch $(STAMP)
 
-setup: $(STAMP)
+setup: $(STAMP) java
+
+# Java from Debian's packages for the caption metrics (pycocoevalcap's PTB tokenizer and METEOR run on it); without it
+# (no apt-get, not root) `vitlab caption eval` reports those metrics as unavailable and their tests skip, saying why.
+java:
+	@if ! command -v java >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "installing default-jre-headless for the caption metrics"; \
+		(apt-get install -y -qq default-jre-headless >/dev/null 2>&1 || \
+		 (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq default-jre-headless >/dev/null 2>&1)) || \
+		echo "note: could not install default-jre-headless; the caption metrics that need Java will be unavailable"; \
+	fi
 
 # Fashion-MNIST from Debian's package where apt-get is available; the demo falls back to digits otherwise.
 data:
