@@ -12,6 +12,7 @@ from vitlab.data.captions import build_caption_dataset, caption_facts
 from vitlab.data.coco import build_coco_dataset, coco_facts
 from vitlab.data.folder import build_folder_dataset, folder_facts
 from vitlab.data.scenes import build_scene_dataset, scene_facts
+from vitlab.data.segmentation import build_segmentation_dataset, is_segmentation, segmentation_facts
 from vitlab.data.shards import PREFIX as SHARDS
 from vitlab.data.shards import build_shard_dataset, shard_facts
 from vitlab.errors import VitlabError, closest
@@ -24,6 +25,7 @@ DATASET_NAMES = [
     "folder:PATH",
     "captions:FILE",
     "scenes:fashion-mnist",
+    "segfolder:DIR",
     "coco-captions:DIR",
     "wds:DIR_OR_PATTERN",
 ]
@@ -32,6 +34,8 @@ DATASET_NAMES = [
 def describe_dataset(spec: str, *, data_dir: str | None = None, val_fraction: float = 0.1) -> dict[str, Any]:
     """``{train_images, num_classes, img_size, in_chans}`` of a dataset without loading it (a folder's files are
     counted and a few image headers read): what `vitlab.train.defaults` chooses a model and schedule from."""
+    if is_segmentation(spec):
+        return segmentation_facts(spec, val_fraction=val_fraction)
     if spec.startswith("folder:"):
         return folder_facts(spec[len("folder:") :], val_fraction=val_fraction)
     if spec.startswith("captions:"):
@@ -71,7 +75,9 @@ def build_dataset(
     - ``folder:PATH``: images decoded on demand; see `vitlab.data.folder.build_folder_dataset`.
     - ``captions:FILE`` / ``captions:fashion-mnist``: images with captions, for CLIP; see `vitlab.data.captions`.
     - ``scenes:fashion-mnist`` / ``scenes:digits``: scenes with captions, boxes and masks, drawn in memory; see
-      `vitlab.data.scenes`. ``coco-captions:DIR``: a COCO-format caption set; see `vitlab.data.coco`.
+      `vitlab.data.scenes`; ``seg:scenes:...`` their label maps and ``segfolder:DIR`` PNG images with palette-PNG
+      masks, for segmentation (`vitlab.data.segmentation`). ``coco-captions:DIR``: a COCO-format caption set;
+      see `vitlab.data.coco`.
     - ``wds:DIR`` (or a pattern of its training shards): WebDataset shards that `vitlab data shards` wrote, their
       splits as written (``seed`` and ``val_fraction`` chose them then); the training split streams. See
       `vitlab.data.shards`.
@@ -94,6 +100,8 @@ def build_dataset(
             skip_bad_images=skip_bad_images,
             download=download,
         )
+    if is_segmentation(spec):
+        return build_segmentation_dataset(spec, data_dir=data_dir, seed=seed, val_fraction=val_fraction)
     if spec.startswith("scenes:"):
         return build_scene_dataset(spec, data_dir=data_dir, val_fraction=val_fraction)
     if spec.startswith(SHARDS):

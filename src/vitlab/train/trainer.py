@@ -37,6 +37,7 @@ from vitlab.checkpoint import CONFIG_NAME, from_pretrained, load_checkpoint_stat
 from vitlab.data import DatasetSplits, build_augment, mixup_cutmix, normalize, to_float
 from vitlab.data.base import derive_seed
 from vitlab.data.manifest import SplitOptions, build_run_splits, record_split
+from vitlab.data.segmentation import SegmentationSplits
 from vitlab.errors import VitlabError
 from vitlab.layers import to_2tuple
 from vitlab.stats import count_params
@@ -60,6 +61,7 @@ from vitlab.train.evaluate import autocast
 from vitlab.train.optim import ModelEma, build_optimizer
 from vitlab.train.precision import resolve_precision
 from vitlab.train.report import Progress, RunLogs, format_duration, plot_curves, read_metrics
+from vitlab.train.segmentation import SegmentationTask
 from vitlab.train.tasks import ClassificationTask, DistillationTask, Task, load_teacher
 from vitlab.train.transfer import freeze_backbone, hold_backbone_in_eval, init_model
 
@@ -396,6 +398,8 @@ def build_task(
 ) -> Task:
     """The task a `TrainConfig` asks for: contrastive image-text training when it names a text tower, captioning
     when it has caption_args, distillation when it names a teacher, else classification."""
+    if isinstance(splits, SegmentationSplits):  # label maps: LSeg with text_model, else its classifier-head baseline
+        return SegmentationTask(cfg, splits)
     if cfg.text_model and cfg.caption_args:
         raise VitlabError("a run trains CLIP (text_model) or a captioner (caption_args), not both")
     if cfg.caption_args:
