@@ -27,6 +27,7 @@ from vitlab.train.precision import PRECISIONS
 FREEZE_CHOICES = ("backbone",)
 # where evaluations go: metrics.jsonl always (--resume and the curves read it), TensorBoard event files when asked
 LOG_BACKENDS = ("jsonl", "tensorboard")
+ATTN_INITS = ("default", "mimetic")
 # model_args keys the trainer sets itself: num_classes (the data's), drop_path_rate (its own option), weights (--init)
 RESERVED_MODEL_ARGS = {
     "num_classes": "comes from the data (choose a class subset with --classes)",
@@ -61,6 +62,11 @@ class TrainConfig:
     clip_grad: float | None = 1.0
     ema_decay: float | None = None  # e.g. 0.999; evaluation and the best checkpoint then use the EMA weights
     drop_path_rate: float = 0.0
+    # small-data levers (docs/small_data.md): sharpness-aware minimisation (rho > 0 turns it on; adaptive: ASAM) and
+    # the self-attention initialisation (default: the model's own; mimetic: Trockman & Kolter 2023)
+    sam_rho: float = 0.0
+    sam_adaptive: bool = False
+    attn_init: str = "default"
     # transfer (ViT paper, section 3.2): start from a pretrained checkpoint with a new head
     init: str | None = None  # a checkpoint (vitlab, HF, timm, hf-hub:ORG/REPO) or a model name with published weights
     freeze: str | None = None  # backbone: train only the classifier (a linear probe)
@@ -160,6 +166,7 @@ class TrainConfig:
             )
         self._validate_model_args()
         self._validate_log()
+        self._validate_levers()
         if self.distill_tau <= 0:
             raise VitlabError(f"distill_tau must be positive, got {self.distill_tau}")
         if not 0 <= self.distill_alpha <= 1:
@@ -180,6 +187,16 @@ class TrainConfig:
             # a dropout or drop-path probability of 1 zeroes every activation it touches
             if key.endswith("drop_rate") and not (isinstance(value, int | float) and 0 <= value < 1):
                 raise VitlabError(f"model_args.{key} must be a probability in [0, 1), got {value!r}")
+
+    def _validate_levers(self) -> None:
+        if self.sam_rho < 0:
+            raise VitlabError(f"sam_rho must be 0 (off) or positive, got {self.sam_rho}")
+        if self.sam_rho and self.accum_steps > 1:
+            raise VitlabError("sam_rho needs accum_steps=1: SAM's second pass would have to replay every micro-batch")
+        if self.attn_init not in ATTN_INITS:
+            raise VitlabError(f"attn_init must be one of {', '.join(ATTN_INITS)}, got {self.attn_init!r}")
+        if self.attn_init != "default" and self.init:
+            raise VitlabError(f"attn_init={self.attn_init} would overwrite the --init checkpoint's attention weights")
 
     def _validate_log(self) -> None:
         for backend in self.log:

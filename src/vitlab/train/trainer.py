@@ -40,6 +40,7 @@ from vitlab.data.manifest import SplitOptions, build_run_splits, record_split
 from vitlab.data.segmentation import SegmentationSplits
 from vitlab.errors import VitlabError
 from vitlab.layers import to_2tuple
+from vitlab.layers.mimetic import mimetic_init_
 from vitlab.stats import count_params
 from vitlab.train.budget import BudgetProbe, Schedule, budget_warmup
 from vitlab.train.captioning import CaptioningTask
@@ -61,6 +62,7 @@ from vitlab.train.evaluate import autocast
 from vitlab.train.optim import ModelEma, build_optimizer
 from vitlab.train.precision import resolve_precision
 from vitlab.train.report import Progress, RunLogs, format_duration, plot_curves, read_metrics
+from vitlab.train.sam import SAM
 from vitlab.train.segmentation import SegmentationTask
 from vitlab.train.tasks import ClassificationTask, DistillationTask, Task, load_teacher
 from vitlab.train.transfer import freeze_backbone, hold_backbone_in_eval, init_model
@@ -378,6 +380,9 @@ def build_model(run: Run, splits: DatasetSplits) -> tuple[torch.nn.Module, Task,
     seed_everything(cfg.seed)
     # transfer starts from the pretrained model; otherwise the task builds its model (a classifier, a CLIP pair)
     model = pretrained if pretrained is not None else task.build_model(cfg, splits)
+    if cfg.attn_init == "mimetic":  # its own generator: every other initial weight stays what it was without it
+        names = mimetic_init_(model, generator=torch.Generator().manual_seed(derive_seed("mimetic", cfg.seed)))
+        run.intro.append(f"attn_init mimetic: {len(names)} attention layers (Trockman & Kolter 2023)")
     model.to(run.device)
     task.setup(model)
     if run.info.rank:  # the same model on every rank; from here each draws its own augmentation, mixing, drop path
@@ -412,7 +417,14 @@ def build_task(
         raise VitlabError(f"{splits.name} pairs images with captions: train it with `vitlab clip train`")
     if not cfg.teacher:
         return ClassificationTask()
-    teacher = load_teacher(cfg.teacher, num_classes=num_classes, in_chans=in_chans, img_size=img_size, device=device)
+    teacher = load_teacher(
+        cfg.teacher,
+        num_classes=num_classes,
+        in_chans=in_chans,
+        img_size=img_size,
+        device=device,
+        class_names=splits.class_names if splits is not None else None,  # matched by name, not only by count
+    )
     return DistillationTask(
         teacher, kind=cfg.distill, tau=cfg.distill_tau, alpha=cfg.distill_alpha, data_mean=mean, data_std=std
     )
@@ -428,6 +440,9 @@ def build_parts(run: Run, splits: DatasetSplits) -> Parts:
     optimizer = build_optimizer(
         model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, layer_decay=cfg.layer_decay
     )
+    if cfg.sam_rho:  # its state is the base optimizer's: checkpoints and resume are unchanged
+        optimizer = SAM(optimizer, rho=cfg.sam_rho, adaptive=cfg.sam_adaptive)
+        run.intro.append(f"SAM rho {cfg.sam_rho}{' (adaptive)' if cfg.sam_adaptive else ''}: two passes per step")
     train_model: torch.nn.Module = model
     if info.enabled:
         from torch.nn.parallel import DistributedDataParallel
@@ -672,10 +687,10 @@ def train_epoch(loop: Loop, state: RunState) -> None:
         if micro >= plan.steps_per_epoch * cfg.accum_steps:
             break
         last_micro = (micro + 1) % cfg.accum_steps == 0
-        loss_value = forward_backward(loop, state, images, labels, amp=amp, sync=last_micro)
+        loss_value, again = forward_backward(loop, state, images, labels, amp=amp, sync=last_micro)
         if not last_micro:
             continue
-        lr = optimizer_step(loop, state, loss_value, epoch)
+        lr = optimizer_step(loop, state, loss_value, epoch, again)
         now = time.perf_counter()
         state.train_time += now - t_step
         state.window_images += plan.global_batch
@@ -685,8 +700,11 @@ def train_epoch(loop: Loop, state: RunState) -> None:
             return
 
 
-def forward_backward(loop: Loop, state: RunState, images, labels, *, amp, sync: bool) -> float:
-    """One micro-batch: augmented, mixed, forward and backward (gradients synchronised when ``sync``); its loss."""
+def forward_backward(
+    loop: Loop, state: RunState, images, labels, *, amp, sync: bool
+) -> tuple[float, Callable[[], None]]:
+    """One micro-batch: augmented, mixed, forward and backward (gradients synchronised when ``sync``); its loss, and
+    the forward and backward of the same batch again (SAM's second pass, at the perturbed weights)."""
     run, cfg, parts = loop.run, loop.run.cfg, loop.parts
     x = to_float(images.to(run.device, non_blocking=True), parts.in_chans, parts.img_size)
     if parts.augment is not None:
@@ -710,11 +728,17 @@ def forward_backward(loop: Loop, state: RunState, images, labels, *, amp, sync: 
         (out.loss / cfg.accum_steps).backward()
     loss_value = out.loss.item()  # one host sync per micro-step, shared by the metrics and the NaN check
     state.running += torch.tensor([loss_value * len(y), out.correct.item(), len(y)], dtype=torch.float64)
-    return loss_value
+
+    def again() -> None:  # SAM runs with accum_steps 1, so this pass always synchronises
+        with amp:
+            parts.task.loss(parts.train_model, x, target, y).loss.backward()
+
+    return loss_value, again
 
 
-def optimizer_step(loop: Loop, state: RunState, loss_value: float, epoch: int) -> float:
-    """One optimizer step at the schedule's learning rate (returned), after the NaN check."""
+def optimizer_step(loop: Loop, state: RunState, loss_value: float, epoch: int, again: Callable[[], None]) -> float:
+    """One optimizer step at the schedule's learning rate (returned), after the NaN check. SAM steps from the
+    gradient at w + e(w): ``again`` recomputes it there."""
     cfg, parts = loop.run.cfg, loop.parts
     lr = loop.plan.schedule.lr_at(state.step)
     for group in parts.optimizer.param_groups:
@@ -726,7 +750,13 @@ def optimizer_step(loop: Loop, state: RunState, loss_value: float, epoch: int) -
             f"the loss became {loss_value} at step {state.step + 1} (epoch {epoch}); stopped. The last good "
             f"checkpoint is kept in {loop.run.last_dir}. Lower --lr, use --precision fp32 or set clip_grad"
         )
-    parts.optimizer.step()
+    if isinstance(parts.optimizer, SAM):
+        parts.optimizer.first_step(zero_grad=True)
+        again()
+        torch.nn.utils.clip_grad_norm_(parts.model.parameters(), cfg.clip_grad or math.inf)
+        parts.optimizer.second_step()
+    else:
+        parts.optimizer.step()
     parts.optimizer.zero_grad(set_to_none=True)
     if parts.ema is not None:
         parts.ema.update(parts.model)
