@@ -676,6 +676,123 @@ def zeroshot(
             click.echo(f"  {p['probability']:.4f}  {p['class']}")
 
 
+# --- segmentation (LSeg) -------------------------------------------------------------------------------------------
+SEG_RECIPE = {  # what `vitlab seg train` starts from where neither a recipe nor a flag says (small, for a CPU)
+    "model": "vit_tiny_patch16_224",
+    "model_args": {"patch_size": 8, "features": 64},  # the default encoder's: 8-pixel patches, a narrow decoder
+    "batch_size": 32,
+    "lr": 5e-4,
+    "epochs": 10,
+}
+
+
+@cli.group()
+def seg() -> None:
+    """Semantic segmentation (LSeg): a dense ViT with a DPT decoder, scored against label names or fixed classes."""
+
+
+@seg.command("train")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML recipe.")
+@click.option(
+    "--data",
+    default="scenes:fashion-mnist",
+    show_default=True,
+    help="scenes:fashion-mnist|digits[?count=N&size=PX] or segfolder:DIR (images/, masks/, labels.txt).",
+)
+@click.option("--data-dir", help="Where Fashion-MNIST's files are.")
+@click.option("--image-model", "model", help="Dense encoder: any ViT-style model (default vit_tiny_patch16_224, 8 px "
+              "patches); --set model_args.features=... sizes the decoder.")  # fmt: skip
+@click.option(
+    "--head",
+    type=click.Choice(["language", "classifier"]),
+    default="language",
+    show_default=True,
+    help="language: LSeg (label names through a frozen text encoder); classifier: a 1x1 conv to the classes.",
+)
+@click.option(
+    "--text-model", help="language head: all_minilm_l6_v2 (default, packaged) or a `vitlab clip train` checkpoint."
+)
+@click.option("--epochs", type=int)
+@click.option("--batch-size", type=int, help="Images per step per process.")
+@click.option("--lr", type=float, help="Peak learning rate.")
+@click.option("--budget", "budget_s", help="Size the schedule to this much training time (90s, 2m, 10m).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]))
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--seed", type=int)
+@click.option("--out", help="Run directory (default runs/DATA-MODEL-TIME).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from checkpoints/last.")
+@click.option("--max-steps", type=int, help="Stop after this many optimizer steps.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Any other training option.")
+def seg_train(config_file, resume, sets, head, **flags) -> None:
+    """Train a segmentation model through the same loop, checkpoints and resume as `vitlab train`."""
+    from vitlab.data.segmentation import segmentation_spec
+    from vitlab.train import train as run_training
+    from vitlab.train.config import merge_options
+
+    overrides = _options(flags, sets)
+    overrides["data"] = segmentation_spec(overrides["data"])
+    if head == "classifier" and overrides.get("text_model"):
+        raise VitlabError("--head classifier has no text encoder; drop --text-model or use --head language")
+    overrides["text_model"] = overrides.get("text_model", "all_minilm_l6_v2") if head == "language" else None
+    if not config_file and not resume:
+        recipe = dict(SEG_RECIPE)
+        if "model" in overrides:  # another encoder keeps its own patches; the decoder stays narrow
+            recipe["model_args"] = {"features": 64}
+        overrides = merge_options(recipe, overrides)
+    summary = run_training(_train_config(config_file, resume, overrides), resume=resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        click.echo(f"{summary['model']} ({summary['params']:,} parameters) on {summary['data']}, {summary['steps']} "
+                   f"steps; {summary['task']}")  # fmt: skip
+        if summary["test_accuracy"] is not None:
+            click.echo(f"{summary['test_split']} ({summary['test_count']} images): mIoU {summary['miou']:.4f}  "
+                       f"pixel accuracy {summary['pixel_accuracy']:.4f}")  # fmt: skip
+        click.echo(f"run directory: {summary['run_dir']} (best checkpoint: checkpoints/best)")
+
+
+@seg.command("eval")
+@click.argument("checkpoint", type=click.Path())
+@click.option("--labels", help="Other names for the classes, in order, comma-separated (language head).")
+@click.option("--data", help="Other data with the same classes; default: the run's own held-out split.")
+@click.option("--data-dir")
+@click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True)
+@_ALLOW_CHANGED_DATA
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def seg_eval(checkpoint, labels, data, data_dir, split, allow_changed_data, as_json) -> None:
+    """mIoU and pixel accuracy of a segmentation checkpoint; writes RUN/eval-SPLIT/seg_metrics.json."""
+    import json
+
+    from vitlab.segment import evaluate_checkpoint
+
+    r = evaluate_checkpoint(checkpoint, labels=labels, data=data, data_dir=data_dir, split=split,
+                            allow_changed_data=allow_changed_data)  # fmt: skip
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+        return
+    click.echo(r["checked"])
+    click.echo(f"{r['data']} {r['split']}: {r['count']} images")
+    for key in ("miou", "pixel_accuracy", "fb_iou"):
+        if key in r:
+            click.echo(f"  {key:<15} {r[key]:.4f}")
+    width = max(len(n) for n in r["iou"])
+    for name, iou in r["iou"].items():
+        click.echo(f"    IoU {name:<{width}}  {iou:.4f}")
+    click.echo(f"written: {r['path']}")
+
+
+@seg.command("predict")
+@click.argument("checkpoint", type=click.Path())
+@click.argument("image", type=click.Path())
+@click.option("--labels", help='Label names, comma-separated, e.g. "sneaker,bag,grass,other" (any text with LSeg).')
+@click.option("--out", help="Picture to write (default IMAGE-seg.png).")
+def seg_predict(checkpoint, image, labels, out) -> None:
+    """Segment IMAGE among --labels; writes the image, its colour mask and a legend side by side."""
+    from vitlab.segment import predict_image
+
+    r = predict_image(checkpoint, image, labels=labels, out=out)
+    click.echo(", ".join(f"{name} {share:.1%}" for name, share in r["share"].items()))
+    click.echo(f"written: {r['out']}")
+
+
 # --- data that ships ---------------------------------------------------------------------------------------------
 @cli.group()
 def data() -> None:

@@ -15,8 +15,9 @@ This task supplies what differs:
 * evaluation: mIoU and pixel accuracy from the confusion matrix summed over the split (`SegmentationMeter`, as
   PyTorch-Encoding); ``accuracy``, which selects the best checkpoint, is the mIoU.
 
-``cfg.seg_args`` is not needed: the decoder's sizes come with ``model_args`` keys ``features``, ``embed_dim``
-(LSeg's pixel/label width) and ``reassemble_dims``; every other key sizes the encoder.
+The decoder's sizes come with ``model_args`` keys ``features``, ``reassemble_dims`` (and ``readout``, ``hooks``,
+``use_bn``), LSeg's pixel / label width with ``label_dim`` (its ``embed_dim``, 512); every other key sizes the
+encoder.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ from vitlab.train.distributed import DistInfo, all_reduce_sum
 from vitlab.train.evaluate import autocast
 from vitlab.train.tasks import TaskOutput, unwrap
 
-DECODER_ARGS = ("features", "embed_dim", "reassemble_dims", "readout", "hooks", "use_bn")
+DECODER_ARGS = ("features", "reassemble_dims", "readout", "hooks", "use_bn")
+LABEL_DIM = "label_dim"  # model_args key of LSeg's pixel / label width (its ``embed_dim``; the encoder has its own)
 MINILM_NAMES = ("all_minilm_l6_v2", "minilm")
 
 
@@ -92,11 +94,13 @@ class SegmentationTask:
 
     def build_model(self, cfg: TrainConfig, splits: Any) -> nn.Module:
         decoder = {k: v for k, v in cfg.model_args.items() if k in DECODER_ARGS}
-        encoder = {k: v for k, v in cfg.model_args.items() if k not in DECODER_ARGS}
+        encoder = {k: v for k, v in cfg.model_args.items() if k not in (*DECODER_ARGS, LABEL_DIM)}
         encoder["drop_path_rate"] = cfg.drop_path_rate
         if self.encoder is None:
             model = create_lseg(cfg.model, classifier_classes=len(self.class_names), encoder_args=encoder, **decoder)
         else:
+            if LABEL_DIM in cfg.model_args:
+                decoder["embed_dim"] = cfg.model_args[LABEL_DIM]
             model = create_lseg(cfg.model, encoder_args=encoder, text_dim=self.encoder.dim, **decoder)
         model.pretrained_cfg = {"class_names": self.class_names, "mean": list(splits.mean), "std": list(splits.std)}
         return model
