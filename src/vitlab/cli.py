@@ -793,6 +793,136 @@ def seg_predict(checkpoint, image, labels, out) -> None:
     click.echo(f"written: {r['out']}")
 
 
+# --- vision and language (captioning) ------------------------------------------------------------------------------
+@cli.group()
+def caption() -> None:
+    """Image captioning (Show, Attend and Tell; a transformer decoder): train, score with BLEU/METEOR/ROUGE-L/CIDEr-D
+    and attention correctness, caption image files with per-word attention figures."""
+
+
+@caption.command("train")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML recipe.")
+@click.option("--image-model", "model", help="The encoder: any registered model (default: chosen for the data).")
+@click.option(
+    "--decoder",
+    type=click.Choice(["soft", "hard", "transformer"]),
+    help="soft / hard attention LSTM (Xu et al. 2015) or a transformer decoder (default soft).",
+)
+@click.option(
+    "--data", help="scenes:fashion-mnist|digits (the default: fashion-mnist), coco-captions:DIR, captions:..."
+)
+@click.option("--data-dir", help="Where built-in dataset files are.")
+@click.option("--epochs", type=int)
+@click.option("--batch-size", type=int, help="Images per step per process (one of its captions each).")
+@click.option("--lr", type=float, help="Peak learning rate.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]))
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--seed", type=int)
+@click.option("--out", help="Run directory (default runs/DATA-MODEL-TIME).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from checkpoints/last.")
+@click.option("--skip-bad-images", is_flag=True, default=None, help="Leave out missing or unreadable images.")
+@click.option("--max-steps", type=int, help="Stop after this many optimizer steps.")
+@click.option("--budget", "budget_s", help="Size the schedule to this much training time (600, 90s, 10m).")
+@click.option("--time-budget", "time_budget_s", type=float, help="Stop after this many seconds of training.")
+@click.option(
+    "--log",
+    help="tensorboard: also write RUN/tensorboard/ (pip install vitlab[tensorboard]); metrics.jsonl is always written.",
+)
+@click.option(
+    "--set",
+    "sets",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Any other training option, e.g. --set caption_args.min_count=2 --set caption_args.decoder_args='{dim: 128}'.",
+)
+def caption_train(config_file, resume, sets, decoder, **flags) -> None:
+    """Train a captioner through the same loop, checkpoints, --budget and resume as `vitlab train`."""
+    from vitlab.train import train as run_training
+
+    overrides = _options(flags, sets)
+    caption_args = dict(overrides.pop("caption_args", {}) or {})
+    if decoder:
+        caption_args["decoder"] = decoder
+    elif not resume:  # a resumed run keeps its own decoder (config.yaml)
+        caption_args.setdefault("decoder", "soft")
+    if caption_args:
+        overrides["caption_args"] = caption_args
+    if not resume and not config_file:
+        overrides.setdefault("data", "scenes:fashion-mnist")  # scenes of digits, saying so, without Fashion-MNIST
+    cfg = _train_config(config_file, resume, overrides)
+    if not cfg.caption_args:
+        raise VitlabError(f"{cfg.out or 'the run'} is not a captioning run (its config.yaml has no caption_args)")
+    summary = run_training(cfg, resume=resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        _print_caption_summary(summary)
+
+
+def _print_caption_summary(s: dict) -> None:
+    click.echo(f"{s['task']} on {s['model']} ({s['params']:,} parameters), {s['data']}, {s['steps']} steps")
+    if s["test_accuracy"] is not None:
+        click.echo(
+            f"{s['test_split']} ({s['test_count']} images, every caption teacher-forced): token accuracy "
+            f"{s['test_accuracy']:.4f}, loss {s['test_loss']:.4f} nats/token"
+        )
+    click.echo(f"run directory: {s['run_dir']} (curves.png; best checkpoint: checkpoints/best)")
+    click.echo(f"  captions and their scores: vitlab caption eval {s['run_dir']}/checkpoints/best")
+
+
+@caption.command("eval")
+@click.argument("checkpoint", type=click.Path())
+@click.option("--data", help="Default: the run's data, split as the run split it (RUN/split.json).")
+@click.option("--data-dir")
+@click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True)
+@click.option("--beam", "beam_size", type=int, default=3, show_default=True, help="Beam size (1: greedy).")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@_ALLOW_CHANGED_DATA
+@click.option("--out", help="Where to write caption_metrics.json and captions.json (default: CHECKPOINT/eval-SPLIT).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def caption_eval(checkpoint, data, data_dir, split, beam_size, batch_size, allow_changed_data, out, as_json) -> None:
+    """BLEU-1..4, METEOR, ROUGE-L, CIDEr-D (pycocoevalcap, against the raw references) and attention correctness
+    (scenes) of the captions a checkpoint generates for its run's held-out images."""
+    import json
+
+    from vitlab.captioning import evaluate_captioner
+
+    r = evaluate_captioner(checkpoint, data, data_dir=data_dir, split=split, beam_size=beam_size,
+                           batch_size=batch_size, allow_changed_data=allow_changed_data, out=out)  # fmt: skip
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+        return
+    click.echo(r["checked"])
+    click.echo(f"{r['data']} {split}: {r['count']} images, beam {beam_size}")
+    for key in ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider", "attention_correctness"):
+        value = r[key]
+        click.echo(f"  {key:<22} {'n/a' if value is None else f'{value:.4f}'}")
+    if r["unavailable"]:
+        click.echo(f"note: BLEU, METEOR, ROUGE-L and CIDEr-D unavailable: {r['unavailable']}")
+    if r["attention_correctness"] is None:
+        click.echo("  (attention correctness: scenes only, for a decoder with maps and words that name an item)")
+    click.echo(f"written: {r['json']}")
+
+
+@caption.command("predict")
+@click.argument("checkpoint", type=click.Path())
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--beam", "beam_size", type=int, default=3, show_default=True, help="Beam size (1: greedy).")
+@click.option("--attention-out", type=click.Path(file_okay=False), help="Write DIR/IMAGE.png: each word's map.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def caption_predict(checkpoint, images, beam_size, attention_out, as_json) -> None:
+    """The caption of each image, and with --attention-out where the decoder looked for each word."""
+    import json
+
+    from vitlab.captioning import caption_images
+
+    results = caption_images(checkpoint, list(images), beam_size=beam_size, attention_out=attention_out)
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+        return
+    for r in results:
+        figure = f"  (attention: {r['figure']})" if r["figure"] else ""
+        click.echo(f"{r['image']}: {r['caption']}{figure}")
+
+
 # --- data that ships ---------------------------------------------------------------------------------------------
 @cli.group()
 def data() -> None:
