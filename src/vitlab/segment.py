@@ -34,7 +34,7 @@ def parse_labels(text: str | Sequence[str] | None) -> list[str] | None:
 
 
 def load_segmenter(checkpoint: str | Path) -> tuple[nn.Module, LabelEncoder | None, dict[str, Any]]:
-    """(model in eval mode, its frozen label encoder or None for a classifier head, its run's training config)."""
+    """(model in eval mode, its frozen label encoder or None for a classifier head, its config.json)."""
     from vitlab.checkpoint import from_pretrained
     from vitlab.train.segmentation import label_encoder
 
@@ -42,13 +42,14 @@ def load_segmenter(checkpoint: str | Path) -> tuple[nn.Module, LabelEncoder | No
     if not hasattr(model, "decoder"):
         raise VitlabError(f"{checkpoint} is not a segmentation model; train one with `vitlab seg train`")
     path = Path(checkpoint)
-    train_cfg = json.loads((path / "config.json").read_text()).get("train_config", {}) if path.is_dir() else {}
+    config = json.loads((path / "config.json").read_text()) if path.is_dir() else {}
+    train_cfg = config.get("train_config", {})
     encoder = None
     if isinstance(model, LSeg):
         if not train_cfg.get("text_model"):
             raise VitlabError(f"{checkpoint} is an LSeg model whose text encoder is not recorded in its config.json")
         encoder = label_encoder(train_cfg["text_model"])
-    return model, encoder, train_cfg
+    return model, encoder, config
 
 
 def label_features(encoder: LabelEncoder | None, names: list[str], trained: list[str]) -> torch.Tensor | None:
@@ -78,10 +79,13 @@ def evaluate_checkpoint(
     renames the classes, in order (synonyms, paraphrases): LSeg embeds the new names instead."""
     from vitlab.data.manifest import held_out_split, run_dir_of
     from vitlab.data.segmentation import SegmentationSplits
+    from vitlab.train.precision import run_precision
     from vitlab.train.segmentation import evaluate_segmentation
 
-    model, encoder, train_cfg = load_segmenter(checkpoint)
+    model, encoder, config = load_segmenter(checkpoint)
+    train_cfg = config.get("train_config", {})
     run_dir = run_dir_of(checkpoint)
+    precision, _ = run_precision(config, run_dir)  # as the run scored it: its test score comes back
     splits, dataset, checked = held_out_split(run_dir, train_cfg, split=split, data=data, data_dir=data_dir,
                                               allow_changed_data=allow_changed_data)  # fmt: skip
     if not isinstance(splits, SegmentationSplits):
@@ -94,7 +98,7 @@ def evaluate_checkpoint(
             f"({', '.join(splits.class_names)}); give one name per class, in that order"
         )
     r = evaluate_segmentation(model, dataset, label_features=label_features(encoder, names, trained),
-                              class_names=names, batch_size=batch_size)  # fmt: skip
+                              class_names=names, batch_size=batch_size, precision=precision)  # fmt: skip
     result = {"checkpoint": str(checkpoint), "data": splits.name, "split": split, "count": r["count"],
               "checked": checked, "labels": names, "miou": r["report"]["miou"],
               "pixel_accuracy": r["report"]["pixel_accuracy"], "iou": r["report"]["iou"]}  # fmt: skip
