@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 
 def recover_directory(path: str | os.PathLike) -> None:
@@ -74,21 +74,28 @@ def to_jsonable(obj: Any) -> Any:
     return obj
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` so that a reader (or a kill) sees the old file or the new one, never part of it:
-    a temporary file beside it, flushed to the disk, then renamed over it."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[IO[bytes]]:
+    """Yield a binary file to write ``path`` through, so that a reader (or a kill) sees the old file or the new one,
+    never part of it: a temporary file beside it, flushed to the disk, then renamed over it on success."""
     path = Path(path)
     # a unique name opened like any file (mkstemp would make it private, 0600, whatever the umask says)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with open(tmp, "x") as f:
-            f.write(text)
+        with open(tmp, "xb") as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (`atomic_file`)."""
+    with atomic_file(path) as f:
+        f.write(text.encode())
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
