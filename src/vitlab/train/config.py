@@ -105,6 +105,8 @@ class TrainConfig:
     log_every: int | None = None  # steps between plain progress lines when not on a terminal
     log: list[str] = field(default_factory=lambda: ["jsonl"])  # jsonl, tensorboard (RUN/tensorboard/, rank 0)
     max_steps: int | None = None  # stop early (for tests and time budgets)
+    # stop once this many evaluations in a row have not raised the best validation accuracy (None: never)
+    patience: int | None = None
     time_budget_s: float | None = None  # stop training after this many seconds
     # a schedule sized to a budget of training time (600, "90s", "10m"): warmup and cosine end at the budget
     budget_s: float | str | None = None
@@ -173,6 +175,8 @@ class TrainConfig:
             raise VitlabError(f"distill_alpha must be between 0 and 1, got {self.distill_alpha}")
         if self.budget_s is not None:
             self.budget_s = parse_duration(self.budget_s)
+        if self.patience is not None and self.patience < 1:
+            raise VitlabError(f"patience must be at least 1 evaluation (or unset), got {self.patience}")
         if self.steps is not None and self.steps < 1:
             raise VitlabError(f"steps must be at least 1, got {self.steps}")
         if self.betas is not None:

@@ -223,7 +223,7 @@ class Plan:
 
 @dataclass
 class RunState:
-    """What changes as the run steps; a checkpoint keeps the first five (``running`` on every rank)."""
+    """What changes as the run steps; a checkpoint keeps the first six (``running`` on every rank)."""
 
     step: int = 0
     best_acc: float = -1.0
@@ -231,6 +231,7 @@ class RunState:
     train_time: float = 0.0
     # this rank's loss sum, correct predictions and images since the last evaluation
     running: torch.Tensor = field(default_factory=lambda: torch.zeros(3, dtype=torch.float64))
+    stale: int = 0  # evaluations in a row that did not raise best_acc (what `patience` counts)
     stop_reason: str | None = None
     window_t: float = 0.0  # images/s are measured since the last evaluation
     window_images: int = 0
@@ -545,7 +546,9 @@ def restore(run: Run, parts: Parts, plan: Plan) -> RunState:
         best_step=saved["best_step"],
         train_time=saved["train_time_s"],
         running=own(saved, "running", run),
+        stale=saved.get("stale", 0),  # older checkpoints: counting starts again
     )
+    state.stop_reason = out_of_patience(run.cfg, state)  # a run that stopped early stays stopped
     set_rng_state(own(saved, "rng", run))
     if run.cfg.budget_s:  # the count as the checkpoint knew it: one still to fix is fixed where it would have been
         for key in BUDGET_RECORDS:
@@ -573,7 +576,7 @@ def own(saved: dict[str, Any], key: str, run: Run) -> Any:
 
 def step_until_done(loop: Loop, state: RunState) -> RunState:
     """Epochs of optimizer steps, with evaluations and checkpoints on the way, until the planned steps are taken or
-    a stop (max_steps, the time budget) comes first."""
+    a stop (max_steps, the time budget, patience) comes first."""
     announce(loop)
     loop.progress.start(state.step)
     loop.logs.start(state.step)
@@ -618,6 +621,7 @@ def report(loop: Loop, state: RunState) -> dict[str, Any]:
         "best_val_accuracy": state.best_acc if len(splits.val) else None,
         "best_step": state.best_step,
         "steps": state.step,
+        "stop_reason": state.stop_reason,
         "epochs": round(state.step / loop.plan.steps_per_epoch, 4),
         "train_time_s": round(state.train_time, 2),
         "images_per_s": round(sum(rates) / len(rates), 1) if rates else None,
@@ -786,6 +790,7 @@ def after_step(loop: Loop, state: RunState, *, lr: float, now: float) -> bool:
     finished = state.step == plan.total_steps or state.stop_reason is not None
     if state.step % plan.eval_every == 0 or finished:
         evaluate_and_record(loop, state, lr=lr, rate=rate)
+        finished = finished or state.stop_reason is not None  # out of patience: the checkpoint records the stop
     if state.step % plan.ckpt_every == 0 or finished:
         save_last(loop, state)
     barrier(run.info)
@@ -856,7 +861,11 @@ def evaluate_and_record(loop: Loop, state: RunState, *, lr: float, rate: float) 
         loop.logs.on_eval(record)
         scores = f"val_acc {val['accuracy']:.4f} val_loss {val['loss']:.4f} " if val["accuracy"] is not None else ""
         loop.progress.message(f"eval step {state.step}: {scores}train_loss {record['train_loss']:.4f}")
-    if val["accuracy"] is None or val["accuracy"] > state.best_acc:
+    improved = val["accuracy"] is None or val["accuracy"] > state.best_acc
+    # the accuracy is reduced over every rank, so every rank counts alike and stops at the same step
+    state.stale = 0 if improved else state.stale + 1
+    state.stop_reason = state.stop_reason or out_of_patience(cfg, state)
+    if improved:
         state.best_acc, state.best_step = val["accuracy"] if val["accuracy"] is not None else -1.0, state.step
         if run.info.is_main:
             with atomic_directory(run.best_dir) as tmp:
@@ -869,6 +878,16 @@ def evaluate_and_record(loop: Loop, state: RunState, *, lr: float, rate: float) 
                     dataset=splits.name,
                     **parts.checkpoint_meta,
                 )
+
+
+def out_of_patience(cfg: TrainConfig, state: RunState) -> str | None:
+    """Why the run stops early when ``cfg.patience`` evaluations in a row have not raised the best accuracy."""
+    if cfg.patience is None or state.stale < cfg.patience:
+        return None
+    return (
+        f"validation accuracy has not improved for {state.stale} evaluations (patience={cfg.patience}); the best, "
+        f"{state.best_acc:.4f}, was at step {state.best_step}"
+    )
 
 
 def save_last(loop: Loop, state: RunState) -> None:
@@ -886,6 +905,7 @@ def save_last(loop: Loop, state: RunState) -> None:
         "best_acc": state.best_acc,
         "best_step": state.best_step,
         "train_time_s": state.train_time,
+        "stale": state.stale,
         "running": [r["running"] for r in ranks],
         "rng": [r["rng"] for r in ranks],
         "budget": probe.state_dict() if probe is not None and probe.measuring else None,  # a count still to fix
