@@ -9,6 +9,7 @@ from typing import Any
 from vitlab.data.base import DatasetSplits, files_hash
 from vitlab.data.builtin import BUILTIN_FACTS, build_builtin, builtin_facts
 from vitlab.data.captions import build_caption_dataset, caption_facts
+from vitlab.data.clips import build_clip_dataset, is_clip_spec
 from vitlab.data.coco import build_coco_dataset, coco_facts
 from vitlab.data.folder import build_folder_dataset, folder_facts
 from vitlab.data.scenes import build_scene_dataset, scene_facts
@@ -26,6 +27,8 @@ DATASET_NAMES = [
     "captions:FILE",
     "scenes:fashion-mnist",
     "segfolder:DIR",
+    "clips:fashion-mnist",
+    "videofeatures:DIR",
     "coco-captions:DIR",
     "wds:DIR_OR_PATTERN",
 ]
@@ -100,6 +103,8 @@ def build_dataset(
             skip_bad_images=skip_bad_images,
             download=download,
         )
+    if is_clip_spec(spec):
+        return build_clip_dataset(spec, data_dir=data_dir, val_fraction=val_fraction)
     if is_segmentation(spec):
         return build_segmentation_dataset(spec, data_dir=data_dir, seed=seed, val_fraction=val_fraction)
     if spec.startswith("scenes:"):

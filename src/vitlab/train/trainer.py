@@ -36,6 +36,7 @@ from vitlab._registry import get_variant
 from vitlab.checkpoint import CONFIG_NAME, from_pretrained, load_checkpoint_state, read_state_dict, write_pretrained
 from vitlab.data import DatasetSplits, build_augment, mixup_cutmix, normalize, to_float
 from vitlab.data.base import derive_seed
+from vitlab.data.clips import VideoSplits
 from vitlab.data.manifest import SplitOptions, build_run_splits, record_split
 from vitlab.data.segmentation import SegmentationSplits
 from vitlab.errors import VitlabError
@@ -62,6 +63,7 @@ from vitlab.train.evaluate import autocast
 from vitlab.train.optim import ModelEma, build_optimizer
 from vitlab.train.precision import resolve_precision
 from vitlab.train.report import Progress, RunLogs, format_duration, plot_curves, read_metrics
+from vitlab.train.retrieval import RetrievalTask, takes_images
 from vitlab.train.sam import SAM
 from vitlab.train.segmentation import SegmentationTask
 from vitlab.train.tasks import ClassificationTask, DistillationTask, Task, load_teacher
@@ -306,6 +308,8 @@ def check_unchanged(cfg: TrainConfig, run_dir: Path) -> None:
 def input_shape(cfg: TrainConfig) -> tuple[int | None, tuple[int, int] | None]:
     """(channels, size) of the model's input: the variant's, or what --set model_args overrides. With --init the
     checkpoint decides (None: a folder is decoded at its defaults, the model then says)."""
+    if not takes_images(cfg.model):  # MMT reads the clips' expert features; its batches carry 1-pixel placeholders
+        return 1, (1, 1)
     if cfg.init:
         in_chans, img = cfg.model_args.get("in_chans"), cfg.model_args.get("img_size")
     else:
@@ -406,6 +410,8 @@ def build_task(
     when it has caption_args, distillation when it names a teacher, else classification."""
     if isinstance(splits, SegmentationSplits):  # label maps: LSeg with text_model, else its classifier-head baseline
         return SegmentationTask(cfg, splits)
+    if isinstance(splits, VideoSplits):  # clips' expert features and captions: MMT retrieval
+        return RetrievalTask(cfg, splits)
     if cfg.text_model and cfg.caption_args:
         raise VitlabError("a run trains CLIP (text_model) or a captioner (caption_args), not both")
     if cfg.caption_args:
