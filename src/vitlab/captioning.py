@@ -18,6 +18,7 @@ from torch import nn
 from vitlab.data import to_model_input
 from vitlab.errors import VitlabError
 from vitlab.metrics.captioning import CAPTION_METRICS, attention_correctness, caption_scores, metrics_unavailable
+from vitlab.models.text import WORD_UNK
 
 
 def load_captioner(checkpoint: str | Path) -> nn.Module:
@@ -62,11 +63,15 @@ def named_positions(
 ) -> list[tuple[int, Sequence[int]]]:
     """(position, box) of each generated token that names one of the image's ``items`` (name, box): the name's last
     token ("boot" of "ankle boot"), where the tokens before it spell the rest of the name, split by the model's own
-    vocabulary. An item named that the image does not hold counts nowhere."""
+    vocabulary. An item named that the image does not hold counts nowhere, and a name the vocabulary cannot spell
+    (an <unk> in it) names nothing: it would match any rare word."""
+    unk = model.tokenizer.tokenizer.token_to_id(WORD_UNK)
     found = []
     for name, box in items:
         spelled = model.tokenize(name)[0].tolist()
         name_ids = [i for i in spelled if i not in (model.bos_id, model.eos_id, model.pad_id)]
+        if unk in name_ids:
+            continue
         n = len(name_ids)
         found += [(t + n - 1, box) for t in range(len(tokens) - n + 1) if tokens[t : t + n] == name_ids]
     return found

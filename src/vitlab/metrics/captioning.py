@@ -45,9 +45,12 @@ def metrics_unavailable() -> str | None:
     return None
 
 
-def caption_scores(references: Sequence[Sequence[str]], candidates: Sequence[str]) -> dict[str, float]:
+def caption_scores(
+    references: Sequence[Sequence[str]], candidates: Sequence[str], *, meteor: bool = True
+) -> dict[str, float | None]:
     """BLEU-1..4, METEOR, ROUGE-L and CIDEr-D (`CAPTION_METRICS`) of one candidate caption per image against that
-    image's raw reference captions (``references[i]``, at least one each), as fractions (CIDEr-D up to 10)."""
+    image's raw reference captions (``references[i]``, at least one each), as fractions (CIDEr-D up to 10).
+    ``meteor=False`` leaves METEOR out (None), and the few seconds its Java process takes to start."""
     why = metrics_unavailable()
     if why is not None:
         raise VitlabError(f"caption metrics unavailable: {why}")
@@ -66,15 +69,17 @@ def caption_scores(references: Sequence[Sequence[str]], candidates: Sequence[str
     res = {i: [c if c.strip() else _EMPTY] for i, (c,) in res.items()}
     with contextlib.redirect_stdout(io.StringIO()):  # BLEU prints its n-gram counts
         bleu, _ = Bleu(4).compute_score(gts, res)
-    meteor_scorer = Meteor()  # a Java process, ended when the scorer is deleted
-    try:
-        meteor, _ = meteor_scorer.compute_score(gts, res)
-    finally:
-        del meteor_scorer
+    meteor_score = None
+    if meteor:
+        scorer = Meteor()  # a Java process, ended when the scorer is deleted
+        try:
+            meteor_score, _ = scorer.compute_score(gts, res)
+        finally:
+            del scorer
     rouge, _ = Rouge().compute_score(gts, res)
     cider, _ = Cider().compute_score(gts, res)
-    values = [*bleu, meteor, rouge, cider]
-    return {k: float(v) for k, v in zip(CAPTION_METRICS, values)}
+    values = [*bleu, meteor_score, rouge, cider]
+    return {k: None if v is None else float(v) for k, v in zip(CAPTION_METRICS, values)}
 
 
 @contextlib.contextmanager
