@@ -28,8 +28,20 @@ def test_every_row_names_a_model_its_evidence_and_what_confirms_it() -> None:
 
 @pytest.mark.parametrize(
     ("side", "images", "row"),
-    [(8, 1_437, 0), (16, 5_000, 0), (8, 20_000, 3), (28, 2_500, 2), (28, 54_000, 3), (32, 45_000, 3), (224, 800, 5),
-     (8, 24, 0), (28, 24, 1), (32, 200, 1), (32, 201, 2), (224, 24, 4)],  # fmt: skip
+    [
+        (8, 1_437, 0),
+        (16, 5_000, 0),
+        (8, 20_000, 3),
+        (28, 2_500, 2),
+        (28, 54_000, 3),
+        (32, 45_000, 3),
+        (224, 800, 5),
+        (8, 24, 0),
+        (28, 24, 1),
+        (32, 200, 1),
+        (32, 201, 2),
+        (224, 24, 4),
+    ],
 )
 def test_the_row_follows_image_size_and_count(side, images, row) -> None:
     facts = {"img_size": (side, side), "train_images": images, "in_chans": 1, "num_classes": 10}
