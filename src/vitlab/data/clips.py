@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -293,7 +294,7 @@ def read_features(path: Path, experts: dict[str, int]) -> dict[str, tuple[np.nda
                 if not np.isfinite(x).all():
                     raise VitlabError(f"{path}: expert {name!r} holds NaN or infinite features")
                 out[name] = (x, t)
-    except (OSError, ValueError, EOFError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # .npz is a zip: a torn one fails as a zip
         raise VitlabError(f"{path} cannot be read as a clip's features ({type(e).__name__}: {e})") from None
     if not any(len(x) for x, _ in out.values()):
         raise VitlabError(f"{path} has no feature from any expert")
