@@ -106,3 +106,16 @@ def test_bad_feature_files_are_one_line_errors(tmp_path: Path, fault: str, messa
     assert r.exit_code == 2, r.output
     assert r.output.startswith("error: ") and r.output.count("\n") == 1
     assert message in r.output
+
+
+def test_text_to_video_r1_selects(monkeypatch) -> None:
+    """The task's ``accuracy`` (what picks checkpoints/best) is t2v R@1, on a case where v2t R@1 differs."""
+    import torch
+
+    import vitlab.train.retrieval as retrieval
+
+    sims = torch.tensor([[1.0, 0.0], [1.0, 0.0]])  # t2v: query 0 right, query 1 wrong; v2t: both tied, both missed
+    monkeypatch.setattr(retrieval, "similarities", lambda *a, **k: (sims, 1))
+    r = retrieval.evaluate_retrieval(torch.nn.Linear(1, 1), [0, 1])
+    assert r["report"]["t2v_r1"] == 50 and r["report"]["v2t_r1"] == 0
+    assert r["accuracy"] == 0.5
