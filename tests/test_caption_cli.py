@@ -196,7 +196,10 @@ def test_attention_in_box_by_hand() -> None:
     one_hot = torch.zeros(9)
     one_hot[0] = 1
     assert math.isclose(attention_in_box(one_hot, (3, 3), (0, 0, 2, 2), (10, 10)), 0.25, rel_tol=1e-6)
-    assert math.isclose(attention_in_box(torch.full((9,), 1 / 9), (3, 3), (0, 0, 10, 10), (10, 10)), 1.0)
+    uniform = torch.full((9,), 1 / 9)
+    assert math.isclose(attention_in_box(uniform, (3, 3), (0, 0, 10, 10), (10, 10)), 1.0)
+    # the top 4 pixel rows are location row 0 (rows 1 and 2 cover 3 pixel rows each): a third of the mass, not 40%
+    assert math.isclose(attention_in_box(uniform, (3, 3), (0, 0, 10, 4), (10, 10)), 1 / 3, rel_tol=1e-6)
     maps = [torch.stack([alpha, alpha.flip(0)])]  # two words of one image
     named = [[(0, (0, 0, 5, 10)), (1, (0, 0, 5, 10))]]  # flipped, the left half (locations 0, 2) holds 0.125 + 0.25
     score = attention_correctness(maps, named, grid=(2, 2), image_size=(10, 10))
