@@ -37,6 +37,8 @@ DATASET_NAMES = [
 def describe_dataset(spec: str, *, data_dir: str | None = None, val_fraction: float = 0.1) -> dict[str, Any]:
     """``{train_images, num_classes, img_size, in_chans}`` of a dataset without loading it (a folder's files are
     counted and a few image headers read): what `vitlab.train.defaults` chooses a model and schedule from."""
+    if is_clip_spec(spec):
+        raise VitlabError(f"{spec} holds video clips: train MMT on them with `vitlab retrieval train`")
     if is_segmentation(spec):
         return segmentation_facts(spec, val_fraction=val_fraction)
     if spec.startswith("folder:"):
