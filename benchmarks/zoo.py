@@ -121,16 +121,10 @@ def curve_scorer(test_images: int, precision: str):
 
 
 def run_entry(name: str, size: str, args: argparse.Namespace, teacher: Path | None) -> dict[str, Any]:
-    out = Path(args.out) / size / name
-    done = out / "zoo.json"
-    if done.exists():
-        return json.loads(done.read_text())
-    resume = (out / "checkpoints" / "last" / "trainer_state.pt").exists()
     values = {
         **RECIPE,
         "data": args.data,
         "model": name,
-        "out": str(out),
         "budget_s": args.budget,
         "threads": args.threads,
         "val_fraction": args.val_fraction,
@@ -139,25 +133,45 @@ def run_entry(name: str, size: str, args: argparse.Namespace, teacher: Path | No
         **({"teacher": str(teacher)} if teacher else {}),
         **args.set,
     }
+    record = {
+        "model": name,
+        "size": size,
+        "teacher": (args.teacher or TEACHER) if teacher else None,
+        "budget_s": args.budget,
+    }
+    return train_entry(Path(args.out) / size / name, values, record, curve_images=args.curve_images)
+
+
+def train_entry(
+    out: Path, values: dict[str, Any], record: dict[str, Any], *, curve_images: int, marker: str = "zoo.json"
+) -> dict[str, Any]:
+    """Train one entry (``values``: its TrainConfig) in ``out`` and return ``record`` with what it measured.
+
+    A finished entry (``out``/``marker`` exists) is read back, an interrupted one resumed exactly from its last
+    checkpoint; a failure is recorded as ``error`` instead of stopping an unattended benchmark."""
+    done = out / marker
+    if done.exists():
+        return json.loads(done.read_text())
+    resume = (out / "checkpoints" / "last" / "trainer_state.pt").exists()
+    values = {**values, "out": str(out)}
     if resume:  # the run's own recipe, with the step count its budget fixed
         values = load_yaml(out / "config.yaml")
     cfg = TrainConfig.from_dict(values)
     precision = resolve_precision(cfg.precision, "cpu")[0]
-    print(f"\n=== {name} at {size} training images ({'resuming' if resume else 'starting'}) ===", flush=True)
+    label, size = record.get("label", record["model"]), record["size"]
+    print(f"\n=== {label} at {size} training images ({'resuming' if resume else 'starting'}) ===", flush=True)
     try:
-        summary = train(cfg, resume=resume, on_eval=curve_scorer(args.curve_images, precision))
+        summary = train(cfg, resume=resume, on_eval=curve_scorer(curve_images, precision))
     except (VitlabError, RuntimeError) as e:  # one broken entry must not stop an unattended zoo: record it
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"{name} at {size}: failed: {first}", flush=True)
-        return {"model": name, "size": size, "error": first}
+        print(f"{label} at {size}: failed: {first}", flush=True)
+        return {**record, "error": first}
     best = from_pretrained(out / "checkpoints" / "best")
-    stats = model_stats(name)
+    stats = model_stats(cfg.model, **cfg.model_args)
     result = {
-        "model": name,
-        "family": get_variant(name)[0].arch,
-        "size": size,
+        **record,
+        "family": get_variant(cfg.model)[0].arch,
         "train_images": summary.get("train_images"),
-        "teacher": (args.teacher or TEACHER) if teacher else None,
         "test_accuracy": summary["test_accuracy"],
         "best_val_accuracy": summary["best_val_accuracy"],
         "params": stats["params"],
@@ -168,7 +182,6 @@ def run_entry(name: str, size: str, args: argparse.Namespace, teacher: Path | No
         "steps": summary["steps"],
         "epochs": summary["epochs"],
         "precision": summary["precision"],
-        "budget_s": args.budget,
         "curve": [(m["time_s"], m["test_acc"]) for m in read_metrics(out / "metrics.jsonl") if "test_acc" in m],
     }
     write_json(done, result)
@@ -234,12 +247,12 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def write_markdown(doc: Path, block: str) -> None:
+def write_markdown(doc: Path, block: str, *, begin: str = BEGIN, end: str = END, heading: str = "# The zoo") -> None:
     """Replace the generated block of ``doc`` (between the markers), keeping what was written around it."""
-    text = doc.read_text() if doc.exists() else "# The zoo\n\n" + BEGIN + "\n" + END + "\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
+    text = doc.read_text() if doc.exists() else heading + "\n\n" + begin + "\n" + end + "\n"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     doc.parent.mkdir(parents=True, exist_ok=True)
@@ -250,38 +263,52 @@ CNN_FAMILIES = {"resnet", "convnext", "nonlocal_cnn", "attention_cnn"}
 MARKERS = "o^sDvP*X"
 
 
-def plot(results: list[dict[str, Any]], sizes: list[str], data: str, curve_images: int, out: Path) -> None:
-    """Test accuracy against training time, one panel per training-set size: a colour per family, a marker per
-    variant within it, CNNs dashed."""
+def plot(
+    results: list[dict[str, Any]],
+    sizes: list[str],
+    data: str,
+    curve_images: int,
+    out: Path,
+    *,
+    colour_by: str = "family",
+    budgets: dict[str, float] | None = None,
+) -> None:
+    """Test accuracy against training time, one panel per training-set size: a colour per ``colour_by`` (family,
+    or the entry's label), a marker per variant within it, CNNs dashed; ``budgets`` (seconds per size) in the
+    titles."""
     plt = pyplot()
 
     sizes = [s for s in sizes if any(r["size"] == s and r.get("curve") for r in results)]
     if not sizes:
         return
     tab20 = plt.get_cmap("tab20")
-    families = sorted({r["family"] for r in results if r.get("curve")})
+    families = sorted({r[colour_by] for r in results if r.get("curve")})
     # the ten strong colours of tab20 first, then their light partners
     colour = {f: tab20((2 * i) % 20 + (2 * i) // 20) for i, f in enumerate(families)}
     fig, axes = plt.subplots(1, len(sizes), figsize=(10 * len(sizes), 6), squeeze=False)
     for ax, size in zip(axes[0], sizes):
         variant: dict[str, int] = {}
-        for r in sorted((r for r in results if r["size"] == size and r.get("curve")), key=lambda r: r["model"]):
+        for r in sorted(
+            (r for r in results if r["size"] == size and r.get("curve")), key=lambda r: r.get("label", r["model"])
+        ):
             t, acc = zip(*r["curve"])
-            k = variant[r["family"]] = variant.get(r["family"], -1) + 1
+            k = variant[r[colour_by]] = variant.get(r[colour_by], -1) + 1
             ax.plot(
                 t,
                 [100 * a for a in acc],
                 "--" if r["family"] in CNN_FAMILIES else "-",
-                color=colour[r["family"]],
+                color=colour[r[colour_by]],
                 marker=MARKERS[k % len(MARKERS)],
                 markersize=4,
-                label=f"{r['model']} ({100 * r['test_accuracy']:.1f}%)",
+                label=f"{r.get('label', r['model'])} ({100 * r['test_accuracy']:.1f}%)",
             )
         n = next((r["train_images"] for r in results if r["size"] == size and r.get("train_images")), None)
         ax.set(
             xlabel="training time (s)",
             ylabel=f"test accuracy (%, {curve_images:,} test images)",
-            title=f"{data}, {f'{n:,}' if n else 'all'} training images (CNNs dashed)",
+            title=f"{data}, {f'{n:,}' if n else 'all'} training images"
+            + (f", {budgets[size]:.0f} s of training per model" if budgets and size in budgets else "")
+            + " (CNNs dashed)",
         )
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), title="final test accuracy", title_fontsize=7)
@@ -369,9 +396,8 @@ def main() -> None:
                 teacher = Path(args.out) / size / TEACHER / "checkpoints" / "best"
             doc = Path(args.doc)
             png = doc.with_suffix(".png")
-            plot(
-                results, args.sizes, args.data, args.curve_images, png
-            )  # after every entry: a long zoo shows its progress
+            budgets = dict.fromkeys(args.sizes, args.budget)  # after every entry: a long zoo shows its progress
+            plot(results, args.sizes, args.data, args.curve_images, png, budgets=budgets)
             write_markdown(doc, markdown(results, args, command, png))
     print(f"\ntables in {args.doc}, plot in {Path(args.doc).with_suffix('.png')}")
 
