@@ -214,24 +214,36 @@ def time_to(curve: list[tuple[float, float]], target: float) -> float | None:
     return next((t for t, acc in curve if acc >= target), None)
 
 
+def late_gain(curve: list[tuple[float, float]]) -> float | None:
+    """Accuracy gained over the last quarter of the training time: near 0 when the curve has flattened (the
+    budget was long enough), None for a curve too short to tell."""
+    if len(curve) < 3:
+        return None
+    end_t, end_acc = curve[-1]
+    before = [acc for t, acc in curve if t <= 0.75 * end_t]
+    return end_acc - before[-1] if before else None
+
+
 # --- the report --------------------------------------------------------------------------------------------------
 def size_table(rows: list[dict[str, Any]], target: float) -> list[str]:
     plain = next((r for r in rows if r["group"] == "plain" and r.get("curve")), None)
     bar = max(acc for _, acc in plain["curve"]) if plain else None  # on the curve's own test images
     lines = [
         f"| entry | group | model | params | time to {100 * target:.0f}% | time to plain ViT's best "
-        "| final test acc | train img/s | steps | epochs |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| final test acc | gain in the last 25% of time | train img/s | steps | epochs |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in sorted((r for r in rows if "error" not in r), key=lambda r: -r["test_accuracy"]):
         reach = [time_to(r["curve"], target), time_to(r["curve"], bar) if bar is not None else None]
         reach_text = [f"{t:.0f} s" if t is not None else "not reached" for t in reach]
+        gain = late_gain(r["curve"])
         lines.append(
             f"| {r['label']} | {r['group']} | {r['model']} | {r['params']:,} | {reach_text[0]} | {reach_text[1]} "
-            f"| {100 * r['test_accuracy']:.2f}% | {r['train_images_per_s'] or 0:,.0f} | {r['steps']} "
+            f"| {100 * r['test_accuracy']:.2f}% | {f'{100 * gain:+.1f} points' if gain is not None else ''} "
+            f"| {r['train_images_per_s'] or 0:,.0f} | {r['steps']} "
             f"| {r['epochs']:.1f} |"
         )
-    lines += [f"| {r['label']} | failed: {r['error']} | | | | | | | | |" for r in rows if "error" in r]
+    lines += [f"| {r['label']} | failed: {r['error']} | | | | | | | | | |" for r in rows if "error" in r]
     return lines
 
 
