@@ -17,18 +17,19 @@ from vitlab.data import build_dataset
 from vitlab.data.scenes import generate_scenes, write_scene_folder
 
 TINY = "model_args={img_size: 32, patch_size: 8, depth: 4, embed_dim: 32, num_heads: 2, features: 16, label_dim: 16}"
+HELD_OUT = TINY[:-1] + ", unseen: [five]}"  # a zero-shot fold: class "five" is never trained on
 SCENES = "scenes:digits?count=40&size=32"
 
 
-def seg_train(out: Path, *extra: str) -> list[str]:
-    return ["seg", "train", "--data", SCENES, "--set", TINY, "--epochs", "2", "--batch-size", "16", "--precision",
+def seg_train(out: Path, *extra: str, model_args: str = TINY) -> list[str]:
+    return ["seg", "train", "--data", SCENES, "--set", model_args, "--epochs", "2", "--batch-size", "16", "--precision",
             "fp32", "--set", "num_workers=0", "--set", "threads=1", "--out", str(out), *extra]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def language_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("seg") / "run"
-    r = CliRunner().invoke(cli, seg_train(out))
+    r = CliRunner().invoke(cli, seg_train(out, model_args=HELD_OUT))
     assert r.exit_code == 0, r.output
     assert "mIoU" in r.output and "pixel accuracy" in r.output
     return out
@@ -43,14 +44,34 @@ def test_train_eval_writes_metrics(language_run: Path) -> None:
     assert {"miou", "pixel_accuracy", "iou", "labels", "count"} <= set(written)
     assert 0 <= written["miou"] <= 1 and 0 <= written["pixel_accuracy"] <= 1
     assert written["miou"] == pytest.approx(summary["miou"])  # the run's own test split, scored again
-    assert len(written["iou"]) == 13  # ten digits and three backgrounds
+    assert len(written["iou"]) == 12  # ten digits and three backgrounds, less the held-out one (its fold below)
     assert f"{written['miou']:.4f}" in r.output
+
+
+def test_held_out_class_is_never_trained_and_scored_as_a_fold(language_run: Path) -> None:
+    """model_args.unseen: the class leaves the training label set and its pixels are unlabelled; eval scores it in
+    ['others', class] episodes (FB-IoU) by default."""
+    from vitlab.data.segmentation import IGNORE
+    from vitlab.train import TrainConfig
+    from vitlab.train.segmentation import SegmentationTask
+
+    config = json.loads((language_run / "checkpoints" / "best" / "config.json").read_text())
+    assert "five" not in config["class_names"] and len(config["class_names"]) == 12
+    cfg = TrainConfig.from_dict(config["train_config"])
+    splits = build_dataset(cfg.data)
+    task = SegmentationTask(cfg, splits)
+    five = splits.class_names.index("five")
+    assert int((splits.train.masks == five).sum()) > 0
+    assert int((task.masks == IGNORE).sum()) == int((splits.train.masks == five).sum())
+    assert int(task.masks.max()) == 11
+    written = json.loads((language_run / "eval-test" / "seg_metrics.json").read_text())
+    assert written["fold"] == ["five"] and 0 <= written["fb_iou"] <= 1 and 0 <= written["fold_miou"] <= 1
 
 
 def test_eval_with_other_label_names(language_run: Path) -> None:
     """The language head embeds whatever names it is given: new names give other scores, a wrong count is refused."""
     best = str(language_run / "checkpoints" / "best")
-    names = ",".join(["digit zero", *"1 2 3 4 5 6 7 8 9".split(), "bricks", "lawn", "pebbles"])
+    names = ",".join(["digit zero", *"1 2 3 4 6 7 8 9".split(), "bricks", "lawn", "pebbles"])  # 'five' held out
     r = CliRunner().invoke(cli, ["seg", "eval", best, "--labels", names, "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["labels"][0] == "digit zero"

@@ -752,25 +752,28 @@ def seg_train(config_file, resume, sets, head, **flags) -> None:
 @seg.command("eval")
 @click.argument("checkpoint", type=click.Path())
 @click.option("--labels", help="Other names for the classes, in order, comma-separated (language head).")
+@click.option(
+    "--fold", help="Zero-shot fold: classes scored in ['others', class] episodes (default: the run's unseen)."
+)
 @click.option("--data", help="Other data with the same classes; default: the run's own held-out split.")
 @click.option("--data-dir")
 @click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True)
 @_ALLOW_CHANGED_DATA
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def seg_eval(checkpoint, labels, data, data_dir, split, allow_changed_data, as_json) -> None:
+def seg_eval(checkpoint, labels, fold, data, data_dir, split, allow_changed_data, as_json) -> None:
     """mIoU and pixel accuracy of a segmentation checkpoint; writes RUN/eval-SPLIT/seg_metrics.json."""
     import json
 
     from vitlab.segment import evaluate_checkpoint
 
-    r = evaluate_checkpoint(checkpoint, labels=labels, data=data, data_dir=data_dir, split=split,
+    r = evaluate_checkpoint(checkpoint, labels=labels, fold=fold, data=data, data_dir=data_dir, split=split,
                             allow_changed_data=allow_changed_data)  # fmt: skip
     if as_json:
         click.echo(json.dumps(r, indent=2))
         return
     click.echo(r["checked"])
     click.echo(f"{r['data']} {r['split']}: {r['count']} images")
-    for key in ("miou", "pixel_accuracy", "fb_iou"):
+    for key in ("miou", "pixel_accuracy", "fb_iou", "fold_miou"):
         if key in r:
             click.echo(f"  {key:<15} {r[key]:.4f}")
     width = max(len(n) for n in r["iou"])

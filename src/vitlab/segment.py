@@ -68,6 +68,7 @@ def evaluate_checkpoint(
     checkpoint: str | Path,
     *,
     labels: str | Sequence[str] | None = None,
+    fold: str | Sequence[str] | None = None,
     data: str | None = None,
     data_dir: str | None = None,
     split: str = "test",
@@ -76,11 +77,12 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """mIoU and pixel accuracy of ``checkpoint`` on its run's held-out ``split`` (checked against RUN/split.json),
     written to ``RUN/eval-{split}/seg_metrics.json`` (beside the checkpoint when it is not in a run). ``labels``
-    renames the classes, in order (synonyms, paraphrases): LSeg embeds the new names instead."""
+    renames the classes, in order (synonyms, paraphrases): LSeg embeds the new names instead. ``fold`` (default: the
+    classes the run held out, ``model_args.unseen``) adds LSeg's zero-shot episodes: ``fb_iou`` and ``fold_miou``."""
     from vitlab.data.manifest import held_out_split, run_dir_of
     from vitlab.data.segmentation import SegmentationSplits
     from vitlab.train.precision import run_precision
-    from vitlab.train.segmentation import evaluate_segmentation
+    from vitlab.train.segmentation import evaluate_fold, evaluate_segmentation, seen_classes, unseen_classes
 
     model, encoder, config = load_segmenter(checkpoint)
     train_cfg = config.get("train_config", {})
@@ -91,17 +93,31 @@ def evaluate_checkpoint(
     if not isinstance(splits, SegmentationSplits):
         raise VitlabError(f"{splits.name} has no label maps: evaluate on seg:scenes:... or segfolder:DIR")
     trained = list(model.pretrained_cfg.get("class_names") or splits.class_names)
-    names = parse_labels(labels) or list(splits.class_names)
-    if len(names) != splits.num_classes:
+    unseen = unseen_classes(train_cfg.get("model_args", {}), splits.class_names)
+    scored, remap = seen_classes(splits.class_names, unseen)  # as the run scored: held-out pixels unlabelled
+    names = parse_labels(labels) or scored
+    if len(names) != len(scored):
         raise VitlabError(
-            f"--labels gives {len(names)} names but {splits.name} has {splits.num_classes} classes "
-            f"({', '.join(splits.class_names)}); give one name per class, in that order"
+            f"--labels gives {len(names)} names but {splits.name} has {len(scored)} classes the run trained on "
+            f"({', '.join(scored)}); give one name per class, in that order"
         )
     r = evaluate_segmentation(model, dataset, label_features=label_features(encoder, names, trained),
-                              class_names=names, batch_size=batch_size, precision=precision)  # fmt: skip
+                              class_names=names, batch_size=batch_size, precision=precision,
+                              remap=remap)  # fmt: skip
     result = {"checkpoint": str(checkpoint), "data": splits.name, "split": split, "count": r["count"],
               "checked": checked, "labels": names, "miou": r["report"]["miou"],
               "pixel_accuracy": r["report"]["pixel_accuracy"], "iou": r["report"]["iou"]}  # fmt: skip
+    fold_names = parse_labels(fold) if fold is not None else unseen
+    if fold_names:
+        if encoder is None:
+            raise VitlabError("zero-shot folds name their classes: they need a language-head (LSeg) model")
+        every = splits.class_names
+        unknown = [c for c in fold_names if c not in every]
+        if unknown:
+            raise VitlabError(f"--fold names {unknown[0]!r}, not one of the classes ({', '.join(every)})")
+        f = evaluate_fold(model, dataset, encoder=encoder, fold=fold_names, class_names=every,
+                          batch_size=batch_size, precision=precision)  # fmt: skip
+        result.update(fb_iou=f["fb_iou"], fold_miou=f["miou"], fold_iou=f["iou"], fold=fold_names)
     out = (run_dir if run_dir is not None else Path(checkpoint)) / f"eval-{split}" / METRICS_NAME
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, result)

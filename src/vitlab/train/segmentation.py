@@ -13,7 +13,10 @@ This task supplies what differs:
   to the label map when the model's input size differs from the stored images'. Training "accuracy" is the mean
   over the batch's images of their pixel accuracy;
 * evaluation: mIoU and pixel accuracy from the confusion matrix summed over the split (`SegmentationMeter`, as
-  PyTorch-Encoding); ``accuracy``, which selects the best checkpoint, is the mIoU.
+  PyTorch-Encoding); ``accuracy``, which selects the best checkpoint, is the mIoU;
+* zero-shot folds: ``model_args.unseen`` (class names) holds classes out of training: their pixels are unlabelled
+  and their names are not in the training label set, so the model never sees them; `evaluate_fold` then scores
+  them in the ``['others', class]`` episodes of LSeg's zero-shot protocol (mIoU over the fold and FB-IoU, HSNet's).
 
 The decoder's sizes come with ``model_args`` keys ``features``, ``reassemble_dims`` (and ``readout``, ``hooks``,
 ``use_bn``), LSeg's pixel / label width with ``label_dim`` (its ``embed_dim``, 512); every other key sizes the
@@ -41,6 +44,37 @@ from vitlab.train.tasks import TaskOutput, unwrap
 
 DECODER_ARGS = ("features", "reassemble_dims", "readout", "hooks", "use_bn")
 LABEL_DIM = "label_dim"  # model_args key of LSeg's pixel / label width (its ``embed_dim``; the encoder has its own)
+UNSEEN = "unseen"  # model_args key of the classes held out of training (a zero-shot fold)
+TASK_ARGS = (*DECODER_ARGS, LABEL_DIM, UNSEEN)
+
+
+def unseen_classes(model_args: dict[str, Any], names: Sequence[str]) -> list[str]:
+    """The class names ``model_args.unseen`` holds out (a list, or a comma-separated string), checked."""
+    unseen = model_args.get(UNSEEN) or []
+    unseen = [u.strip() for u in unseen.split(",")] if isinstance(unseen, str) else [str(u) for u in unseen]
+    unknown = [u for u in unseen if u not in names]
+    if unknown:
+        raise VitlabError(f"model_args.unseen names {unknown[0]!r}, not a class of the data ({', '.join(names)})")
+    return unseen
+
+
+def seen_classes(names: Sequence[str], unseen: Sequence[str]) -> tuple[list[str], torch.Tensor | None]:
+    """(the classes trained and scored, the map from the data's class k to its index among them, -1 when held out;
+    None when nothing is held out)."""
+    seen = [n for n in names if n not in unseen]
+    if not unseen:
+        return seen, None
+    index = {n: i for i, n in enumerate(seen)}
+    return seen, torch.tensor([index.get(n, IGNORE) for n in names])
+
+
+def remap_masks(masks: torch.Tensor, remap: torch.Tensor | None) -> torch.Tensor:
+    """Label maps in the data's classes -> in the trained classes (``remap[k]``, -1 for a held-out class)."""
+    if remap is None:
+        return masks
+    return torch.where(masks >= 0, remap.to(masks.device)[masks.clamp(min=0)], masks)
+
+
 MINILM_NAMES = ("all_minilm_l6_v2", "minilm")
 
 
@@ -82,8 +116,11 @@ class SegmentationTask:
             )
         if cfg.teacher:
             raise VitlabError("distillation and segmentation do not combine; drop --teacher")
-        self.class_names = list(splits.class_names)
-        self.masks = splits.train.masks  # (N, H, W): the batches' labels index it
+        unseen = unseen_classes(cfg.model_args, splits.class_names)
+        if unseen and not cfg.text_model:
+            raise VitlabError("held-out classes (model_args.unseen) are segmented by name: use --head language")
+        self.class_names, self.remap = seen_classes(splits.class_names, unseen)
+        self.masks = remap_masks(splits.train.masks, self.remap)  # (N, H, W): the batches' labels index it
         self.text_model = cfg.text_model
         self.encoder = label_encoder(cfg.text_model) if cfg.text_model else None
         self.label_features: torch.Tensor | None = None
@@ -94,7 +131,7 @@ class SegmentationTask:
 
     def build_model(self, cfg: TrainConfig, splits: Any) -> nn.Module:
         decoder = {k: v for k, v in cfg.model_args.items() if k in DECODER_ARGS}
-        encoder = {k: v for k, v in cfg.model_args.items() if k not in (*DECODER_ARGS, LABEL_DIM)}
+        encoder = {k: v for k, v in cfg.model_args.items() if k not in TASK_ARGS}
         encoder["drop_path_rate"] = cfg.drop_path_rate
         if self.encoder is None:
             model = create_lseg(cfg.model, classifier_classes=len(self.class_names), encoder_args=encoder, **decoder)
@@ -129,7 +166,8 @@ class SegmentationTask:
         features = self.label_features if names == self.class_names or self.encoder is None else None
         if features is None and self.encoder is not None:
             features = self.encoder(names).to(next(unwrap(model).parameters()).device)
-        return evaluate_segmentation(model, dataset, label_features=features, class_names=names, **kwargs)
+        return evaluate_segmentation(model, dataset, label_features=features, class_names=names, remap=self.remap,
+                                     **kwargs)  # fmt: skip
 
 
 def evaluate_segmentation(
@@ -143,6 +181,7 @@ def evaluate_segmentation(
     precision: str = "fp32",
     dist_info: DistInfo | None = None,
     num_workers: int = 0,
+    remap: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Loss, mIoU (as ``accuracy``), pixel accuracy and per-class IoU of a split. Under torchrun each process scores
     its shard and the confusion matrices and loss sums are all-reduced before the scores are taken."""
@@ -161,7 +200,7 @@ def evaluate_segmentation(
                              num_workers=num_workers)  # fmt: skip
     for images, idx in batches:
         x = to_model_input(images.to(device), in_chans=in_chans, img_size=(h, w), mean=norm["mean"], std=norm["std"])
-        masks = dataset.masks[idx].to(device)  # (b, H, W)
+        masks = remap_masks(dataset.masks[idx], remap).to(device)  # (b, H, W) in the classes scored
         with autocast(device, precision):
             logits = resize_logits(segment(bare, x, label_features), masks.shape[-2:]).float()
         labelled = int((masks != IGNORE).sum())
@@ -178,3 +217,45 @@ def evaluate_segmentation(
               "iou": dict(zip(class_names, scores["iou"]))}  # fmt: skip
     return {"loss": (sums[0] / sums[1].clamp(min=1)).item(), "accuracy": scores["miou"], "count": len(dataset),
             "report": report}  # fmt: skip
+
+
+@torch.no_grad()
+def evaluate_fold(
+    model: nn.Module,
+    dataset: Any,
+    *,
+    encoder: LabelEncoder,
+    fold: Sequence[str],
+    class_names: Sequence[str],
+    batch_size: int = 64,
+    precision: str = "fp32",
+) -> dict[str, Any]:
+    """LSeg's zero-shot protocol (``test_lseg_zs.py``): for each class c of ``fold`` and each image showing it, an
+    episode with the labels ['others', c], scored against the binary map (c or not; unlabelled pixels left out).
+    Returns `FoldMeter`'s ``{"miou", "fb_iou", "iou"}`` (mIoU over the fold's classes, FB-IoU of all episodes)."""
+    from vitlab.metrics import FoldMeter
+
+    bare = unwrap(model).eval()
+    in_chans, h, w = bare.default_cfg["input_size"]
+    norm = bare.pretrained_cfg
+    device = next(bare.parameters()).device
+    meter = FoldMeter(ignore_index=IGNORE)
+    for name in fold:
+        k = list(class_names).index(name)
+        features = encoder(["others", name]).to(device)  # (2, E'): LSeg's episode label set
+        for images, idx in dataset.loader(batch_size, shuffle=False):
+            masks = dataset.masks[idx]
+            shows = (masks == k).flatten(1).any(1)  # (b,): the episodes are the images that show the class
+            if not shows.any():
+                continue
+            x = to_model_input(images[shows].to(device), in_chans=in_chans, img_size=(h, w), mean=norm["mean"],
+                               std=norm["std"])  # fmt: skip
+            target = (masks[shows] == k).long().masked_fill(masks[shows] == IGNORE, IGNORE)  # (e, H, W)
+            with autocast(device, precision):
+                logits = resize_logits(segment(bare, x, features), target.shape[-2:]).float()
+            meter.update(logits.argmax(1).cpu(), target, [k] * int(shows.sum()))
+    if not meter.confusion:
+        raise VitlabError(f"no image of the split shows {', '.join(fold)}: nothing to score the fold on")
+    scores = meter.compute()
+    return {"miou": scores["miou"], "fb_iou": scores["fb_iou"],
+            "iou": {class_names[c]: v for c, v in scores["iou"].items()}}  # fmt: skip
