@@ -214,3 +214,17 @@ def test_named_positions_find_an_items_last_word() -> None:
     tokens = tokens[1 : tokens.index(model.eos_id)]  # the words: a bag right of an ankle boot
     items = [("ankle boot", [0, 0, 4, 4]), ("bag", [4, 4, 8, 8]), ("sneaker", [1, 1, 2, 2])]
     assert sorted(captioning.named_positions(model, tokens, items)) == [(1, [4, 4, 8, 8]), (6, [0, 0, 4, 4])]
+
+
+def test_default_image_model_for_scenes_keeps_left_and_right() -> None:
+    """No --image-model: the data's row chooses the encoder (one that takes the scenes' 64 px RGB), and none of its
+    classification schedule, whose hflip would swap the captions' left and right."""
+    from vitlab._registry import get_variant
+    from vitlab.train.defaults import apply_data_defaults
+
+    values = {"data": "scenes:digits", "caption_args": {"decoder": "soft"}}
+    chosen, why = apply_data_defaults(values, set(values))
+    _, kwargs, cfg = get_variant(chosen["model"])
+    assert chosen["model_args"].get("img_size", kwargs.get("img_size", cfg["input_size"][1])) == 64
+    assert chosen["model_args"].get("in_chans", kwargs.get("in_chans", cfg["input_size"][0])) == 3
+    assert "hflip" not in chosen and "budget_s" not in chosen and "image tower" in why
