@@ -735,9 +735,14 @@ def seg_train(config_file, resume, sets, head, **flags) -> None:
         raise VitlabError("--head classifier has no text encoder; drop --text-model or use --head language")
     overrides["text_model"] = overrides.get("text_model", "all_minilm_l6_v2") if head == "language" else None
     if not config_file and not resume:
+        from vitlab.data.sources import describe_dataset
+
         recipe = dict(SEG_RECIPE)
         if "model" in overrides:  # another encoder keeps its own patches; the decoder stays narrow
             recipe["model_args"] = {"features": 64}
+        # the encoder at the data's size: 64 px scenes are not blown up to the variant's 224
+        size = describe_dataset(overrides["data"], data_dir=overrides.get("data_dir"))["img_size"]
+        recipe["model_args"] = {**recipe["model_args"], "img_size": list(size)}
         overrides = merge_options(recipe, overrides)
     summary = run_training(_train_config(config_file, resume, overrides), resume=resume)
     if int(os.environ.get("RANK", "0")) == 0:
