@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -149,6 +149,15 @@ def move_off_init(model: torch.nn.Module, std: float = 0.05) -> torch.nn.Module:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _folder_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Folders decoded into memory are cached under the session's temporary directory, not the user's cache (torchrun
+    workers inherit it)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VITLAB_FOLDER_CACHE", str(tmp_path_factory.mktemp("folder-cache")))
+        yield
 
 
 def fit_one_batch(model: torch.nn.Module, steps: int = 20, lr: float = 1e-2) -> list[float]:

@@ -20,6 +20,8 @@ from vitlab.errors import VitlabError
 
 @pytest.fixture(autouse=True)
 def cache_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The user's cache directory, where decoded folders go when VITLAB_FOLDER_CACHE is not set."""
+    monkeypatch.delenv("VITLAB_FOLDER_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     return tmp_path / "cache"
 
@@ -61,7 +63,7 @@ def test_the_cache_is_used_again_and_rebuilt_when_a_file_changes(tmp_path, decod
     first = build(root)
     assert all(s.images is not None for s in (first.train, first.val, first.test))  # 12 images fit in memory
     assert sorted(decodes) == sorted(str(p) for p in root.rglob("*.png"))  # each file once, the stats included
-    [entry] = (cache_home / "vitlab" / "folders").iterdir()
+    [entry] = (cache_home / "vitlab" / "folders").iterdir()  # $XDG_CACHE_HOME/vitlab/folders
 
     decodes.clear()
     again = build(root)
@@ -126,7 +128,7 @@ def test_skip_bad_images_gives_the_same_split_manifest_in_memory_or_not(tmp_path
 
     # without skipping, both build and both fail only when a batch holds the file, in the same one line
     monkeypatch.undo()
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("VITLAB_FOLDER_CACHE", str(tmp_path / "cache"))
     errors = []
     for budget in (folder.IN_MEMORY_BYTES, 0):
         monkeypatch.setattr(folder, "IN_MEMORY_BYTES", budget)

@@ -2,8 +2,9 @@
 
 A folder whose decoded images fit in memory (`IN_MEMORY_BYTES`) is decoded once, by a pool of threads (Pillow
 releases the GIL while it decodes and resizes), cached as one ``.npy`` file under ``$XDG_CACHE_HOME/vitlab/folders``
-keyed by the files' paths, sizes and modification times and the decoded size and channels, and then batched by
-indexing one tensor, as the built-in datasets are: a tiny folder otherwise spends its run starting DataLoader workers.
+(``$VITLAB_FOLDER_CACHE`` when set) keyed by the files' paths, sizes and modification times and the decoded size and
+channels, and then batched by indexing one tensor, as the built-in datasets are: a tiny folder otherwise spends its
+run starting DataLoader workers.
 
 A larger folder is decoded lazily by DataLoader workers, kept alive across epochs (``persistent_workers``). A worker
 never raises on a bad file: it hands back a marker that the main process turns into a one-line `VitlabError`,
@@ -46,6 +47,7 @@ TEST_SPLIT_SEED = 0  # the test split is the same for every run seed, so runs ar
 # 1 GiB is 1.3 M images of 28x28 grey, 110,000 of 56x56 RGB, 7,100 of 224x224 RGB.
 IN_MEMORY_BYTES = 1 << 30
 CACHE_VERSION = 1  # part of the cache key: a change to how files decode makes new entries
+CACHE_ENV = "VITLAB_FOLDER_CACHE"  # where decoded folders are cached, instead of the user's cache directory
 
 
 def load_image(path: str | Path, *, in_chans: int = 3, img_size: tuple[int, int] = DEFAULT_IMG_SIZE) -> Tensor:
@@ -189,7 +191,7 @@ def folder_cache_path(paths: Sequence[str], *, in_chans: int, img_size: tuple[in
     for path in paths:
         st = os.stat(path)
         h.update(f"{os.path.abspath(path)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
-    return cache_dir() / "folders" / f"{h.hexdigest()[:32]}.npy"
+    return Path(os.environ.get(CACHE_ENV) or cache_dir() / "folders") / f"{h.hexdigest()[:32]}.npy"
 
 
 def decode_files(paths: Sequence[str], *, in_chans: int, img_size: tuple[int, int]) -> tuple[Tensor, dict[int, str]]:
