@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -113,3 +117,42 @@ def test_a_tiny_folder_with_no_flags_plans_seconds_and_an_early_stop(tmp_path) -
     train_images = 24 - 2 * round(24 * cfg.val_fraction)
     steps_per_epoch = max(1, math.floor(train_images / cfg.batch_size))  # a batch larger than the split shrinks
     assert cfg.epochs * steps_per_epoch <= 100 and cfg.patience == 10  # at most 100 steps, stopped 10 evals after
+
+
+# Rank 1 scores its own way (a task that does not reduce its accuracy over the ranks): it improves at every evaluation
+RANK_1_ALWAYS_IMPROVES = """
+import json, os, sys
+
+from vitlab.train import TrainConfig, train
+from vitlab.train.tasks import ClassificationTask
+
+if os.environ["RANK"] == "1":
+    real, calls = ClassificationTask.evaluate, []
+
+    def rising(self, *args, **kwargs):
+        calls.append(1)
+        return {**real(self, *args, **kwargs), "accuracy": len(calls) / 1000}
+
+    ClassificationTask.evaluate = rising
+summary = train(TrainConfig.from_dict(json.loads(sys.argv[1])))
+print("RESULT", json.dumps({"steps": summary["steps"], "stop_reason": summary["stop_reason"]}), flush=True)
+"""
+
+
+def test_every_rank_stops_at_the_same_step(data, tmp_path) -> None:
+    script = tmp_path / "run.py"
+    script.write_text(RANK_1_ALWAYS_IMPROVES)
+    values = {**config(data, tmp_path / "run").to_dict(), "batch_size": 4}  # 2 x 4: the same steps as 1 x 8
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # a rank that went on alone would wait for the other at its next collective: the timeout catches that hang
+    done = subprocess.run(
+        [*launch, str(script), json.dumps(values)], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    results = [json.loads(line.split(" ", 1)[1]) for line in done.stdout.splitlines() if line.startswith("RESULT")]
+    assert len(results) == 2 and all(r["stop_reason"] for r in results)  # each says its own best, rank 0 prints
+    assert results[0]["steps"] == results[1]["steps"] < 40

@@ -868,7 +868,9 @@ def evaluate_and_record(loop: Loop, state: RunState, *, lr: float, rate: float) 
         scores = f"val_acc {val['accuracy']:.4f} val_loss {val['loss']:.4f} " if val["accuracy"] is not None else ""
         loop.progress.message(f"eval step {state.step}: {scores}train_loss {record['train_loss']:.4f}")
     improved = val["accuracy"] is None or val["accuracy"] > state.best_acc
-    # the accuracy is reduced over every rank, so every rank counts alike and stops at the same step
+    if cfg.patience:  # rank 0's verdict counts on every rank, so all stop at the same step (classification's accuracy
+        # is reduced over the ranks already; a task that scores each rank's shard apart must not split them)
+        improved = bool(broadcast(torch.tensor([float(improved)], dtype=torch.float64), run.info).item())
     state.stale = 0 if improved else state.stale + 1
     state.stop_reason = state.stop_reason or out_of_patience(cfg, state)
     if improved:
