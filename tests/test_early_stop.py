@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -143,10 +142,8 @@ def test_every_rank_stops_at_the_same_step(data, tmp_path) -> None:
     script = tmp_path / "run.py"
     script.write_text(RANK_1_ALWAYS_IMPROVES)
     values = {**config(data, tmp_path / "run").to_dict(), "batch_size": 4}  # 2 x 4: the same steps as 1 x 8
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    # --standalone: torchrun finds a free port itself (a port picked here could be taken before it binds it)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # a rank that went on alone would wait for the other at its next collective: the timeout catches that hang
     done = subprocess.run(
