@@ -22,9 +22,10 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+from collections.abc import Awaitable
 from dataclasses import dataclass, replace
 from importlib import resources
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 from urllib.parse import quote
 
 import torch
@@ -42,6 +43,7 @@ from vitlab.serve.guard import Guard, default_allowed_hosts, error
 from vitlab.serve.images import UploadError, decode_upload
 
 log = logging.getLogger("vitlab.serve")
+T = TypeVar("T")
 
 ImageField = Annotated[UploadFile, File(description="The image: PNG, JPEG, WebP, BMP or GIF.")]
 OK_PART_TYPES = ("image/", "application/octet-stream")  # what browsers and curl send for an image file
@@ -185,18 +187,7 @@ def create_app(
         body_timeout_s=cfg.body_timeout_s,
     )
 
-    @app.exception_handler(Exception)
-    async def _failed(_request: Request, exc: Exception) -> JSONResponse:  # JSON like every other error
-        log.error("request failed", exc_info=exc)
-        return error(500, f"the server failed: {type(exc).__name__}: {_first_line(exc)}")
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        e = exc.errors()[0]
-        where = " ".join(str(p) for p in e.get("loc", ()))
-        if e.get("type") == "missing" and "file" in where:
-            return error(400, "no field 'file' in the form: send the image as multipart/form-data field 'file'")
-        return error(422, f"{where}: {e.get('msg', 'invalid')}")
+    _add_error_handlers(app)
 
     async def read_image(file: UploadFile) -> torch.Tensor:
         ctype = (file.content_type or "application/octet-stream").lower()
@@ -208,6 +199,12 @@ def create_app(
             decoder,
             lambda: decode_upload(data, in_chans=in_chans, img_size=(h, w), max_pixels=cfg.max_pixels),
         )
+
+    async def predict_one(file: UploadFile) -> torch.Tensor:
+        return await batcher.submit(await read_image(file))
+
+    async def explain_upload(file: UploadFile) -> tuple[bytes, str, float]:
+        return await batcher.run(explain_one, await read_image(file))  # in the queue, in turn, as a prediction
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
@@ -258,15 +255,9 @@ def create_app(
         top_k: Annotated[int, Query(ge=1, description="How many classes to return (at most all of them).")] = 5,
     ) -> Any:
         """Top-k classes with probabilities for one image."""
-        try:
-            image = await read_image(file)
-            probs = await batcher.submit(image)
-        except UploadError as e:
-            return error(e.status, str(e))
-        except QueueFull as e:
-            return error(503, str(e), **{"Retry-After": "1"})
-        except Exception as e:  # the model's own failure (logged by the batcher): this request fails, not the server
-            return error(500, f"the model failed: {type(e).__name__}: {_first_line(e)}")
+        probs = await _attempt(predict_one(file))  # the model's failure is logged by the batcher
+        if isinstance(probs, JSONResponse):
+            return probs
         return {"model": classifier.model_name, "top": top_classes(probs, names, min(top_k, cfg.max_top_k))}
 
     def explain_one(image: torch.Tensor) -> tuple[bytes, str, float]:
@@ -290,20 +281,47 @@ def create_app(
         global attention answer 422 with the reason."""
         if explain_note is not None:
             return error(422, explain_note)
-        try:
-            image = await read_image(file)
-            png, name, prob = await batcher.run(explain_one, image)  # in the queue, in turn, as a prediction
-        except UploadError as e:
-            return error(e.status, str(e))
-        except QueueFull as e:
-            return error(503, str(e), **{"Retry-After": "1"})
-        except Exception as e:  # the model's own failure: log it, answer, keep serving
-            log.exception("explanation failed")
-            return error(500, f"the model failed: {type(e).__name__}: {_first_line(e)}")
+        answer = await _attempt(explain_upload(file), log_as="explanation failed")
+        if isinstance(answer, JSONResponse):
+            return answer
+        png, name, prob = answer
         headers = {"X-Vitlab-Class": quote(name), "X-Vitlab-Probability": f"{prob:.6f}"}
         return Response(png, media_type="image/png", headers=headers)
 
     return app
+
+
+async def _attempt(work: Awaitable[T], *, log_as: str | None = None) -> T | JSONResponse:
+    """The result of a request's work, or its error answer: a bad upload's 4xx, a full queue's 503 (with
+    Retry-After), the model's own failure as a 500 (logged as ``log_as``) after which the server keeps serving."""
+    try:
+        return await work
+    except UploadError as e:
+        return error(e.status, str(e))
+    except QueueFull as e:
+        return error(503, str(e), **{"Retry-After": "1"})
+    except Exception as e:
+        if log_as:
+            log.exception(log_as)
+        return error(500, f"the model failed: {type(e).__name__}: {_first_line(e)}")
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error as JSON `ErrorBody`: an unhandled exception (500) and FastAPI's validation errors (a missing
+    'file' field is a 400 with what to send, anything else a 422 naming the parameter)."""
+
+    @app.exception_handler(Exception)
+    async def _failed(_request: Request, exc: Exception) -> JSONResponse:
+        log.error("request failed", exc_info=exc)
+        return error(500, f"the server failed: {type(exc).__name__}: {_first_line(exc)}")
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        e = exc.errors()[0]
+        where = " ".join(str(p) for p in e.get("loc", ()))
+        if e.get("type") == "missing" and "file" in where:
+            return error(400, "no field 'file' in the form: send the image as multipart/form-data field 'file'")
+        return error(422, f"{where}: {e.get('msg', 'invalid')}")
 
 
 def _first_line(e: BaseException) -> str:
