@@ -406,8 +406,9 @@ def build_task(
     device: torch.device | str = "cpu",
     splits: DatasetSplits | None = None,
 ) -> Task:
-    """The task a `TrainConfig` asks for: contrastive image-text training when it names a text tower, captioning
-    when it has caption_args, distillation when it names a teacher, else classification."""
+    """The task a `TrainConfig` and its data ask for: segmentation on label maps, retrieval on clips' features,
+    captioning when it has caption_args, contrastive image-text training when it names a text tower, distillation
+    when it names a teacher, else classification."""
     if isinstance(splits, SegmentationSplits):  # label maps: LSeg with text_model, else its classifier-head baseline
         return SegmentationTask(cfg, splits)
     if isinstance(splits, VideoSplits):  # clips' expert features and captions: MMT retrieval
