@@ -84,25 +84,55 @@ def _options(flags: dict, sets: tuple[str, ...]) -> dict:
     return {**given, **extra}
 
 
+def _loop_options(f):
+    """The options of every command that trains through the loop (`vitlab train`, `clip`, `caption`, `seg` and
+    `retrieval train`): where the data is, the schedule, how and where it runs, and --set for the rest."""
+    options = [
+        click.option("--data-dir", help="Where dataset files are (or are downloaded to)."),
+        click.option("--epochs", type=int),
+        click.option("--batch-size", type=int, help="Samples per step per process."),
+        click.option("--lr", type=float, help="Peak learning rate."),
+        click.option(
+            "--precision",
+            type=click.Choice(["auto", "fp32", "bf16"]),
+            help="auto (default): bf16 autocast where the hardware has native bf16 (AMX, AVX512-BF16, CUDA), else "
+            "fp32.",
+        ),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"])),
+        click.option("--seed", type=int),
+        click.option("--out", help="Run directory (default runs/DATA-MODEL-TIME)."),
+        click.option("--resume", is_flag=True, help="Continue the run in --out from checkpoints/last."),
+        click.option("--max-steps", type=int, help="Stop after this many optimizer steps."),
+        click.option(
+            "--budget",
+            "budget_s",
+            help="Size the schedule to this much training time (600, 90s, 10m): warmup and cosine end at the budget.",
+        ),
+        click.option("--time-budget", "time_budget_s", type=float, help="Stop after this many seconds of training."),
+        click.option(
+            "--log",
+            help="tensorboard: also write RUN/tensorboard/ (pip install vitlab[tensorboard]); metrics.jsonl is always "
+            "written. Under torchrun: --set log=tensorboard.",
+        ),
+        click.option(
+            "--set",
+            "sets",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="Any other option of the recipe, e.g. --set ema_decay=0.999 --set model_args.depth=6.",
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
 @cli.command()
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML recipe (see configs/).")
 @click.option("--model", help="Model name (vitlab models lists them); default: chosen from the data.")
 @click.option("--data", help="digits | fashion-mnist | cifar10 | cifar100 | folder:PATH")
-@click.option("--data-dir", help="Where dataset files are (or are downloaded to).")
 @click.option("--classes", help="Train on a class subset, e.g. 0-5 or cat,dog (relabelled 0..k-1, names kept).")
-@click.option("--epochs", type=int)
-@click.option("--batch-size", type=int, help="Images per step per process.")
-@click.option("--lr", type=float, help="Peak learning rate.")
-@click.option(
-    "--precision",
-    type=click.Choice(["auto", "fp32", "bf16"]),
-    help="auto (default): bf16 autocast where the hardware has native bf16 (AMX, AVX512-BF16, CUDA), else fp32.",
-)
 @click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the model.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--seed", type=int)
-@click.option("--out", help="Run directory (default runs/DATA-MODEL-TIME).")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from checkpoints/last.")
 @click.option("--skip-bad-images", is_flag=True, default=None, help="Skip unreadable images in folder datasets.")
 @click.option("--teacher", help="Distil from this checkpoint (vitlab, HF or timm; any architecture).")
 @click.option("--distill", type=click.Choice(["hard", "soft"]), help="Distillation kind (default hard).")
@@ -114,24 +144,7 @@ def _options(flags: dict, sets: tuple[str, ...]) -> dict:
 )
 @click.option("--freeze", type=click.Choice(["backbone"]), help="backbone: train only the classifier (linear probe).")
 @click.option("--layer-decay", type=float, help="Learning rate x F per layer below the head (e.g. 0.75).")
-@click.option("--max-steps", type=int, help="Stop after this many optimizer steps.")
-@click.option(
-    "--budget",
-    "budget_s",
-    help="Size the schedule to this much training time (600, 90s, 10m): warmup and cosine end at the budget.",
-)
-@click.option("--time-budget", "time_budget_s", type=float, help="Stop after this many seconds of training.")
-@click.option(
-    "--log",
-    help="tensorboard: also write RUN/tensorboard/ (pip install vitlab[tensorboard]); metrics.jsonl is always written.",
-)
-@click.option(
-    "--set",
-    "sets",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Any other option of the recipe, e.g. --set ema_decay=0.999 --set model_args='{depth: 6}'.",
-)
+@_loop_options
 def train(config_file, resume, sets, compile_, **flags) -> None:
     """Train a model; writes metrics, curves, checkpoints and a summary into the run directory."""
     from vitlab.train import train as run_training
@@ -529,29 +542,14 @@ def clip() -> None:
     help="captions:FILE.csv|.tsv|.jsonl, captions:fashion-mnist|digits, scenes:fashion-mnist|digits or "
     "coco-captions:DIR.",
 )
-@click.option("--data-dir", help="Where built-in dataset files are.")
 @click.option("--image-column", help="Caption file column (key) with the image paths (default filepath).")
 @click.option("--caption-column", help="Caption file column (key) with the captions (default title).")
 @click.option("--unseen", help="Built-in sets: classes held out of training, comma-separated ('' for none).")
 @click.option("--embed-dim", type=int, help="Width of the joint embedding (default 512).")
 @click.option("--lock-text/--tune-text", default=None, help="Freeze the text tower (a pretrained one).")
 @click.option("--lock-image/--tune-image", default=None, help="Freeze the image tower.")
-@click.option("--epochs", type=int)
-@click.option("--batch-size", type=int, help="Image-caption pairs per step per process.")
-@click.option("--lr", type=float, help="Peak learning rate.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]))
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--seed", type=int)
-@click.option("--out", help="Run directory (default runs/DATA-MODEL-TIME).")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from checkpoints/last.")
 @click.option("--skip-bad-images", is_flag=True, default=None, help="Leave out rows with missing or bad images.")
-@click.option("--max-steps", type=int, help="Stop after this many optimizer steps.")
-@click.option("--time-budget", "time_budget_s", type=float, help="Stop after this many seconds of training.")
-@click.option(
-    "--log",
-    help="tensorboard: also write RUN/tensorboard/ (pip install vitlab[tensorboard]); metrics.jsonl is always written.",
-)
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Any other training option.")
+@_loop_options
 def clip_train(
     config_file, resume, sets, image_column, caption_column, unseen, embed_dim, lock_text, lock_image, **flags
 ) -> None:
@@ -699,7 +697,6 @@ def seg() -> None:
     show_default=True,
     help="scenes:fashion-mnist|digits[?count=N&size=PX] or segfolder:DIR (images/, masks/, labels.txt).",
 )
-@click.option("--data-dir", help="Where Fashion-MNIST's files are.")
 @click.option("--image-model", "model", help="Dense encoder: any ViT-style model (default vit_tiny_patch16_224, 8 px "
               "patches); --set model_args.features=... sizes the decoder.")  # fmt: skip
 @click.option(
@@ -712,17 +709,7 @@ def seg() -> None:
 @click.option(
     "--text-model", help="language head: all_minilm_l6_v2 (default, packaged) or a `vitlab clip train` checkpoint."
 )
-@click.option("--epochs", type=int)
-@click.option("--batch-size", type=int, help="Images per step per process.")
-@click.option("--lr", type=float, help="Peak learning rate.")
-@click.option("--budget", "budget_s", help="Size the schedule to this much training time (90s, 2m, 10m).")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]))
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--seed", type=int)
-@click.option("--out", help="Run directory (default runs/DATA-MODEL-TIME).")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from checkpoints/last.")
-@click.option("--max-steps", type=int, help="Stop after this many optimizer steps.")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Any other training option.")
+@_loop_options
 def seg_train(config_file, resume, sets, head, **flags) -> None:
     """Train a segmentation model through the same loop, checkpoints and resume as `vitlab train`."""
     from vitlab.data.segmentation import segmentation_spec
@@ -819,30 +806,8 @@ def caption() -> None:
 @click.option(
     "--data", help="scenes:fashion-mnist|digits (the default: fashion-mnist), coco-captions:DIR, captions:..."
 )
-@click.option("--data-dir", help="Where built-in dataset files are.")
-@click.option("--epochs", type=int)
-@click.option("--batch-size", type=int, help="Images per step per process (one of its captions each).")
-@click.option("--lr", type=float, help="Peak learning rate.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]))
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--seed", type=int)
-@click.option("--out", help="Run directory (default runs/DATA-MODEL-TIME).")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from checkpoints/last.")
 @click.option("--skip-bad-images", is_flag=True, default=None, help="Leave out missing or unreadable images.")
-@click.option("--max-steps", type=int, help="Stop after this many optimizer steps.")
-@click.option("--budget", "budget_s", help="Size the schedule to this much training time (600, 90s, 10m).")
-@click.option("--time-budget", "time_budget_s", type=float, help="Stop after this many seconds of training.")
-@click.option(
-    "--log",
-    help="tensorboard: also write RUN/tensorboard/ (pip install vitlab[tensorboard]); metrics.jsonl is always written.",
-)
-@click.option(
-    "--set",
-    "sets",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Any other training option, e.g. --set caption_args.min_count=2 --set caption_args.decoder_args='{dim: 128}'.",
-)
+@_loop_options
 def caption_train(config_file, resume, sets, decoder, **flags) -> None:
     """Train a captioner through the same loop, checkpoints, --budget and resume as `vitlab train`."""
     from vitlab.train import train as run_training
@@ -954,20 +919,10 @@ def retrieval() -> None:
     show_default=True,
     help="clips:fashion-mnist|digits[?count=N&size=PX&seed=S] or videofeatures:DIR (vitlab data clips).",
 )
-@click.option("--data-dir", help="Where Fashion-MNIST's files are.")
 @click.option("--text-model", help="Caption encoder (default all_minilm_l6_v2, the packaged MiniLM).")
 @click.option("--tune-text", is_flag=True, default=None, help="Fine-tune the caption encoder (default: frozen).")
 @click.option("--loss", type=click.Choice(["max_margin", "infonce"]), help="Ranking loss (default max_margin, 0.05).")
-@click.option("--epochs", type=int)
-@click.option("--batch-size", type=int, help="Caption-clip pairs per step per process.")
-@click.option("--lr", type=float, help="Peak learning rate.")
-@click.option("--budget", "budget_s", help="Size the schedule to this much training time (90s, 2m, 10m).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--seed", type=int)
-@click.option("--out", help="Run directory (default runs/DATA-mmt-TIME).")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from checkpoints/last.")
-@click.option("--max-steps", type=int, help="Stop after this many optimizer steps.")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Any other option, e.g. model_args.depth=4.")
+@_loop_options
 def retrieval_train(config_file, resume, sets, tune_text, loss, **flags) -> None:
     """Train MMT on clips through the same loop, checkpoints and resume as `vitlab train`."""
     from vitlab.train import train as run_training
