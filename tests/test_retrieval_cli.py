@@ -37,7 +37,7 @@ def test_eval_writes_retrieval_metrics(run: Path) -> None:
     summary = json.loads((run / "summary.json").read_text())
     r = CliRunner().invoke(cli, ["retrieval", "eval", str(run / "checkpoints" / "best")])
     assert r.exit_code == 0, r.output
-    written = json.loads((run / "eval-test" / "retrieval_metrics.json").read_text())
+    written = json.loads((run / "checkpoints" / "best" / "eval-test" / "retrieval_metrics.json").read_text())
     assert set(KEYS) <= set(written)
     n = written["count"]
     assert all(0 <= written[k] <= 100 for k in KEYS if "_r" in k and not k.endswith("r"))

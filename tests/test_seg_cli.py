@@ -40,7 +40,7 @@ def test_train_eval_writes_metrics(language_run: Path) -> None:
     assert summary["test_accuracy"] == summary["miou"]  # mIoU is what selects and what the report scores
     r = CliRunner().invoke(cli, ["seg", "eval", str(language_run / "checkpoints" / "best")])
     assert r.exit_code == 0, r.output
-    written = json.loads((language_run / "eval-test" / "seg_metrics.json").read_text())
+    written = json.loads((language_run / "checkpoints" / "best" / "eval-test" / "seg_metrics.json").read_text())
     assert {"miou", "pixel_accuracy", "iou", "labels", "count"} <= set(written)
     assert 0 <= written["miou"] <= 1 and 0 <= written["pixel_accuracy"] <= 1
     assert written["miou"] == pytest.approx(summary["miou"])  # the run's own test split, scored again
@@ -64,7 +64,7 @@ def test_held_out_class_is_never_trained_and_scored_as_a_fold(language_run: Path
     assert int((splits.train.masks == five).sum()) > 0
     assert int((task.masks == IGNORE).sum()) == int((splits.train.masks == five).sum())
     assert int(task.masks.max()) == 11
-    written = json.loads((language_run / "eval-test" / "seg_metrics.json").read_text())
+    written = json.loads((language_run / "checkpoints" / "best" / "eval-test" / "seg_metrics.json").read_text())
     assert written["fold"] == ["five"] and 0 <= written["fb_iou"] <= 1 and 0 <= written["fold_miou"] <= 1
 
 

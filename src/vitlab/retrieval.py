@@ -23,7 +23,7 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """R@1/5/10, median and mean rank, text-to-video and video-to-text (`vitlab.metrics.retrieval_metrics`), of
     ``checkpoint`` on its run's held-out ``split`` (checked against RUN/split.json); written to
-    ``RUN/eval-{split}/retrieval_metrics.json`` (beside the checkpoint when it is not in a run)."""
+    ``CHECKPOINT/eval-{split}/retrieval_metrics.json`` (as every `eval` writes, so best and last keep their own)."""
     from vitlab.checkpoint import from_pretrained
     from vitlab.data.clips import VideoSplits
     from vitlab.data.manifest import held_out_split, run_dir_of
@@ -46,7 +46,7 @@ def evaluate_checkpoint(
     r = evaluate_retrieval(model, dataset, batch_size=batch_size, loss_args=loss_args)
     result = {"checkpoint": str(checkpoint), "data": splits.name, "split": split, "count": r["count"],
               "checked": checked, **r["report"]}  # fmt: skip
-    out = (run_dir if run_dir is not None else path) / f"eval-{split}" / METRICS_NAME
+    out = (path if path.is_dir() else path.parent) / f"eval-{split}" / METRICS_NAME
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, result)
     return {**result, "path": str(out)}

@@ -76,9 +76,10 @@ def evaluate_checkpoint(
     allow_changed_data: bool = False,
 ) -> dict[str, Any]:
     """mIoU and pixel accuracy of ``checkpoint`` on its run's held-out ``split`` (checked against RUN/split.json),
-    written to ``RUN/eval-{split}/seg_metrics.json`` (beside the checkpoint when it is not in a run). ``labels``
-    renames the classes, in order (synonyms, paraphrases): LSeg embeds the new names instead. ``fold`` (default: the
-    classes the run held out, ``model_args.unseen``) adds LSeg's zero-shot episodes: ``fb_iou`` and ``fold_miou``."""
+    written to ``CHECKPOINT/eval-{split}/seg_metrics.json`` (as every `eval` writes, so best and last keep their own).
+    ``labels`` renames the classes, in order (synonyms, paraphrases): LSeg embeds the new names instead. ``fold``
+    (default: the classes the run held out, ``model_args.unseen``) adds LSeg's zero-shot episodes: ``fb_iou`` and
+    ``fold_miou``."""
     from vitlab.data.manifest import held_out_split, run_dir_of
     from vitlab.data.segmentation import SegmentationSplits
     from vitlab.train.precision import run_precision
@@ -118,7 +119,7 @@ def evaluate_checkpoint(
         f = evaluate_fold(model, dataset, encoder=encoder, fold=fold_names, class_names=every,
                           batch_size=batch_size, precision=precision)  # fmt: skip
         result.update(fb_iou=f["fb_iou"], fold_miou=f["miou"], fold_iou=f["iou"], fold=fold_names)
-    out = (run_dir if run_dir is not None else Path(checkpoint)) / f"eval-{split}" / METRICS_NAME
+    out = (Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent) / f"eval-{split}" / METRICS_NAME
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, result)
     return {**result, "path": str(out)}
