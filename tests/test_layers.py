@@ -153,3 +153,21 @@ def test_resample_pos_embed() -> None:
     assert resample_pos_embed(pe.bfloat16(), (2, 2)).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="cannot infer the grid"):
         resample_pos_embed(torch.randn(1, 1 + 15, 8), (4, 4))
+
+
+def test_no_weight_decay_names_prefix_each_part_with_its_name() -> None:
+    """A composite model (CLIP, a captioner) keeps its parts' position tables and tokens out of weight decay under
+    the names its own state dict gives them; a part without `no_weight_decay` adds none."""
+    from vitlab import create_model
+    from vitlab.layers import no_weight_decay_names
+
+    class Pair(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.image = create_model("vit_tiny_patch4_28", depth=1)
+            self.head = torch.nn.Linear(2, 2)
+
+    pair = Pair()
+    names = no_weight_decay_names(image=pair.image, head=pair.head)
+    assert names and names == {f"image.{n}" for n in pair.image.no_weight_decay()}
+    assert names <= {n for n, _ in pair.named_parameters()}

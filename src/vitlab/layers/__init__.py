@@ -28,7 +28,7 @@ from vitlab.layers.peg import PEG
 from vitlab.layers.pos_embed import resample_pos_embed, sincos_pos_embed_1d, sincos_pos_embed_2d
 from vitlab.layers.spt import ShiftedPatchTokenization, shifted_copies
 from vitlab.layers.std_conv import StdConv2d
-from vitlab.layers.weight_init import trunc_normal_init, zero_init
+from vitlab.layers.weight_init import no_weight_decay_names, trunc_normal_init, zero_init
 from vitlab.layers.window import (
     WindowAttention,
     relative_position_index,
@@ -72,6 +72,7 @@ __all__ = [
     "low_precision_inference",
     "map_to_tokens",
     "mimetic_init_",
+    "no_weight_decay_names",
     "pad_same",
     "record_attention",
     "relative_position_index",

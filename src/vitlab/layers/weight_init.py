@@ -43,3 +43,10 @@ def zero_init(head: nn.Module) -> None:
     if isinstance(head, nn.Linear):
         nn.init.zeros_(head.weight)
         nn.init.zeros_(head.bias)
+
+
+def no_weight_decay_names(**parts: nn.Module) -> set[str]:
+    """The parameters each named part of a composite model keeps out of weight decay (its own ``no_weight_decay()``;
+    none for a part without it), under the part's attribute name: what a CLIP pair or a captioner answers for its
+    towers."""
+    return {f"{prefix}.{name}" for prefix, part in parts.items() for name in getattr(part, "no_weight_decay", set)()}

@@ -44,7 +44,15 @@ from torch import nn
 
 from vitlab._registry import build_model, build_variant, check_model_name, register_architecture
 from vitlab.errors import VitlabError
-from vitlab.layers import Attention, CrossAttention, Mlp, map_to_tokens, record_attention, trunc_normal_init
+from vitlab.layers import (
+    Attention,
+    CrossAttention,
+    Mlp,
+    map_to_tokens,
+    no_weight_decay_names,
+    record_attention,
+    trunc_normal_init,
+)
 from vitlab.models.text import TOKENIZER_FILE, TextTokenizer, causal_mask
 
 PAPER = (
@@ -549,10 +557,7 @@ class CaptionModel(nn.Module):
         return out
 
     def no_weight_decay(self) -> set[str]:
-        skip = set()
-        for prefix, part in (("encoder", self.encoder), ("decoder", self.decoder)):
-            skip |= {f"{prefix}.{n}" for n in getattr(part, "no_weight_decay", lambda: set())()}
-        return skip
+        return no_weight_decay_names(encoder=self.encoder, decoder=self.decoder)
 
     # --- files beside the weights (`vitlab.checkpoint` calls these) ---------------------------------------------
     def save_files(self, directory: str | Path) -> None:

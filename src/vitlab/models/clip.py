@@ -53,6 +53,7 @@ from vitlab._registry import (
     register_hf_exporter,
 )
 from vitlab.errors import VitlabError
+from vitlab.layers import no_weight_decay_names
 from vitlab.models._export import export_hf_encoder, refuse_options
 from vitlab.models.text import (
     SOT,
@@ -188,10 +189,7 @@ class CLIP(nn.Module):
         return CLIPOutput(logits_per_image, logits_per_image.t(), image_embeds, text_embeds, scale)
 
     def no_weight_decay(self) -> set[str]:
-        skip = {"logit_scale"}
-        for prefix, tower in (("image_encoder", self.image_encoder), ("text_encoder", self.text_encoder)):
-            skip |= {f"{prefix}.{n}" for n in getattr(tower, "no_weight_decay", lambda: set())()}
-        return skip
+        return {"logit_scale"} | no_weight_decay_names(image_encoder=self.image_encoder, text_encoder=self.text_encoder)
 
     # --- files beside the weights (`vitlab.checkpoint` calls these) -------------------------------------------------
     def save_files(self, directory: str | Path) -> None:
