@@ -112,6 +112,72 @@ def test_aggregated_tokens_and_temporal_embeddings() -> None:
     assert tiny_mmt(temporal=False).temporal_embed is None
 
 
+def test_without_temporal_embeddings_timestamps_change_nothing() -> None:
+    features, timestamps, masks = clips(4)
+    shifted = {e: (t + 3.0).flip(1) for e, t in timestamps.items()}  # other seconds, in another order
+    for temporal in (True, False):
+        model = tiny_mmt(temporal=temporal).eval()
+        with torch.no_grad():
+            video, _ = model.encode_video(features, timestamps, masks)
+            moved, _ = model.encode_video(features, shifted, masks)
+        assert torch.allclose(moved, video, atol=1e-6) is not temporal  # with them, when things happen matters
+
+
+def test_mean_pool_baseline() -> None:
+    """MoEE's video side: per expert the mean of its real features through a gated unit; no transformer, so the
+    order of features and the other experts reach nothing, and every parameter it has is trained."""
+    model = tiny_mmt(aggregation="mean").eval()
+    assert not any(n.startswith(("blocks", "expert_", "temporal_")) for n, _ in model.named_parameters())
+    features, timestamps, masks = clips(6)
+    with torch.no_grad():
+        video, available = model.encode_video(features, timestamps, masks)
+        sims = model(captions(6), features, timestamps, masks)
+        perm = torch.randperm(6)  # appearance and audio streams are all real or all missing: any order of them
+        order, _ = model.encode_video(dict(features, appearance=features["appearance"][:, perm],
+                                           audio=features["audio"][:, perm]), timestamps, masks)  # fmt: skip
+        alone = model.encode_video(dict(features, audio=torch.randn_like(features["audio"])), timestamps, masks)[0]
+    assert video.shape == (6, 3, 32) and sims.shape == (6, 6)
+    assert available[:, 2].tolist() == [False, True, True, False, True, True]
+    torch.testing.assert_close(video.norm(dim=-1)[available], torch.ones(16))  # a missing expert's weight is 0
+    motion = features["motion"][:, :4].mean(1)  # (6, 12): the mean of the 4 real features, padding left out
+    torch.testing.assert_close(video[:, 1], model.video_units["motion"](motion))
+    torch.testing.assert_close(order, video, atol=1e-6, rtol=0)  # order of features within a stream: invisible
+    torch.testing.assert_close(alone[:, :2], video[:, :2])  # another expert's features: invisible
+    model.train()
+    max_margin_ranking_loss(model(captions(6), features, timestamps, masks), margin=1.0).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    with pytest.raises(vitlab.VitlabError, match="aggregation"):
+        tiny_mmt(aggregation="max")
+
+
+def test_an_expert_subset_ignores_the_others() -> None:
+    from vitlab.train.retrieval import expert_subset
+
+    assert expert_subset(EXPERTS, None) == EXPERTS
+    assert expert_subset(EXPERTS, "audio, appearance") == {"audio": 8, "appearance": 24}
+    for bad in (["sound"], [], ["audio", "audio"]):
+        with pytest.raises(vitlab.VitlabError, match=r"model_args\.experts"):
+            expert_subset(EXPERTS, bad)
+    torch.manual_seed(0)
+    full = tiny_mmt()
+    torch.manual_seed(0)
+    text_args = {"vocab_size": VOCAB, "eot_token_id": EOT, "width": 32, "depth": 1, "num_heads": 2,
+                 "context_length": 16}  # fmt: skip
+    model = MMT(experts=expert_subset(EXPERTS, ["motion", "audio"]), text_model="text_transformer",
+                text_args=text_args, d_model=32, depth=2, num_heads=2, max_seconds=8, text_pool="tower",
+                drop_rate=0.0).eval()  # fmt: skip
+    assert model.experts == ["motion", "audio"] and set(model.expert_proj) == {"motion", "audio"}
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in full.parameters())
+    features, timestamps, masks = clips(4)
+    with torch.no_grad():
+        video, available = model.encode_video(features, timestamps, masks)
+        other = dict(features, appearance=torch.randn_like(features["appearance"]))
+        again, _ = model.encode_video(other, timestamps, masks)
+        sims = model(captions(4), features, timestamps, masks)
+    assert video.shape == (4, 2, 32) and available.shape == (4, 2) and sims.shape == (4, 4)
+    torch.testing.assert_close(again, video)  # the dropped appearance stream reaches nothing
+
+
 def test_mixture_weights_renormalise_over_available_experts() -> None:
     model = tiny_mmt().eval()
     features, timestamps, masks = clips(3)

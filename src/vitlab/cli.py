@@ -922,14 +922,20 @@ def retrieval() -> None:
 @click.option("--text-model", help="Caption encoder (default all_minilm_l6_v2, the packaged MiniLM).")
 @click.option("--tune-text", is_flag=True, default=None, help="Fine-tune the caption encoder (default: frozen).")
 @click.option("--loss", type=click.Choice(["max_margin", "infonce"]), help="Ranking loss (default max_margin, 0.05).")
+@click.option("--experts", help="The experts the model sees, comma-separated (default: all the data's).")
+@click.option("--no-temporal", is_flag=True, default=None, help="No temporal embeddings (the order of events unseen).")
+@click.option("--aggregation", type=click.Choice(["transformer", "mean"]),
+              help="transformer (MMT, default) or mean: the mean-pool + gated-unit baseline (MoEE).")  # fmt: skip
 @_loop_options
-def retrieval_train(config_file, resume, sets, tune_text, loss, **flags) -> None:
+def retrieval_train(config_file, resume, sets, tune_text, loss, experts, no_temporal, aggregation, **flags) -> None:
     """Train MMT on clips through the same loop, checkpoints and resume as `vitlab train`."""
     from vitlab.train import train as run_training
     from vitlab.train.config import merge_options
 
     overrides = _options(flags, sets)
-    args = {**({"lock_text": False} if tune_text else {}), **({"loss": loss} if loss else {})}
+    given = {"loss": loss, "experts": experts, "aggregation": aggregation}
+    args = {**({"lock_text": False} if tune_text else {}), **({"temporal": False} if no_temporal else {}),
+            **{k: v for k, v in given.items() if v}}  # fmt: skip
     overrides = merge_options(overrides, {"model_args": args}) if args else overrides
     overrides.setdefault("text_model", "all_minilm_l6_v2")
     if not config_file and not resume:

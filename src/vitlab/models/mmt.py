@@ -39,6 +39,10 @@ Two bugs of the released code are avoided, each with a test: ``F.normalize(x)`` 
 [B, K, d] stream over time (dim 1), not over features (every normalisation here names ``dim=-1``); and
 ``hasattr(tokenizer, "cls_token_ids")`` (a typo) meant [CLS] and [SEP] were never added (vitlab's BERT tokenizers add
 them, and `MMT` refuses captions whose first token is not [CLS] when it knows the id).
+
+**Baseline** (``aggregation='mean'``): no transformer, no expert or temporal embeddings; each expert's features are
+mean-pooled over time and projected by a gated embedding unit of the video side, as in Miech et al.'s mixture of
+embedding experts (MoEE), the baseline MMT's Table 5 improves on. The caption side and the similarity are MMT's.
 """
 
 from __future__ import annotations
@@ -130,6 +134,7 @@ class MMT(nn.Module):
         mlp_ratio: float = 6.0,  # MMT's MSR-VTT config: hidden 512, intermediate 3072
         max_seconds: int = 30,  # its 32 position rows, less [CLS] and "unknown"
         temporal: bool = True,
+        aggregation: Literal["transformer", "mean"] = "transformer",
         text_pool: Literal["cls", "tower"] = "cls",
         cls_token_id: int | None = None,
         lock_text: bool = False,
@@ -141,22 +146,20 @@ class MMT(nn.Module):
             raise VitlabError("MMT needs at least one expert: experts={'name': feature_width, ...}")
         if text_pool not in ("cls", "tower"):
             raise VitlabError(f"text_pool must be 'cls' or 'tower', got {text_pool!r}")
+        if aggregation not in ("transformer", "mean"):
+            raise VitlabError(
+                f"aggregation must be 'transformer' (MMT) or 'mean' (MoEE's baseline), got {aggregation!r}"
+            )
         self.experts = list(experts)
-        self.d_model, self.max_seconds, self.temporal = d_model, max_seconds, temporal
+        self.d_model, self.max_seconds, self.aggregation = d_model, max_seconds, aggregation
+        self.temporal = temporal and aggregation == "transformer"
         self.text_pool, self.cls_token_id, self.lock_text = text_pool, cls_token_id, lock_text
         # --- video side
-        self.expert_proj = nn.ModuleDict({name: nn.Linear(dim, d_model) for name, dim in experts.items()})
-        self.expert_embed = nn.Embedding(len(self.experts), d_model)  # E^n
-        self.temporal_embed = nn.Embedding(max_seconds + 1, d_model) if temporal else None  # row 0: T_agg
-        self.embed_norm = nn.LayerNorm(d_model, eps=1e-12)  # BERT's embedding LayerNorm (layer_norm_eps 1e-12)
-        self.embed_drop = nn.Dropout(drop_rate)
-        dpr = drop_path_rates(drop_path_rate, depth)
-        self.blocks = nn.ModuleList(
-            Block(d_model, num_heads=num_heads, mlp_ratio=mlp_ratio, proj_drop=drop_rate, attn_drop=drop_rate,
-                  drop_path=p)
-            for p in dpr
-        )  # fmt: skip
-        self.norm = nn.LayerNorm(d_model)
+        if aggregation == "mean":
+            self.video_units = nn.ModuleDict({name: GatedEmbeddingUnit(dim, d_model) for name, dim in experts.items()})
+        else:
+            self._build_transformer(experts, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+                                    drop_rate=drop_rate, drop_path_rate=drop_path_rate)  # fmt: skip
         # --- caption side
         self.text_encoder = build_text_tower(text_model, dict(text_args or {}))
         if text_pool == "cls" and isinstance(self.text_encoder, TextTransformer):
@@ -176,9 +179,27 @@ class MMT(nn.Module):
             self.text_encoder.requires_grad_(False)
         self.train()
 
+    def _build_transformer(
+        self, experts: Mapping[str, int], *, depth: int, num_heads: int, mlp_ratio: float, drop_rate: float,
+        drop_path_rate: float
+    ) -> None:  # fmt: skip
+        d_model = self.d_model
+        self.expert_proj = nn.ModuleDict({name: nn.Linear(dim, d_model) for name, dim in experts.items()})
+        self.expert_embed = nn.Embedding(len(self.experts), d_model)  # E^n
+        self.temporal_embed = nn.Embedding(self.max_seconds + 1, d_model) if self.temporal else None  # row 0: T_agg
+        self.embed_norm = nn.LayerNorm(d_model, eps=1e-12)  # BERT's embedding LayerNorm (layer_norm_eps 1e-12)
+        self.embed_drop = nn.Dropout(drop_rate)
+        dpr = drop_path_rates(drop_path_rate, depth)
+        self.blocks = nn.ModuleList(
+            Block(d_model, num_heads=num_heads, mlp_ratio=mlp_ratio, proj_drop=drop_rate, attn_drop=drop_rate,
+                  drop_path=p)
+            for p in dpr
+        )  # fmt: skip
+        self.norm = nn.LayerNorm(d_model)
+
     @torch.no_grad()
     def _init_embeddings(self) -> None:
-        for table in (self.expert_embed, self.temporal_embed):
+        for table in (getattr(self, "expert_embed", None), getattr(self, "temporal_embed", None)):
             if table is not None:
                 nn.init.trunc_normal_(table.weight, std=0.02)
 
@@ -201,11 +222,7 @@ class MMT(nn.Module):
         """One expert's aggregated token and features: tokens [B, 1 + K, d], position ids [B, 1 + K], which tokens
         are real [B, 1 + K]."""
         B, K, _ = x.shape
-        if t.shape != (B, K) or mask.shape != (B, K):
-            raise VitlabError(
-                f"expert {name!r}: features {tuple(x.shape)} need timestamps and a mask of shape {(B, K)}, got "
-                f"{tuple(t.shape)} and {tuple(mask.shape)}"
-            )
+        _check_stream(name, x, t, mask)
         mask = mask.bool()
         present = mask.any(dim=1)  # (B,)
         x = x.masked_fill(~mask[..., None], 0.0)  # padding (NaN included) never enters a sum
@@ -225,21 +242,16 @@ class MMT(nn.Module):
         """Per expert: features [B, K_n, d_n], timestamps in seconds [B, K_n], masks [B, K_n] (True where a feature
         is real; all False for a clip that lacks the expert) -> (expert embeddings [B, M, d_model], unit length;
         available [B, M], whether the clip has the expert)."""
-        missing = [n for n in self.experts if n not in features or n not in timestamps or n not in masks]
-        if missing:
-            raise VitlabError(
-                f"no features, timestamps or mask for expert(s) {', '.join(missing)}: give every expert, with an "
-                "all-False mask where a clip lacks it"
-            )
+        self._check_experts(features, timestamps, masks)
+        if self.aggregation == "mean":
+            return self.encode_video_mean(features, timestamps, masks)
         parts = [self.expert_tokens(n, features[n], timestamps[n], masks[n]) for n in self.experts]
         x = torch.cat([p[0] for p in parts], dim=1)  # (B, N, d)
         keep = torch.cat([p[2] for p in parts], dim=1)  # (B, N)
         lengths = [p[0].shape[1] for p in parts]
         agg_index = torch.tensor([0, *lengths[:-1]], device=x.device).cumsum(0)  # each expert's aggregated token
         available = keep[:, agg_index]  # (B, M)
-        if not bool(available.any(dim=1).all()):
-            i = int((~available.any(dim=1)).nonzero()[0])
-            raise VitlabError(f"clip {i} of the batch has no feature from any expert: drop it or give it one")
+        _check_available(available)
         types = torch.arange(len(self.experts), device=x.device).repeat_interleave(
             torch.tensor(lengths, device=x.device)
         )
@@ -252,6 +264,35 @@ class MMT(nn.Module):
             x = block(x, attn_mask)
         out = self.norm(x)[:, agg_index]  # (B, M, d): Psi_agg^n
         return F.normalize(out, dim=-1), available
+
+    def encode_video_mean(
+        self,
+        features: Mapping[str, torch.Tensor],
+        timestamps: Mapping[str, torch.Tensor],
+        masks: Mapping[str, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The MoEE baseline: per expert the mean of its real features through its gated embedding unit; no
+        transformer, so neither order nor the other experts reach an embedding. Same in and out as `encode_video`."""
+        out, present = [], []
+        for name in self.experts:
+            x, mask = features[name], masks[name]
+            _check_stream(name, x, timestamps[name], mask)
+            mask = mask.bool()
+            x = x.masked_fill(~mask[..., None], 0.0)  # (B, K, d_n): padding (NaN included) never enters the sum
+            mean = x.sum(dim=1) / mask.sum(dim=1, keepdim=True).clamp_min(1)  # (B, d_n)
+            out.append(self.video_units[name](mean))
+            present.append(mask.any(dim=1))
+        available = torch.stack(present, dim=1)  # (B, M)
+        _check_available(available)
+        return torch.stack(out, dim=1), available  # (B, M, d), unit length
+
+    def _check_experts(self, features: Mapping, timestamps: Mapping, masks: Mapping) -> None:
+        missing = [n for n in self.experts if n not in features or n not in timestamps or n not in masks]
+        if missing:
+            raise VitlabError(
+                f"no features, timestamps or mask for expert(s) {', '.join(missing)}: give every expert, with an "
+                "all-False mask where a clip lacks it"
+            )
 
     # --- caption -----------------------------------------------------------------------------------------------
     def caption_features(self, ids: torch.Tensor) -> torch.Tensor:
@@ -305,7 +346,7 @@ class MMT(nn.Module):
         return self.similarity(self.encode_text(ids), self.encode_video(features, timestamps, masks))
 
     def no_weight_decay(self) -> set[str]:
-        return {"expert_embed.weight", "temporal_embed.weight"}
+        return {n for n in ("expert_embed.weight", "temporal_embed.weight") if n in dict(self.named_parameters())}
 
     # --- files beside the weights (`vitlab.checkpoint` calls these) ---------------------------------------------
     def save_files(self, directory: str | Path) -> None:
@@ -315,6 +356,22 @@ class MMT(nn.Module):
     def load_files(self, directory: str | Path) -> None:
         if (Path(directory) / TOKENIZER_FILE).exists():
             self.tokenizer = TextTokenizer.load(directory, context_length=self.context_length)
+
+
+def _check_stream(name: str, x: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> None:
+    B, K = x.shape[:2]
+    if x.ndim != 3 or t.shape != (B, K) or mask.shape != (B, K):
+        raise VitlabError(
+            f"expert {name!r}: features {tuple(x.shape)} need timestamps and a mask of shape {(B, K)}, got "
+            f"{tuple(t.shape)} and {tuple(mask.shape)}"
+        )
+
+
+def _check_available(available: torch.Tensor) -> None:
+    """available [B, M]: every clip needs a feature from some expert (else its mixture weights are all 0)."""
+    if not bool(available.any(dim=1).all()):
+        i = int((~available.any(dim=1)).nonzero()[0])
+        raise VitlabError(f"clip {i} of the batch has no feature from any expert: drop it or give it one")
 
 
 # --- losses ------------------------------------------------------------------------------------------------------

@@ -5,8 +5,10 @@ placeholders and clip indices (`vitlab.data.clips.VideoFeatureDataset`); this ta
 
 * the model: `vitlab.models.mmt.create_mmt` over the data's experts, with the caption encoder ``cfg.text_model``
   (default all_minilm_l6_v2, the packaged MiniLM, a BERT that adds [CLS] and [SEP]); ``cfg.model`` is ``mmt``;
-  ``model_args`` sizes it (``d_model``, ``depth``, ``num_heads``, ``temporal``, ``lock_text``, ``max_seconds``, ...)
-  and names the loss: ``loss`` (``max_margin``, MMT's, or ``infonce``) and ``margin`` (0.05);
+  ``model_args`` sizes it (``d_model``, ``depth``, ``num_heads``, ``temporal``, ``lock_text``, ``max_seconds``,
+  ``aggregation``: ``mean`` for the MoEE baseline, ...), picks ``experts`` (a list of the data's expert names: the
+  model sees only those; default all) and names the loss: ``loss`` (``max_margin``, MMT's, or ``infonce``) and
+  ``margin`` (0.05);
 * the loss: each clip's caption is drawn from a generator of (seed, epoch) (as CLIP's task draws), the [B, B]
   similarities of the batch's captions and clips go through the bidirectional max-margin ranking loss. The batch is
   each process's own (no gathering across processes). Training "accuracy" is in-batch text-to-video top-1;
@@ -38,6 +40,20 @@ def takes_images(model: str) -> bool:
     return model not in FEATURE_MODELS
 
 
+def expert_subset(experts: dict[str, int], names: list[str] | str | None) -> dict[str, int]:
+    """The data's experts (name -> width) that ``names`` picks, in its order (a list, or one comma-separated string);
+    all of them for None."""
+    if names is None:
+        return dict(experts)
+    names = [n.strip() for n in names.split(",")] if isinstance(names, str) else [str(n) for n in names]
+    unknown = [n for n in names if n not in experts]
+    if unknown or not names or len(set(names)) != len(names):
+        raise VitlabError(
+            f"model_args.experts={names}: name each of the data's experts at most once, from {', '.join(experts)}"
+        )
+    return {n: experts[n] for n in names}
+
+
 def ranking_loss(sims: torch.Tensor, *, loss: str = "max_margin", margin: float = 0.05) -> torch.Tensor:
     if loss == "max_margin":
         return max_margin_ranking_loss(sims, margin=margin)
@@ -56,6 +72,7 @@ class RetrievalTask:
             raise VitlabError("mixup, cutmix, label smoothing and distillation have no meaning for retrieval")
         self.loss_args = {k: v for k, v in cfg.model_args.items() if k in LOSS_ARGS}
         ranking_loss(torch.zeros(2, 2), **self.loss_args)  # a wrong loss name is refused before the run starts
+        self.experts = expert_subset(splits.experts, cfg.model_args.get("experts"))  # a wrong name too
         self.text_model = cfg.text_model or MINILM
         self.train = splits.train
         self.counts = torch.tensor([len(c) for c in self.train.captions])
@@ -64,11 +81,11 @@ class RetrievalTask:
 
     def describe(self) -> str:
         loss = self.loss_args.get("loss", "max_margin")
-        return f"text-to-video retrieval (MMT, {self.text_model} captions, {loss} loss)"
+        return f"text-to-video retrieval (MMT, {', '.join(self.experts)}; {self.text_model} captions, {loss} loss)"
 
     def build_model(self, cfg: TrainConfig, splits: Any) -> nn.Module:
-        args = {k: v for k, v in cfg.model_args.items() if k not in LOSS_ARGS}
-        model = create_mmt(splits.experts, text_model=self.text_model, drop_path_rate=cfg.drop_path_rate, **args)
+        args = {k: v for k, v in cfg.model_args.items() if k not in (*LOSS_ARGS, "experts")}
+        model = create_mmt(self.experts, text_model=self.text_model, drop_path_rate=cfg.drop_path_rate, **args)
         model.pretrained_cfg = {"mean": [0.0], "std": [1.0]}
         return model
 
