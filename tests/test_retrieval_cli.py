@@ -119,3 +119,37 @@ def test_text_to_video_r1_selects(monkeypatch) -> None:
     r = retrieval.evaluate_retrieval(torch.nn.Linear(1, 1), [0, 1])
     assert r["report"]["t2v_r1"] == 50 and r["report"]["v2t_r1"] == 0
     assert r["accuracy"] == 0.5
+
+
+def test_appearance_from_a_frozen_vitlab_encoder(tmp_path: Path) -> None:
+    """``encoder=CHECKPOINT``: the appearance expert is the model's pooled features of each frame, at its size,
+    channels and normalisation; the clips, captions and other experts are those drawn without it."""
+    import torch
+
+    import vitlab
+    from vitlab.data.clips import FrameEncoder
+    from vitlab.data.transforms import to_model_input
+
+    torch.manual_seed(0)
+    model = vitlab.create_model("vit_tiny_patch4_28", img_size=12, in_chans=1, depth=1, embed_dim=24, num_heads=2,
+                                num_classes=3).eval()  # fmt: skip
+    vitlab.save_pretrained(model, tmp_path / "enc")
+    frames = np.random.default_rng(0).uniform(0, 255, (5, 16, 16, 3)).astype(np.float32)
+    x = to_model_input(torch.from_numpy(frames).permute(0, 3, 1, 2) / 255, in_chans=1, img_size=(12, 12),
+                       mean=(0.5,), std=(0.5,))  # fmt: skip
+    with torch.no_grad():
+        by_hand = model.forward_head(model.forward_features(x), pre_logits=True).numpy()
+    np.testing.assert_allclose(FrameEncoder(tmp_path / "enc")(frames), by_hand, atol=1e-5)
+
+    plain = build_dataset("clips:digits?count=12&size=16")
+    encoded = build_dataset(f"clips:digits?count=12&size=16&encoder={tmp_path / 'enc'}")
+    assert encoded.experts == {**EXPERTS, "appearance": 24} and encoded.data_hash != plain.data_hash
+    for a, b in zip(plain.train.clips, encoded.train.clips):
+        assert a.captions == b.captions and len(b.experts["appearance"][0]) == len(a.experts["appearance"][0])
+        assert all(np.array_equal(a.experts[n][0], b.experts[n][0]) for n in ("motion", "audio", "ocr"))
+    clips, _ = generate_clips(count=12, size=16, source="digits", encoder=str(tmp_path / "enc"))
+    write_clip_folder(clips, tmp_path / "c")  # the folder records the encoder's width
+    assert build_dataset(f"videofeatures:{tmp_path / 'c'}").data_hash == encoded.data_hash
+    r = CliRunner().invoke(cli, ["retrieval", "train", "--data", f"clips:digits?encoder={tmp_path / 'nothing'}",
+                                 "--out", str(tmp_path / "r")])  # fmt: skip
+    assert r.exit_code == 2 and r.output.startswith("error: ") and r.output.count("\n") == 1, r.output

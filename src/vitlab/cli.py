@@ -1019,12 +1019,13 @@ def data_scenes(out, count, size, seed, items, data_dir) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="The same seed writes the same clips.")
 @click.option("--items", type=click.Choice(["fashion-mnist", "digits"]), default="fashion-mnist", show_default=True)
 @click.option("--data-dir", help="Where Fashion-MNIST's files are.")
-def data_clips(out, count, size, seed, items, data_dir) -> None:
+@click.option("--encoder", type=click.Path(), help="A vitlab image model: its frozen features are appearance.")
+def data_clips(out, count, size, seed, items, data_dir, encoder) -> None:
     """Write synthetic clips as expert features (features/ID.npz) and captions.json (--data videofeatures:OUT)."""
     from vitlab.data.clips import generate_clips, parse_clip_spec, write_clip_folder
 
     parse_clip_spec(f"clips:{items}?count={count}&size={size}&seed={seed}")  # the same checks as --data clips:
-    clips, notes = generate_clips(count=count, size=size, seed=seed, source=items, data_dir=data_dir)
+    clips, notes = generate_clips(count=count, size=size, seed=seed, source=items, data_dir=data_dir, encoder=encoder)
     for note in notes:
         click.echo(f"note: {note}")
     counts = write_clip_folder(clips, out)

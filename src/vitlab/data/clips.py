@@ -7,8 +7,11 @@ pitch is drawn apart from what is seen) and some an overlaid digit on a run of f
 
 Each clip is kept as its experts' feature streams with timestamps in seconds, as MMT's experts give them:
 
-* ``appearance`` [T, 192]: each frame average-pooled to 8x8 RGB (cheap pooled pixels, not a frozen vitlab encoder:
-  on 2 CPU cores this keeps a thousand clips to seconds; a user's own extracted features take its place);
+* ``appearance`` [T, 192]: each frame average-pooled to 8x8 RGB (cheap pooled pixels: on 2 CPU cores this keeps a
+  thousand clips to seconds, and needs no weights, which vitlab does not ship); or, with ``encoder=CHECKPOINT``, a
+  frozen vitlab image model's pooled features of each frame [T, D] (``forward_head(..., pre_logits=True)``, at its
+  input size, channels and normalisation: `FrameEncoder`), e.g. a classifier trained in a minute with
+  ``vitlab train --data fashion-mnist``; a grey model sees the frames' luma, so colour is lost to it;
 * ``motion`` [T - 1, 64]: the grey difference of consecutive frames pooled to 8x8, at the midpoint between them;
 * ``audio`` [E, 16]: a 16-bin spectrum per entrance, a peak at the tone's pitch; absent ([0, 16]) without sound;
 * ``ocr`` [F, 10]: what an OCR system reads on each frame that shows the digit (one-hot); absent without it.
@@ -16,9 +19,10 @@ Each clip is kept as its experts' feature streams with timestamps in seconds, as
 Captions come from a grammar whose words depend on one modality only (the pitch: audio; the digit: OCR; moving
 left or right: motion; colour and class: appearance) or on the order of events ("first ..., then ... comes in").
 
-``clips:SOURCE[?count=N&size=PX&seed=S]`` names them in memory; `write_clip_folder` (``vitlab data clips``) writes
-``DIR/features/ID.npz`` (per expert its array and ``EXPERT_t``, its timestamps) and ``DIR/captions.json`` (each
-clip's id, split and captions), the format ``videofeatures:DIR`` reads, users' own features included.
+``clips:SOURCE[?count=N&size=PX&seed=S&encoder=CHECKPOINT]`` names them in memory; `write_clip_folder` (``vitlab
+data clips``) writes ``DIR/features/ID.npz`` (per expert its array and ``EXPERT_t``, its timestamps) and
+``DIR/captions.json`` (each clip's id, split and captions, and each expert's width), the format
+``videofeatures:DIR`` reads, users' own features included.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,7 +75,41 @@ def _glyph(d: int, scale: int) -> np.ndarray:
     return g.repeat(scale, 0).repeat(scale, 1)
 
 
-def draw_clip(rng: np.random.Generator, pool: Any, *, size: int, val_fraction: float, index: int) -> Clip:
+class FrameEncoder:
+    """A frozen vitlab image model as the appearance expert: frames float [T, S, S, 3] in 0-255 -> its pooled
+    features [T, D] (``forward_head(forward_features(x), pre_logits=True)``), each frame at the model's input size,
+    channels and normalisation, as `vitlab.analysis.probe` extracts features."""
+
+    def __init__(self, checkpoint: str | Path) -> None:
+        from vitlab.checkpoint import from_pretrained
+
+        self.model = from_pretrained(checkpoint, map_location="cpu").eval()
+        if not hasattr(self.model, "forward_head") or "input_size" not in getattr(self.model, "default_cfg", {}):
+            raise VitlabError(f"encoder={checkpoint}: not a vitlab image model (train one with vitlab train)")
+        self.width = int(self(np.zeros((1, 8, 8, 3), np.float32)).shape[1])
+
+    @torch.no_grad()
+    def __call__(self, frames: np.ndarray) -> np.ndarray:
+        from vitlab.data.transforms import to_model_input
+
+        in_chans, h, w = self.model.default_cfg["input_size"]
+        x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2) / 255  # (T, 3, S, S) in [0, 1]
+        x = to_model_input(x, in_chans=in_chans, img_size=(h, w), mean=self.model.default_cfg["mean"],
+                           std=self.model.default_cfg["std"])  # fmt: skip
+        return self.model.forward_head(self.model.forward_features(x), pre_logits=True).float().numpy()
+
+
+def draw_clip(
+    rng: np.random.Generator,
+    pool: Any,
+    *,
+    size: int,
+    val_fraction: float,
+    index: int,
+    appearance: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> Clip:
+    """One clip; ``appearance`` (frames [T, S, S, 3] -> [T, D]) replaces the pooled pixels (it draws nothing, so the
+    clip and its captions are the same either way)."""
     from vitlab.data.scenes import _COLOUR_RGB, BACKGROUNDS, COLOURS, _item_pixels, background_image
 
     u = rng.random()
@@ -106,16 +144,22 @@ def draw_clip(rng: np.random.Generator, pool: Any, *, size: int, val_fraction: f
         for t in ocr_frames:
             frames[t, 1 : 1 + glyph.shape[0], 1 : 1 + glyph.shape[1]][glyph] = 255.0
     pitch = ("low", "high")[int(rng.integers(2))] if rng.random() < 0.75 else None
-    experts = clip_experts(frames, items, digit, ocr_frames, pitch)
+    experts = clip_experts(frames, items, digit, ocr_frames, pitch, appearance=appearance)
     captions = clip_captions(rng, items, bg, digit, pitch, pool.names)
     return Clip(f"{index:06d}", split, experts, captions)
 
 
-def clip_experts(frames: np.ndarray, items: list, digit: int | None, ocr_frames: list, pitch: str | None) -> dict:
+def clip_experts(
+    frames: np.ndarray, items: list, digit: int | None, ocr_frames: list, pitch: str | None, *,
+    appearance: Callable[[np.ndarray], np.ndarray] | None = None
+) -> dict:  # fmt: skip
     """The four expert streams of a clip's frames [T, S, S, 3] and events."""
     T = len(frames)
     seconds = np.arange(T, dtype=np.float32)
-    appearance = _pool(np.moveaxis(frames / 255, 0, 2)).reshape(64, T, 3).transpose(1, 0, 2).reshape(T, -1)  # (T, 192)
+    if appearance is not None:
+        appearance = appearance(frames)  # (T, D): a frozen encoder's features
+    else:
+        appearance = _pool(np.moveaxis(frames / 255, 0, 2)).reshape(64, T, 3).transpose(1, 0, 2).reshape(T, -1)
     grey = frames.mean(-1) / 255  # (T, S, S)
     motion = _pool(np.moveaxis(grey[1:] - grey[:-1], 0, -1)).reshape(-1, T - 1).T  # (T - 1, 64)
     bins = np.arange(16, dtype=np.float32)
@@ -210,12 +254,18 @@ def _splits(clips: list[Clip], experts: dict[str, int], *, name: str, notes: lis
                        data_hash=digest.hexdigest(), experts=dict(experts))  # fmt: skip
 
 
-def parse_clip_spec(spec: str) -> tuple[str, dict[str, int]]:
+def parse_clip_spec(spec: str) -> tuple[str, dict[str, Any]]:
     source, _, query = spec[len(PREFIX) :].partition("?")
-    options = {"count": 1000, "size": 32, "seed": 0}
+    options: dict[str, Any] = {"count": 1000, "size": 32, "seed": 0, "encoder": None}
     for key, value in parse_qsl(query, keep_blank_values=True):
+        if key == "encoder" and value:
+            options[key] = value
+            continue
         if key not in options or not value.isdigit():
-            raise VitlabError(f"clip option {key}={value!r} in {spec!r}: options are count, size, seed (whole numbers)")
+            raise VitlabError(
+                f"clip option {key}={value!r} in {spec!r}: options are count, size, seed (whole numbers) and "
+                "encoder (a vitlab checkpoint)"
+            )
         options[key] = int(value)
     if source not in ("fashion-mnist", "digits") or options["size"] % _GRID or options["size"] < 16:
         raise VitlabError(f"{spec!r}: clips:fashion-mnist|digits[?count=N&size=PX&seed=S], size a multiple of 8 >= 16")
@@ -223,14 +273,23 @@ def parse_clip_spec(spec: str) -> tuple[str, dict[str, int]]:
 
 
 def generate_clips(*, count: int = 1000, size: int = 32, seed: int = 0, source: str = "fashion-mnist",
-                   data_dir: str | None = None, val_fraction: float = 0.1) -> tuple[list[Clip], list[str]]:  # fmt: skip
-    """``count`` clips, clip i drawn from ``numpy.random.default_rng([seed, i])``; and notes (a fallback source)."""
+                   data_dir: str | None = None, val_fraction: float = 0.1,
+                   encoder: str | None = None) -> tuple[list[Clip], list[str]]:  # fmt: skip
+    """``count`` clips, clip i drawn from ``numpy.random.default_rng([seed, i])``; and notes (a fallback source).
+    ``encoder``: a vitlab checkpoint whose frozen features are the appearance expert (`FrameEncoder`)."""
     from vitlab.data.scenes import load_item_pool
 
     pool = load_item_pool(source, data_dir=data_dir)
+    appearance = FrameEncoder(encoder) if encoder else None
     rng_of = lambda i: np.random.default_rng([derive_seed("clips", seed) % 2**32, i])
-    clips = [draw_clip(rng_of(i), pool, size=size, val_fraction=val_fraction, index=i) for i in range(count)]
+    clips = [draw_clip(rng_of(i), pool, size=size, val_fraction=val_fraction, index=i, appearance=appearance)
+             for i in range(count)]  # fmt: skip
     return clips, list(pool.notes)
+
+
+def expert_widths(clips: list[Clip]) -> dict[str, int]:
+    """Each expert's feature width, as the clips hold them (appearance's is the encoder's where one made it)."""
+    return {name: int(x.shape[1]) for name, (x, _) in clips[0].experts.items()} if clips else dict(EXPERTS)
 
 
 def build_clip_dataset(spec: str, *, data_dir: str | None = None, val_fraction: float = 0.1) -> VideoSplits:
@@ -238,7 +297,7 @@ def build_clip_dataset(spec: str, *, data_dir: str | None = None, val_fraction: 
         return read_clip_folder(spec[len(FOLDER) :], name=spec)
     source, options = parse_clip_spec(spec)
     clips, notes = generate_clips(**options, source=source, data_dir=data_dir, val_fraction=val_fraction)
-    return _splits(clips, EXPERTS, name=spec, notes=notes)
+    return _splits(clips, expert_widths(clips), name=spec, notes=notes)
 
 
 def is_clip_spec(spec: str) -> bool:
@@ -256,7 +315,7 @@ def write_clip_folder(clips: list[Clip], out: str | Path) -> dict[str, int]:
             arrays = {k: v for name, (x, t) in c.experts.items() for k, v in ((name, x), (f"{name}_t", t))}
             np.savez(tmp / "features" / f"{c.id}.npz", **arrays)
         entries = [{"id": c.id, "split": SPLITS[c.split], "captions": c.captions} for c in clips]
-        write_json(tmp / CAPTIONS_FILE, {"experts": EXPERTS, "clips": entries})
+        write_json(tmp / CAPTIONS_FILE, {"experts": expert_widths(clips), "clips": entries})
     return {s: sum(c.split == i for c in clips) for i, s in enumerate(SPLITS)}
 
 
