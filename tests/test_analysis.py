@@ -18,9 +18,12 @@ from vitlab.analysis import (
     few_shot_probe,
     fpr_at_tpr,
     mean_attention_distance,
+    neighbour_contrast,
     openset_scores,
     patch_distances,
     pos_embed_similarity,
+    random_known_splits,
+    reference_similarities,
 )
 from vitlab.layers import attention_modules
 
@@ -105,6 +108,61 @@ def test_pos_embed_similarity() -> None:
     torch.testing.assert_close(sim.diagonal(), torch.ones(n))
 
 
+def test_reference_tables_read_a_learned_one() -> None:
+    grid = (7, 7)
+    ref = reference_similarities(grid, 64, seed=0)
+    assert set(ref) == {"random", "sincos 2-D"}
+    for sim in ref.values():
+        assert sim.shape == (49, 49)
+        torch.testing.assert_close(sim.diagonal(), torch.ones(49))
+    random, sincos = neighbour_contrast(ref["random"], grid), neighbour_contrast(ref["sincos 2-D"], grid)
+    assert abs(random["near"] - random["far"]) < 0.05  # a random table has no locality beyond chance
+    assert sincos["near"] > sincos["far"] + 0.1  # the sine-cosine table's neighbours are alike by construction
+    # by hand: patch 0's only similar patch is its right neighbour
+    sim = torch.eye(4)
+    sim[0, 1] = sim[1, 0] = 1.0
+    c = neighbour_contrast(sim, (1, 4))  # a 1 x 4 row: 3 neighbour pairs each way, 3 pairs two or more apart
+    assert c == {"near": pytest.approx(2 / 6), "far": pytest.approx(0.0)}
+
+
+def test_random_known_splits() -> None:
+    splits = random_known_splits(10, 6, 5, seed=0)
+    assert len(splits) == 5 and len({tuple(s) for s in splits}) == 5
+    assert all(len(s) == 6 and s == sorted(s) and set(s) <= set(range(10)) for s in splits)
+    assert random_known_splits(10, 6, 5, seed=0) == splits and random_known_splits(10, 6, 5, seed=1) != splits
+    with pytest.raises(vitlab.VitlabError, match="different splits"):
+        random_known_splits(4, 2, 7)
+    with pytest.raises(vitlab.VitlabError, match="known classes"):
+        random_known_splits(10, 10, 1)
+
+
+def _saved(model: torch.nn.Module, directory, **train) -> str:
+    """``model`` saved as a training run saves its checkpoint, with the run's data and step."""
+    from vitlab.checkpoint import save_pretrained
+
+    save_pretrained(model, directory, **train)
+    return str(directory)
+
+
+def test_erf_figures_name_each_model_by_its_run(tmp_path, monkeypatch) -> None:
+    """Two checkpoints both called ``best``: each panel names its model, data and step, not the directory."""
+    import vitlab.analysis.run as run
+
+    vit = _saved(tiny_model("vit_tiny_patch4_28"), tmp_path / "vit" / "best", dataset="digits", step=12,
+                 train_config={"model_args": {"depth": 1}})  # fmt: skip
+    cnn = _saved(tiny_model("resnet18_28"), tmp_path / "cnn" / "best", dataset="fashion-mnist", step=34)
+    drawn = {}
+    monkeypatch.setattr(run, "erf_figure", lambda panels, out, title: drawn.__setitem__(out.name, (panels, title)))
+    res = run.erf_study(tmp_path / "erf", checkpoint=vit, compare=(cnn, vit), inits=1, size=16)
+    (cnn_label, _), (vit_label, _) = drawn["erf_compare.png"][0]
+    assert "resnet18_28" in cnn_label and "fashion-mnist" in cnn_label and "step 34" in cnn_label
+    assert "vit_tiny_patch4_28 (depth 1)" in vit_label and "digits" in vit_label and "step 12" in vit_label
+    assert "best" not in cnn_label + vit_label
+    title = drawn["erf_training.png"][1]
+    assert "vit_tiny_patch4_28" in title and "digits" in title and "step 12" in title
+    assert res["compare"][cnn]["label"].startswith("resnet18_28")
+
+
 @pytest.mark.parametrize("depth", [1, 2, 3])
 def test_erf_of_stacked_3x3_convs_is_confined_to_their_theoretical_field(depth: int) -> None:
     res = effective_receptive_field(lambda: conv_stack(depth, 4), (1, 15, 15), inits=2, batch=2)
@@ -180,6 +238,12 @@ def test_cli_commands_write_their_pictures(digits_checkpoint, tmp_path) -> None:
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "in" / "inspect.json").read_text())
     assert len(res["mean_attention_distance"]) == 2 and len(res["mean_attention_distance"][0]) == 2
+    # the freshly initialised model's distances beside the trained one's, and the reference tables beside its own
+    init = torch.tensor(res["mean_attention_distance_init"])
+    assert init.shape == (2, 2) and not torch.equal(init, torch.tensor(res["mean_attention_distance"]))
+    uniform = res["uniform_attention_distance"]
+    assert ((init - uniform).abs() < 0.2 * uniform).all()  # a fresh model attends nearly uniformly
+    assert set(res["pos_embed_near_far"]) == {"trained", "random", "sincos 2-D"}
     assert (tmp_path / "in" / "distance.png").exists() and (tmp_path / "in" / "pos_embed.png").exists()
 
     r = runner.invoke(
@@ -242,3 +306,34 @@ def test_openset_end_to_end(tmp_path) -> None:
     for name in ("max_logit", "max_softmax"):
         assert 0.0 <= res[name]["auroc"] <= 1.0 and 0.0 <= res[name]["fpr95"] <= 1.0
         assert (tmp_path / f"openset_{name}.png").stat().st_size > 1000
+        # Mann-Whitney U adds over the unknown classes: the overall AUROC is their image-weighted mean
+        per_class = [v[name] for v in res["per_unknown_class"].values()]
+        assert res["per_unknown_class"].keys() == set(res["unknown_classes"])
+        assert res[name]["auroc"] == pytest.approx(sum(per_class) / len(per_class), abs=0.02)  # ~18 images each
+    assert "vit_tiny_patch7_28" in res["model_label"] and "digits" in res["model_label"]
+
+
+def test_openset_over_random_splits(tmp_path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from vitlab.cli import cli
+
+    tiny = json.dumps({"depth": 1, "embed_dim": 16, "num_heads": 2})
+    args = ["openset", "--model", "vit_tiny_patch7_28", "--data", "digits", "--out", str(tmp_path)]
+    sets = ["--set", "epochs=1", "--set", "precision=fp32", "--set", f"model_args={tiny}"]
+    r = CliRunner().invoke(cli, [*args, "--splits", "2", "--num-known", "7", "--seed", "3", *sets])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "openset.json").read_text())
+    drawn = random_known_splits(10, 7, 2, seed=3)
+    assert [s["known_classes"] for s in res["splits"]] == [[str(c) for c in known] for known in drawn]
+    for name in ("max_logit", "max_softmax", "closed_set_test_accuracy"):
+        values = [s[name] for s in res["splits"]]
+        assert res[name]["mean"] == pytest.approx(sum(values) / 2)
+    unknown = [c for s in res["splits"] for c in s["unknown_classes"]]
+    assert {c: v["splits"] for c, v in res["per_unknown_class"].items()} == {c: unknown.count(c) for c in unknown}
+    assert (tmp_path / "openset_splits.png").stat().st_size > 1000 and (tmp_path / "split-1" / "openset.json").exists()
+    assert "0, 1" in r.output or "known classes" in r.output
+    both = CliRunner().invoke(cli, [*args, "--known", "0-5", "--splits", "2"])
+    assert both.exit_code != 0 and "either --known" in both.output

@@ -423,18 +423,41 @@ def probe(checkpoint, data, data_dir, layer, draws, out) -> None:
 @click.option("--model", required=True, help="Model to train on the known classes.")
 @click.option("--data", required=True)
 @click.option("--data-dir")
-@click.option("--known", required=True, help="The known classes, e.g. 0-5 or 'shirt,bag'; the rest are unknown.")
+@click.option("--known", help="The known classes, e.g. 0-5 or 'shirt,bag'; the rest are unknown.")
+@click.option("--splits", type=int, help="Instead of --known: this many random splits, one training each, averaged.")
+@click.option("--num-known", type=int, default=6, show_default=True, help="--splits: known classes per split.")
+@click.option("--seed", type=int, default=0, show_default=True, help="--splits: seed of the random splits.")
 @click.option("--out", default="openset", show_default=True)
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Training options, as for vitlab train.")
-def openset(model, data, data_dir, known, out, sets) -> None:
+def openset(model, data, data_dir, known, splits, num_known, seed, out, sets) -> None:
     """Train on some classes, then score known against never-seen classes (max logit, max softmax)."""
     from vitlab.analysis.run import openset as run
+    from vitlab.analysis.run import openset_splits
 
+    if (known is None) == (splits is None):
+        raise VitlabError("give either --known CLASSES or --splits N (random known classes, averaged)")
+    if splits is not None:
+        r = openset_splits(model, data, out, splits=splits, num_known=num_known, seed=seed, data_dir=data_dir,
+                           train_options=_parse_set(sets))  # fmt: skip
+        click.echo("split  known classes" + " " * 52 + "accuracy  max logit  max softmax (AUROC)")
+        for i, s in enumerate(r["splits"]):
+            click.echo(f"{i:5d}  {', '.join(s['known_classes']):63.63s}  {s['closed_set_test_accuracy']:.4f}  "
+                       f"   {s['max_logit']:.4f}     {s['max_softmax']:.4f}")  # fmt: skip
+        m = {k: r[k] for k in ("closed_set_test_accuracy", "max_logit", "max_softmax")}
+        click.echo("mean" + " " * 67 + "  ".join(f"{v['mean']:.4f}+-{v['std']:.4f}" for v in m.values()))
+        click.echo("AUROC as the unknown class (mean over the splits holding it out):")
+        for c, v in r["per_unknown_class"].items():
+            click.echo(f"  {c:14s} max logit {v['max_logit']:.4f}  max softmax {v['max_softmax']:.4f}  "
+                       f"({v['splits']} splits)")  # fmt: skip
+        click.echo(f"figure and numbers in {out}/ (openset_splits.png, openset.json; split-<i>/ per split)")
+        return
     r = run(model, data, known, out, data_dir=data_dir, train_options=_parse_set(sets))
     click.echo(f"closed-set test accuracy on {', '.join(r['known_classes'])}: {r['closed_set_test_accuracy']:.4f}")
     for name in ("max_logit", "max_softmax"):
         m = r[name]
         click.echo(f"{name:12s} AUROC {m['auroc']:.4f}  FPR@95%TPR {m['fpr95']:.4f}")
+    for c, v in r["per_unknown_class"].items():
+        click.echo(f"  unknown {c:14s} AUROC max logit {v['max_logit']:.4f}  max softmax {v['max_softmax']:.4f}")
     click.echo(f"histograms and numbers in {out}/")
 
 

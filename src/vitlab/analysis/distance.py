@@ -5,6 +5,8 @@ Dosovitskiy et al., "An Image is Worth 16x16 Words", ICLR 2021 (arXiv:2010.11929
 * centre, position-embedding similarity: the cosine similarity of each patch's position embedding with every
   other patch's, drawn as a grid of small maps (nearby patches, and patches in the same row or column, end up
   alike);
+* (our addition, to read the trained table against) the same similarity of a random table (what training starts
+  from: no structure beyond chance) and of the fixed 2-D sine-cosine table (structure by construction);
 * right, mean attention distance: per head and layer, "the average distance in image space across which
   information is integrated, based on the attention weights", i.e. sum_j a_ij * ||p_i - p_j|| over key patches j,
   averaged over query patches i and images; it is the analogue of a CNN's receptive field size.
@@ -16,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from vitlab.errors import VitlabError
-from vitlab.layers import to_2tuple
+from vitlab.layers import sincos_pos_embed_2d, to_2tuple
 
 
 def patch_distances(grid: tuple[int, int], patch_size: int | tuple[int, int] = 1) -> Tensor:
@@ -62,5 +64,28 @@ def pos_embed_similarity(model: nn.Module) -> tuple[Tensor, tuple[int, int]]:
     table = pe[0, prefix:].float()
     if table.shape[0] != grid[0] * grid[1]:
         raise VitlabError(f"the position embedding has {table.shape[0]} patch entries for a {grid} grid")
-    table = torch.nn.functional.normalize(table, dim=-1)
-    return table @ table.T, grid
+    return _cosine(table), grid
+
+
+def _cosine(table: Tensor) -> Tensor:
+    """[N, D] -> [N, N] cosine similarity of the rows."""
+    table = torch.nn.functional.normalize(table.float(), dim=-1)
+    return table @ table.T
+
+
+def reference_similarities(grid: tuple[int, int], dim: int, *, seed: int = 0) -> dict[str, Tensor]:
+    """The similarity ``[N, N]`` of two tables a learned one is read against: ``random`` (Gaussian, as ViT's table
+    starts, so any structure in it is chance) and ``sincos 2-D`` (the fixed table of MoCo v3 / big_vision: nearby
+    patches alike by construction). ``dim`` is rounded down to a multiple of 4 for the sine-cosine table."""
+    g = torch.Generator().manual_seed(seed)
+    random = torch.randn(grid[0] * grid[1], dim, generator=g)
+    return {"random": _cosine(random), "sincos 2-D": _cosine(sincos_pos_embed_2d(grid, max(4, dim - dim % 4)))}
+
+
+def neighbour_contrast(sim: Tensor, grid: tuple[int, int]) -> dict[str, float]:
+    """Mean similarity of each patch with its 8 neighbours (``near``) and with the patches two or more steps away
+    (``far``, Chebyshev distance): one pair of numbers that says whether a table has learned 2-D locality."""
+    gh, gw = grid
+    rows, cols = torch.arange(gh * gw) // gw, torch.arange(gh * gw) % gw
+    step = torch.maximum((rows[:, None] - rows).abs(), (cols[:, None] - cols).abs())  # (N, N)
+    return {"near": sim[step == 1].mean().item(), "far": sim[step >= 2].mean().item()}

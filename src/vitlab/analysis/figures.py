@@ -69,41 +69,67 @@ def head_grid_figure(rows: Sequence[Tensor], grid: tuple[int, int], title: str, 
     plt.close(fig)
 
 
-def distance_figure(dist: Tensor, out: Path, title: str = "mean attention distance") -> None:
-    """ViT paper Figure 7 right: one dot per head at each layer."""
+def distance_figure(
+    dist: Tensor,
+    out: Path,
+    title: str = "mean attention distance",
+    *,
+    init: Tensor | None = None,
+    uniform: float | None = None,
+) -> None:
+    """ViT paper Figure 7 right: one dot per head at each layer; ``init`` (the same heads freshly initialised)
+    as hollow dots beside them, and ``uniform`` (the distance of a head attending to every patch alike) as a line."""
     plt = pyplot()
     L, H = dist.shape
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    layers = np.arange(1, L + 1)
     for h in range(H):
-        ax.scatter(np.arange(1, L + 1), dist[:, h].numpy(), s=14, label=f"head {h + 1}" if H <= 12 else None)
-    ax.set(xlabel="network depth (layer)", ylabel="mean attention distance (pixels)", title=title)
+        colour = f"C{h % 10}"
+        ax.scatter(layers, dist[:, h].numpy(), s=16, color=colour, label=f"head {h + 1}" if H <= 12 else None)
+        if init is not None:
+            ax.scatter(layers - 0.25, init[:, h].numpy(), s=16, facecolors="none", edgecolors=colour)
+    if init is not None:  # legend entries for the two kinds of dot
+        ax.scatter([], [], s=16, color="gray", label="trained")
+        ax.scatter([], [], s=16, facecolors="none", edgecolors="gray", label="at initialisation (left)")
+    if uniform is not None:
+        ax.axhline(uniform, color="k", ls=":", lw=1, label=f"uniform attention ({uniform:.1f} px)")
+    ax.set(xlabel="network depth (layer)", ylabel="mean attention distance (pixels)")
+    ax.set_title(title, fontsize=8)
+    ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    if H <= 12:
-        ax.legend(fontsize=6, ncol=2)
+    ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=100)
     plt.close(fig)
 
 
-def pos_embed_figure(sim: Tensor, grid: tuple[int, int], out: Path) -> None:
-    """ViT paper Figure 7 centre: at each patch position, that patch's cosine similarity with every patch."""
-    plt = pyplot()
+def _tiled(sim: Tensor, grid: tuple[int, int]) -> np.ndarray:
+    """[N, N] similarity -> one image of gh x gw small maps (row r, column c: patch (r, c)'s similarity with every
+    patch), a blank line between maps."""
     gh, gw = grid
-    fig, axes = plt.subplots(gh, gw, figsize=(0.9 * gw + 1.2, 0.9 * gh + 0.6), squeeze=False)
-    im = None
+    tiles = np.full((gh * (gh + 1) - 1, gw * (gw + 1) - 1), np.nan)
     for i in range(gh):
         for j in range(gw):
-            ax = axes[i][j]
-            im = ax.imshow(sim[i * gw + j].view(gh, gw).numpy(), cmap="viridis", vmin=-1, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if j == 0:
-                ax.set_ylabel(str(i + 1), fontsize=7)
-            if i == gh - 1:
-                ax.set_xlabel(str(j + 1), fontsize=7)
+            r, c = i * (gh + 1), j * (gw + 1)
+            tiles[r : r + gh, c : c + gw] = sim[i * gw + j].view(gh, gw).numpy()
+    return tiles
+
+
+def pos_embed_figure(panels: Sequence[tuple[str, Tensor]], grid: tuple[int, int], out: Path, title: str) -> None:
+    """ViT paper Figure 7 centre, one panel per table: at each patch position, that patch's cosine similarity
+    with every patch."""
+    plt = pyplot()
+    cmap = plt.get_cmap("viridis").with_extremes(bad="white")  # the blank lines between maps
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels) + 0.8, 3.3), squeeze=False)
+    im = None
+    for ax, (label, sim) in zip(axes[0], panels):
+        im = ax.imshow(_tiled(sim, grid), cmap=cmap, vmin=-1, vmax=1)
+        ax.set_title(label, fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
     fig.colorbar(im, ax=axes, fraction=0.03, label="cosine similarity")
-    fig.suptitle("position embedding similarity (input patch row / column)", fontsize=9)
-    fig.savefig(out, dpi=110, bbox_inches="tight")
+    fig.suptitle(title, fontsize=8)
+    fig.savefig(out, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -115,21 +141,25 @@ def erf_figure(panels: Sequence[tuple[str, Tensor]], out: Path, title: str) -> N
         ax.imshow((grad / grad.max().clamp_min(1e-30)).numpy(), cmap="magma", vmin=0, vmax=1)
         ax.set_title(label, fontsize=8)
         ax.axis("off")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.88))  # room for the title above the panels' own
+    fig.suptitle(title, fontsize=9)
+    lines = title.count("\n") + max(label.count("\n") for label, _ in panels) + 2
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.045 * lines))  # room for the title above the panels' own
     fig.savefig(out, dpi=110)
     plt.close(fig)
 
 
-def histogram_figure(known: Tensor, unknown: Tensor, name: str, metrics: dict[str, float], out: Path) -> None:
-    """Score histograms of known-class and unknown-class test images."""
+def histogram_figure(
+    known: Tensor, unknown: Tensor, name: str, metrics: dict[str, float], out: Path, model: str = ""
+) -> None:
+    """Score histograms of known-class and unknown-class test images; ``model`` says whose (see `describe`)."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     bins = np.linspace(min(known.min(), unknown.min()).item(), max(known.max(), unknown.max()).item(), 40)
     ax.hist(known.numpy(), bins=bins, alpha=0.6, density=True, label=f"known classes ({len(known)})")
     ax.hist(unknown.numpy(), bins=bins, alpha=0.6, density=True, label=f"unknown classes ({len(unknown)})")
     ax.set(xlabel=name.replace("_", " "), ylabel="density")
-    ax.set_title(f"{name}: AUROC {metrics['auroc']:.3f}, FPR@95%TPR {metrics['fpr95']:.3f}", fontsize=9)
+    scores = f"{name}: AUROC {metrics['auroc']:.3f}, FPR@95%TPR {metrics['fpr95']:.3f}"
+    ax.set_title(f"{model}\n{scores}" if model else scores, fontsize=8)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)

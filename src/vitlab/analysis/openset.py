@@ -9,8 +9,12 @@ positives measure how well the score separates them (known = positive).
 
 from __future__ import annotations
 
+from math import comb
+
 import torch
 from torch import Tensor
+
+from vitlab.errors import VitlabError
 
 
 def openset_scores(logits: Tensor) -> dict[str, Tensor]:
@@ -45,3 +49,22 @@ def fpr_at_tpr(known: Tensor, unknown: Tensor, tpr: float = 0.95) -> float:
     """False-positive rate (unknown images accepted) at the threshold that accepts ``tpr`` of the known ones."""
     threshold = torch.quantile(known.double(), 1 - tpr)
     return float((unknown.double() >= threshold).double().mean())
+
+
+def random_known_splits(num_classes: int, num_known: int, count: int, *, seed: int = 0) -> list[list[int]]:
+    """``count`` different draws of ``num_known`` known classes out of ``num_classes`` (sorted; the rest unknown).
+
+    One split says as much about which classes look alike as about the model (on Fashion-MNIST, known sandals
+    against unknown sneakers and boots); Vaze et al. average over several random splits for that reason.
+    """
+    if not 0 < num_known < num_classes:
+        raise VitlabError(f"the known classes must be 1 to {num_classes - 1} of {num_classes}, got {num_known}")
+    if count > comb(num_classes, num_known):
+        raise VitlabError(f"only {comb(num_classes, num_known)} different splits of {num_known} known classes exist")
+    g = torch.Generator().manual_seed(seed)
+    splits: list[list[int]] = []
+    while len(splits) < count:
+        known = sorted(torch.randperm(num_classes, generator=g)[:num_known].tolist())
+        if known not in splits:
+            splits.append(known)
+    return splits

@@ -3,16 +3,25 @@ pictures and numbers into an output directory. `vitlab explain`, `inspect`, `erf
 
 from __future__ import annotations
 
+import json
 import math
+import textwrap
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from vitlab._io import write_json
 from vitlab.analysis.attention import attention_maps, attention_rollout
-from vitlab.analysis.distance import mean_attention_distance, pos_embed_similarity
+from vitlab.analysis.distance import (
+    mean_attention_distance,
+    neighbour_contrast,
+    patch_distances,
+    pos_embed_similarity,
+    reference_similarities,
+)
 from vitlab.analysis.erf import conv_stack, effective_receptive_field
 from vitlab.analysis.figures import (
     distance_figure,
@@ -22,7 +31,7 @@ from vitlab.analysis.figures import (
     pos_embed_figure,
 )
 from vitlab.analysis.probe import extract_features, few_shot_probe
-from vitlab.checkpoint import from_pretrained
+from vitlab.checkpoint import CONFIG_NAME, from_pretrained
 from vitlab.data import build_dataset, to_model_input
 from vitlab.data.images import decode_image
 from vitlab.errors import VitlabError
@@ -50,6 +59,26 @@ def _final_maps(maps: list[Tensor]) -> list[Tensor]:
     square = [m for m in maps if m.shape[-1] == m.shape[-2]]
     n = square[-1].shape[-1]
     return [m for m in square if m.shape[-1] == n]
+
+
+def describe(source: str | Path, *, width: int = 44) -> str:
+    """What a figure says a model is, so that two checkpoints both named ``best`` cannot be confused: the variant
+    with the sizes its run changed, the data it trained on and the step of the checkpoint ("untrained" for a
+    registered name). Wrapped to ``width`` characters a line."""
+    from vitlab import list_models
+
+    if str(source) in list_models():
+        return f"{source} (untrained)"
+    file = Path(source) / CONFIG_NAME
+    config = json.loads(file.read_text()) if file.is_file() else {}
+    name = config.get("model_name") or Path(source).name
+    sizes = (config.get("train_config") or {}).get("model_args") or {}
+    if sizes:
+        name += " (" + ", ".join(f"{k} {v}" for k, v in sizes.items()) + ")"
+    trained = [config["dataset"]] if config.get("dataset") else []
+    if config.get("step") is not None:
+        trained.append(f"step {config['step']}")
+    return "\n".join(textwrap.wrap(", ".join([name, *trained]), width))
 
 
 def explain(
@@ -115,8 +144,9 @@ def _splits(model: nn.Module, data: str, data_dir: str | None):
 def inspect(
     checkpoint: str | Path, data: str, out: str | Path, *, data_dir: str | None = None, images: int = 64
 ) -> dict[str, Any]:
-    """Mean attention distance per head and layer over ``images`` test images (``distance.png``), and the
-    position-embedding similarity grid (``pos_embed.png``) when the model has a table; numbers in
+    """Mean attention distance per head and layer over ``images`` test images, trained and at a fresh
+    initialisation of the same architecture (``distance.png``), and the position-embedding similarity grid beside a
+    random and a 2-D sine-cosine table's (``pos_embed.png``) when the model has a table; numbers in
     ``inspect.json``."""
     model = from_pretrained(checkpoint)
     splits = _splits(model, data, data_dir)
@@ -130,23 +160,45 @@ def inspect(
     grid = _grid(model, n)
     patch = getattr(getattr(model, "patch_embed", None), "patch_size", (h // grid[0], w // grid[1]))
     dist = mean_attention_distance(final, grid, patch, prefix)
+    with torch.random.fork_rng():  # a fixed draw, and the caller's random state left alone
+        torch.manual_seed(0)
+        fresh = _fresh(model)
+    init = mean_attention_distance(_final_maps(attention_maps(fresh, x)), grid, patch, prefix)
+    uniform = patch_distances(grid, patch).mean().item()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    distance_figure(dist, out / "distance.png", f"mean attention distance ({len(x)} {splits.name} images)")
+    label = describe(checkpoint)
+    distance_figure(
+        dist,
+        out / "distance.png",
+        f"mean attention distance, {len(x)} {splits.name} test images\n{label}",
+        init=init,
+        uniform=uniform,
+    )
     result: dict[str, Any] = {
         "data": splits.name,
         "images": len(x),
         "grid": list(grid),
         "patch_size": list(patch),
         "mean_attention_distance": dist.tolist(),
+        "mean_attention_distance_init": init.tolist(),
+        "uniform_attention_distance": uniform,
     }
     try:
         sim, pgrid = pos_embed_similarity(model)
-        pos_embed_figure(sim, pgrid, out / "pos_embed.png")
-        result["pos_embed_similarity"] = sim.tolist()
     except VitlabError as e:  # a model without a position table (CPVT, CvT, Swin): say so in the JSON
         result["pos_embed_similarity"] = None
         result["pos_embed_note"] = str(e)
+    else:
+        tables = {"trained": sim, **reference_similarities(pgrid, model.pos_embed.shape[-1])}
+        contrast = {name: neighbour_contrast(t, pgrid) for name, t in tables.items()}
+        panels = [
+            (f"{name} table\nnear {c['near']:.2f}, far {c['far']:.2f}", tables[name]) for name, c in contrast.items()
+        ]
+        title = f"position-embedding similarity (mean with the 8 neighbours / 2+ steps away)\n{label}"
+        pos_embed_figure(panels, pgrid, out / "pos_embed.png", title)
+        result["pos_embed_similarity"] = sim.tolist()
+        result["pos_embed_near_far"] = contrast
     write_json(out / "inspect.json", result)
     return result
 
@@ -179,7 +231,7 @@ def erf_study(
                 (f"after training\nr95 {after.radius95:.1f} px", after.grad),
             ],
             out / "erf_training.png",
-            f"ERF of {trained.model_name}",
+            f"ERF of {describe(checkpoint, width=60)}",
         )
     if compare:
         panels, result["compare"] = [], {}
@@ -189,8 +241,9 @@ def erf_study(
             r = effective_receptive_field(
                 model if Path(source).exists() else (lambda s=source: _model(s)), shape, inits=inits
             )
-            result["compare"][source] = _erf_numbers(r)
-            panels.append((f"{Path(source).name}\nr95 {r.radius95:.1f} / {r.theoretical_radius:.1f} px", r.grad))
+            label = describe(source, width=30)
+            result["compare"][source] = {**_erf_numbers(r), "label": label}
+            panels.append((f"{label}\nr95 {r.radius95:.1f} / {r.theoretical_radius:.1f} px", r.grad))
         erf_figure(panels, out / "erf_compare.png", "ERF of the last feature map's centre")
     write_json(out / "erf.json", result)
     return result
@@ -243,7 +296,8 @@ def probe(
         "shots": res,
     }
     write_json(out / "probe.json", result)
-    _probe_figure(res, splits.num_classes, out / "probe.png", f"linear probe on {splits.name}")
+    title = f"linear probe on {splits.name}\nfeatures of {describe(checkpoint, width=60)}"
+    _probe_figure(res, splits.num_classes, out / "probe.png", title)
     return result
 
 
@@ -265,7 +319,8 @@ def _probe_figure(res: dict[str, dict[str, float]], num_classes: int, path: Path
         ax.axhline(res["all"]["accuracy"], color="k", ls="--", label="all labels")
     ax.axhline(1 / num_classes, color="gray", ls=":", label="chance")
     ax.set_xscale("log", base=2)
-    ax.set(xlabel="labelled images per class (k)", ylabel="test accuracy", title=title)
+    ax.set(xlabel="labelled images per class (k)", ylabel="test accuracy")
+    ax.set_title(title, fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -289,7 +344,6 @@ def openset(
     from vitlab.analysis.openset import auroc, fpr_at_tpr, openset_scores
     from vitlab.data import subset_classes
     from vitlab.train import TrainConfig, train
-    from vitlab.train.evaluate import autocast
 
     out = Path(out)
     cfg = TrainConfig.from_dict(
@@ -309,30 +363,130 @@ def openset(
         data, data_dir=data_dir, img_size=(h, w), in_chans=in_chans, seed=cfg.seed, val_fraction=cfg.val_fraction
     )
     parts = {"known": subset_classes(splits, known), "unknown": subset_classes(splits, known, exclude=True)}
-    scores: dict[str, dict[str, Tensor]] = {}
-    for part, s in parts.items():
-        split = s.test if s.test is not None else s.val
-        logits = []
-        with torch.no_grad():
-            for images, _ in split.loader(256, shuffle=False):
-                x = to_model_input(images, in_chans=in_chans, img_size=(h, w), **_norm(best))
-                with autocast(torch.device("cpu"), "fp32"):
-                    logits.append(best(x).float())
-        scores[part] = openset_scores(torch.cat(logits))
+    scores = {part: _openset_logits(best, s) for part, s in parts.items()}
+    label = describe(out / "run" / "checkpoints" / "best", width=60)
     result: dict[str, Any] = {
         "model": model,
+        "model_label": label,
         "data": splits.name,
+        "class_names": splits.class_names,
         "known_classes": parts["known"].class_names,
         "unknown_classes": parts["unknown"].class_names,
         "closed_set_test_accuracy": summary["test_accuracy"],
-        "known_test_images": len(scores["known"]["max_logit"]),
-        "unknown_test_images": len(scores["unknown"]["max_logit"]),
+        "known_test_images": len(scores["known"][1]),
+        "unknown_test_images": len(scores["unknown"][1]),
         "train_time_s": summary["train_time_s"],
+        "per_unknown_class": {},
     }
+    (known_logits, _), (unknown_logits, unknown_labels) = scores["known"], scores["unknown"]
+    k_scores, u_scores = openset_scores(known_logits), openset_scores(unknown_logits)
     for name in ("max_logit", "max_softmax"):
-        k, u = scores["known"][name], scores["unknown"][name]
+        k, u = k_scores[name], u_scores[name]
         metrics = {"auroc": auroc(k, u), "fpr95": fpr_at_tpr(k, u, 0.95)}
         result[name] = metrics
-        histogram_figure(k, u, name, metrics, out / f"openset_{name}.png")
+        histogram_figure(k, u, name, metrics, out / f"openset_{name}.png", model=label)
+    # each unknown class against all known images: which unknown classes the model mistakes for known ones
+    for c, cname in enumerate(parts["unknown"].class_names):
+        result["per_unknown_class"][cname] = {
+            name: auroc(k_scores[name], u_scores[name][unknown_labels == c]) for name in ("max_logit", "max_softmax")
+        }
     write_json(out / "openset.json", result)
     return result
+
+
+@torch.no_grad()
+def _openset_logits(model: nn.Module, splits) -> tuple[Tensor, Tensor]:
+    """fp32 logits ``[B, K]`` and labels ``[B]`` of the test split (val where there is none)."""
+    from vitlab.train.evaluate import autocast
+
+    in_chans, h, w = model.default_cfg["input_size"]
+    split = splits.test if splits.test is not None else splits.val
+    logits, labels = [], []
+    for images, y in split.loader(256, shuffle=False):
+        x = to_model_input(images, in_chans=in_chans, img_size=(h, w), **_norm(model))
+        with autocast(torch.device("cpu"), "fp32"):
+            logits.append(model(x).float())
+        labels.append(torch.as_tensor(y))
+    return torch.cat(logits), torch.cat(labels)
+
+
+def openset_splits(
+    model: str,
+    data: str,
+    out: str | Path,
+    *,
+    splits: int = 5,
+    num_known: int = 6,
+    seed: int = 0,
+    data_dir: str | None = None,
+    train_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """`openset` over ``splits`` random draws of ``num_known`` known classes (`random_known_splits`, ``seed``),
+    one run per split in ``out/split-<i>``; then each score's AUROC averaged over the splits, and each class's AUROC
+    as an unknown class averaged over the splits that held it out. ``openset.json`` and ``openset_splits.png``
+    (closed-set accuracy against AUROC per split, Vaze et al.'s link) in ``out``."""
+    from statistics import mean, pstdev
+
+    from vitlab.analysis.openset import random_known_splits
+    from vitlab.data.sources import describe_dataset
+
+    num_classes = describe_dataset(data, data_dir=data_dir)["num_classes"]
+    out = Path(out)
+    runs = []
+    for i, known in enumerate(random_known_splits(num_classes, num_known, splits, seed=seed)):
+        spec = ",".join(map(str, known))
+        runs.append(openset(model, data, spec, out / f"split-{i}", data_dir=data_dir, train_options=train_options))
+    result: dict[str, Any] = {
+        "model": model,
+        "model_label": runs[0]["model_label"],
+        "data": data,
+        "seed": seed,
+        "splits": [
+            {k: r[k] for k in ("known_classes", "unknown_classes", "closed_set_test_accuracy", "train_time_s")}
+            | {name: r[name]["auroc"] for name in ("max_logit", "max_softmax")}
+            for r in runs
+        ],
+        "per_unknown_class": {},
+    }
+    for key in ("closed_set_test_accuracy", "max_logit", "max_softmax"):
+        values = [split[key] for split in result["splits"]]
+        result[key] = {"mean": mean(values), "std": pstdev(values)}
+    for c in [c for c in runs[0]["class_names"] if any(c in r["per_unknown_class"] for r in runs)]:
+        held = [r["per_unknown_class"][c] for r in runs if c in r["per_unknown_class"]]
+        result["per_unknown_class"][c] = {"splits": len(held)} | {
+            name: mean(h[name] for h in held) for name in ("max_logit", "max_softmax")
+        }
+    write_json(out / "openset.json", result)
+    _openset_splits_figure(result, out / "openset_splits.png")
+    return result
+
+
+def _openset_splits_figure(result: dict[str, Any], path: Path) -> None:
+    """Left: closed-set accuracy against AUROC, one dot per split and score; right: AUROC per unknown class."""
+    from vitlab._plot import pyplot
+
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
+    acc = [s["closed_set_test_accuracy"] for s in result["splits"]]
+    classes = list(result["per_unknown_class"])
+    for i, name in enumerate(("max_logit", "max_softmax")):
+        left.scatter(acc, [s[name] for s in result["splits"]], label=name.replace("_", " "), color=f"C{i}")
+        right.bar(
+            np.arange(len(classes)) + (i - 0.5) * 0.4,
+            [result["per_unknown_class"][c][name] for c in classes],
+            width=0.4,
+            color=f"C{i}",
+            label=name.replace("_", " "),
+        )
+    left.set(xlabel="closed-set test accuracy (known classes)", ylabel="AUROC (known vs unknown)")
+    left.set_title(f"{len(acc)} random splits", fontsize=8)
+    left.grid(alpha=0.3)
+    left.legend(fontsize=7)
+    right.axhline(0.5, color="gray", ls=":", lw=1)
+    right.set_xticks(np.arange(len(classes)), classes, rotation=40, ha="right", fontsize=7)
+    right.set(ylabel="AUROC as the unknown class", ylim=(0, 1))
+    right.set_title("per unknown class, mean over the splits holding it out", fontsize=8)
+    fig.suptitle(f"open set: {result['model_label']}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
