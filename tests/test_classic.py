@@ -266,8 +266,34 @@ def test_parameter_count_is_the_architecture_described(name: str) -> None:
     assert model_stats(name)["params"] == n  # 322,538 for the 28 x 28 grayscale variants
 
 
-def test_hard_attention_auxiliary_loss() -> None:
+def test_hard_attention_uses_the_expected_location_half_the_time() -> None:
+    """Xu et al. section 4.1: with probability 0.5 an image's context is the expected one (soft attention's)."""
     model = tiny_model("hard_attention_cnn_28").train()
+    assert model.sample_prob == 0.5
+    torch.manual_seed(0)
+    feats = torch.randn(400, 8, 7, 7)  # the tiny model's 8 channels
+    a = feats.flatten(2).transpose(1, 2)  # (B, L, D)
+    alpha, _ = model.attn(a)
+    expected = torch.einsum("bl,bld->bd", alpha, a)
+    z = model.pool(feats)
+    is_expected = torch.isclose(z, expected, atol=1e-5).all(-1)
+    is_location = (z[:, None] == a).all(-1).any(-1)  # (B,): z is one of the image's locations
+    assert (is_expected ^ is_location).all()  # each image one or the other
+    assert 0.4 < is_expected.float().mean() < 0.6
+    torch.testing.assert_close(is_location, model._saved["sampled"])
+    # an image given the expected context carries no REINFORCE term, and the baseline follows the sampled ones
+    never = tiny_model("hard_attention_cnn_28", sample_prob=0.0).train()
+    x, y = torch.randn(6, 1, 28, 28), torch.randint(0, 5, (6,))
+    never(x)
+    entropy = never._saved["entropy"].detach()
+    torch.testing.assert_close(never.auxiliary_loss(y).detach(), -never.entropy_weight * entropy.mean())
+    assert never.reward_baseline == 0
+    with pytest.raises(vitlab.VitlabError, match="sample_prob"):
+        vitlab.create_model("hard_attention_cnn_28", sample_prob=1.5)
+
+
+def test_hard_attention_auxiliary_loss() -> None:
+    model = tiny_model("hard_attention_cnn_28", sample_prob=1.0).train()
     x, y = torch.randn(6, 1, 28, 28), torch.randint(0, 5, (6,))
     logits = model(x)
     saved = {k: v.detach() for k, v in model._saved.items()}

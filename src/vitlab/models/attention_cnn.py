@@ -15,8 +15,10 @@ attention model is additive (Bahdanau et al., 2015), eq. 4-5:
   a_s; the attention by REINFORCE (eq. 10-12): the gradient of
       lambda_r (log p(y | s) - b) log p(s | a) + lambda_e H[s]
   with b a moving average of the reward log p(y | s) (decay 0.9, as the paper), and the entropy term keeping the
-  attention from collapsing early. At inference s = argmax alpha (the paper samples; argmax is its deterministic
-  reading, Xu et al. section 5.2).
+  attention from collapsing early. As in the paper (section 4.1, among its ways to make the learning rule robust),
+  each training image uses the sampled location with probability ``sample_prob`` (0.5) and the expected context
+  (soft attention's z) otherwise; only the sampled images get a REINFORCE term. At inference s = argmax alpha (the
+  paper samples; argmax is its deterministic reading, Xu et al. section 5.2).
 
 The classification loss is computed by the training loop. The REINFORCE and entropy terms come from
 `auxiliary_loss(target)`, which reads what the last training forward stored; a training loop adds it to the loss
@@ -109,6 +111,7 @@ class AttentionCNN(nn.Module):
         widths: Sequence[int] = (32, 64, 128),
         attn_dim: int = 128,
         reinforce_weight: float = 1.0,
+        sample_prob: float = 0.5,
         entropy_weight: float = 0.01,
         baseline_decay: float = 0.9,
         drop_rate: float = 0.0,
@@ -121,7 +124,10 @@ class AttentionCNN(nn.Module):
             raise VitlabError(f"widths needs a stem and at least one stage, got {tuple(widths)}")
         self.num_classes = num_classes
         self.attention = attention
+        if not 0 <= sample_prob <= 1:
+            raise VitlabError(f"sample_prob must be in [0, 1], got {sample_prob}")
         self.reinforce_weight = reinforce_weight
+        self.sample_prob = sample_prob
         self.entropy_weight = entropy_weight
         self.baseline_decay = baseline_decay
         self.stem = nn.Sequential(
@@ -183,19 +189,22 @@ class AttentionCNN(nn.Module):
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """Maps [B, D, H', W'] -> the context vector z [B, D] (soft: the alpha-weighted mean of the locations;
-        hard: one location, sampled from alpha in training, argmax alpha in evaluation)."""
+        hard: one location, sampled from alpha in training (or, with probability 1 - ``sample_prob``, the
+        expected context), argmax alpha in evaluation)."""
         a = x.flatten(2).transpose(1, 2)  # (B, L, D)
         alpha, log_alpha = self.attn(a)
         self._saved = None  # what a previous training forward left unused
+        expected = torch.einsum("bl,bld->bd", alpha.to(a.dtype), a)  # (B, D)
         if self.attention == "soft":
-            return torch.einsum("bl,bld->bd", alpha.to(a.dtype), a)
-        if self.training:
-            s = torch.multinomial(alpha.detach(), 1).squeeze(1)  # (B,)
-            entropy = -(alpha * log_alpha).sum(-1)
-            self._saved = {"log_p_s": log_alpha.gather(1, s[:, None]).squeeze(1), "entropy": entropy}
-        else:
-            s = alpha.argmax(-1)
-        return a[torch.arange(a.shape[0], device=a.device), s]  # (B, D): a_s
+            return expected
+        rows = torch.arange(a.shape[0], device=a.device)
+        if not self.training:
+            return a[rows, alpha.argmax(-1)]  # (B, D): a_s
+        s = torch.multinomial(alpha.detach(), 1).squeeze(1)  # (B,)
+        sampled = torch.rand(a.shape[0], device=a.device) < self.sample_prob  # (B,): which images sample
+        entropy = -(alpha * log_alpha).sum(-1)
+        self._saved = {"log_p_s": log_alpha.gather(1, s[:, None]).squeeze(1), "entropy": entropy, "sampled": sampled}
+        return torch.where(sampled[:, None], a[rows, s], expected)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         z = self.head_drop(self.pool(x))
@@ -221,10 +230,13 @@ class AttentionCNN(nn.Module):
         saved, self._saved = self._saved, None
         if saved is None or "logits" not in saved:
             raise VitlabError("auxiliary_loss needs a training forward that returns logits first")
+        sampled = saved["sampled"]
         with torch.no_grad():
             reward = -F.cross_entropy(saved["logits"].float(), target, reduction="none")  # log p(y | s), (B,)
-            advantage = reward - self.reward_baseline
-            self.reward_baseline.mul_(self.baseline_decay).add_((1 - self.baseline_decay) * reward.mean())
+            advantage = (reward - self.reward_baseline) * sampled  # the expected-context images have no sample
+            if sampled.any():  # b follows the reward of sampled locations only
+                batch = reward[sampled].mean()
+                self.reward_baseline.mul_(self.baseline_decay).add_((1 - self.baseline_decay) * batch)
         reinforce = -(advantage * saved["log_p_s"]).mean()
         return self.reinforce_weight * reinforce - self.entropy_weight * saved["entropy"].mean()
 
