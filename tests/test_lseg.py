@@ -124,6 +124,27 @@ def test_logits_are_the_fixed_temperature_times_the_cosine() -> None:
         torch.testing.assert_close(logits[b, :, i * 31 // 15, j * 31 // 15], by_hand, atol=1e-5, rtol=1e-5)
 
 
+def test_logits_never_build_the_wide_pixel_map_and_match_it() -> None:
+    """The cosine against E-wide pixel embeddings is computed from the F-wide decoder map (E = 48 > F = 8 here, 512
+    against 64 in `vitlab seg train`): no [B, E, h, w] tensor is kept for the backward, and the logits and every
+    gradient are those of normalising the E-wide map (`pixel_embeddings`)."""
+    model = create_lseg("vit_tiny_patch4_32", encoder_args=SMALL, embed_dim=48, features=8, text_dim=12).double()
+    x, text = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.randn(5, 12, dtype=torch.float64)
+    kept: list[torch.Size] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.shape) or t, lambda t: t):
+        logits = model(x, text)
+    assert not [s for s in kept if len(s) == 4 and s[1] == 48], "the 48-wide pixel map was built"
+    pixels, labels = model.pixel_embeddings(x), model.label_embeddings(text)  # (2, 48, 64, 64), (5, 48)
+    by_hand = F.interpolate(torch.einsum("behw,ke->bkhw", pixels, labels) / 0.07, size=(32, 32), mode="bilinear",
+                            align_corners=True)  # fmt: skip
+    torch.testing.assert_close(logits, by_hand)
+    weights = torch.randn_like(logits)  # any loss: a random weighting of the logits
+    names, params = zip(*model.named_parameters())
+    grad = functools.partial(torch.autograd.grad, inputs=params, allow_unused=True, materialize_grads=True)
+    for name, got, want in zip(names, grad((logits * weights).sum()), grad((by_hand * weights).sum())):
+        torch.testing.assert_close(got, want, msg=lambda m, name=name: f"{name}: {m}")
+
+
 def test_any_label_set_at_test_time() -> None:
     model = create_lseg("vit_tiny_patch4_32", encoder_args=SMALL, embed_dim=16,
                         features=8, text_dim=384).eval()  # fmt: skip
