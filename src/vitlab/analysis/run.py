@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -61,10 +62,11 @@ def _final_maps(maps: list[Tensor]) -> list[Tensor]:
     return [m for m in square if m.shape[-1] == n]
 
 
-def describe(source: str | Path, *, width: int = 44) -> str:
+def describe(source: str | Path, *, width: int = 44, data: str | None = None) -> str:
     """What a figure says a model is, so that two checkpoints both named ``best`` cannot be confused: the variant
-    with the sizes its run changed, the data it trained on and the step of the checkpoint ("untrained" for a
-    registered name). Wrapped to ``width`` characters a line."""
+    with the sizes its run changed, the data it trained on (or ``data``, for a figure over several runs' class
+    subsets) and the step of the checkpoint ("untrained" for a registered name). Wrapped to ``width`` characters a
+    line."""
     from vitlab import list_models
 
     if str(source) in list_models():
@@ -75,7 +77,8 @@ def describe(source: str | Path, *, width: int = 44) -> str:
     sizes = (config.get("train_config") or {}).get("model_args") or {}
     if sizes:
         name += " (" + ", ".join(f"{k} {v}" for k, v in sizes.items()) + ")"
-    trained = [config["dataset"]] if config.get("dataset") else []
+    data = data or config.get("dataset")
+    trained = [data] if data else []
     if config.get("step") is not None:
         trained.append(f"step {config['step']}")
     return "\n".join(textwrap.wrap(", ".join([name, *trained]), width))
@@ -422,24 +425,38 @@ def openset_splits(
     train_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """`openset` over ``splits`` random draws of ``num_known`` known classes (`random_known_splits`, ``seed``),
-    one run per split in ``out/split-<i>``; then each score's AUROC averaged over the splits, and each class's AUROC
-    as an unknown class averaged over the splits that held it out. ``openset.json`` and ``openset_splits.png``
-    (closed-set accuracy against AUROC per split, Vaze et al.'s link) in ``out``."""
-    from statistics import mean, pstdev
-
+    one run per split in ``out/split-<i>``, then `summarise_openset_splits`."""
     from vitlab.analysis.openset import random_known_splits
     from vitlab.data.sources import describe_dataset
 
     num_classes = describe_dataset(data, data_dir=data_dir)["num_classes"]
     out = Path(out)
-    runs = []
     for i, known in enumerate(random_known_splits(num_classes, num_known, splits, seed=seed)):
         spec = ",".join(map(str, known))
-        runs.append(openset(model, data, spec, out / f"split-{i}", data_dir=data_dir, train_options=train_options))
+        openset(model, data, spec, out / f"split-{i}", data_dir=data_dir, train_options=train_options)
+    return summarise_openset_splits(out, seed=seed)
+
+
+def summarise_openset_splits(out: str | Path, *, seed: int | None = None) -> dict[str, Any]:
+    """The `openset` runs in ``out/split-<i>`` together: each score's AUROC and the closed-set accuracy averaged
+    over the splits, and each class's AUROC as an unknown class averaged over the splits that held it out.
+    ``openset.json`` and ``openset_splits.png`` (closed-set accuracy against AUROC per split, Vaze et al.'s link)
+    in ``out``."""
+    from statistics import mean, pstdev
+
+    out = Path(out)
+    dirs = sorted(out.glob("split-*"), key=lambda d: int(d.name.split("-")[1]))
+    runs = [json.loads((d / "openset.json").read_text()) for d in dirs]
+    if not runs:
+        raise VitlabError(f"no split-<i>/openset.json in {str(out)!r}: run vitlab openset --splits N there first")
+    # the figure's label: the run's data with one split's class subset replaced by what all the splits share
+    first = dirs[0] / "run" / "checkpoints" / "best"
+    trained_on = json.loads((first / CONFIG_NAME).read_text()).get("dataset", runs[0]["data"])
+    known_label = f" ({len(runs[0]['known_classes'])} random known classes a split)"
     result: dict[str, Any] = {
-        "model": model,
-        "model_label": runs[0]["model_label"],
-        "data": data,
+        "model": runs[0]["model"],
+        "model_label": describe(first, width=80, data=re.sub(r" \(classes [^)]*\)", known_label, trained_on)),
+        "data": runs[0]["data"],
         "seed": seed,
         "splits": [
             {k: r[k] for k in ("known_classes", "unknown_classes", "closed_set_test_accuracy", "train_time_s")}

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from vitlab._plot import pyplot
+from vitlab.analysis.run import describe
 from vitlab.checkpoint import from_pretrained
 from vitlab.data import build_dataset, to_model_input
 from vitlab.errors import VitlabError
@@ -65,7 +66,8 @@ def plot_attention_locations(
         for ax in axes[:, b]:
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.suptitle(f"{model.model_name}: attention over {side_h}x{side_w} locations (box: the most attended)")
+    where = f"attention over {side_h}x{side_w} locations (box: the most attended)"
+    fig.suptitle(f"{describe(checkpoint, width=100)}\n{where}", fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
