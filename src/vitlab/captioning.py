@@ -2,17 +2,23 @@
 generates for its run's held-out images, and `caption_images` (`vitlab caption predict`) captions image files and
 draws where the decoder looked for each word (Xu et al. 2015, figures 2-3: the image under each word's map).
 
+`nearest_neighbour_captions` is the baseline of Devlin et al., "Exploring Nearest Neighbor Approaches for Image
+Captioning" (arXiv:1505.04467, 2015): an image takes a caption of its nearest training images, no decoder at all
+(`vitlab caption eval --baseline nearest-encoder|nearest-pixels`, scored by the same metrics).
+
 Training is the loop's (`vitlab.train.captioning`); the metrics are `vitlab.metrics.captioning`'s.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vitlab.data import to_model_input
@@ -89,6 +95,48 @@ def scene_items(splits: Any, split: str, dataset: Any) -> list[list[tuple[str, l
     ]
 
 
+# --- the nearest-neighbour baseline (Devlin et al. 2015) ----------------------------------------------------------
+BASELINES = ("nearest-encoder", "nearest-pixels")
+
+
+@torch.no_grad()
+def pooled_features(model: nn.Module, dataset: Any, *, features: str, batch_size: int = 64) -> torch.Tensor:
+    """One vector per image of ``dataset`` [N, D]: ``encoder``, the mean of the captioner's annotation vectors (what
+    the LSTM decoders' initial state and the bag-of-words head read); ``pixels``, the model's normalised input,
+    flattened."""
+    rows = []
+    for images, _ in dataset.loader(batch_size, shuffle=False):
+        x = _model_input(model, images)
+        rows.append(x.flatten(1) if features == "pixels" else model.encode(x)[0].float().mean(1))  # (B, D)
+    return torch.cat(rows)
+
+
+def consensus_caption(candidates: Sequence[str]) -> str:
+    """Devlin et al.'s consensus re-ranking (section 3): the candidate with the highest mean similarity to the other
+    candidates, the similarity CIDEr-D (pycocoevalcap's, on lower-cased words); the first of equals."""
+    from pycocoevalcap.cider.cider import Cider
+
+    if len(candidates) == 1:
+        return candidates[0]
+    words = [" ".join(re.findall(r"[\w'-]+", c.lower())) or c for c in candidates]
+    gts = {j: [w for i, w in enumerate(words) if i != j] for j in range(len(words))}
+    _, per_candidate = Cider().compute_score(gts, {j: [w] for j, w in enumerate(words)})
+    return candidates[int(max(range(len(words)), key=lambda j: (per_candidate[j], -j)))]
+
+
+def nearest_neighbour_captions(
+    train_features: torch.Tensor, features: torch.Tensor, train_captions: Sequence[Sequence[str]], *, k: int = 1
+) -> list[str]:
+    """A caption for each row of ``features`` [N, D]: the `consensus_caption` of the captions of its ``k`` nearest
+    rows of ``train_features`` [M, D] by cosine similarity (Devlin et al. 2015; k = 1: one of the nearest training
+    image's own captions)."""
+    if not 1 <= k <= len(train_features):
+        raise VitlabError(f"nearest neighbours need 1 <= k <= {len(train_features)} training images, got k={k}")
+    sim = F.normalize(features.float(), dim=1) @ F.normalize(train_features.float(), dim=1).t()  # (N, M)
+    nearest = sim.topk(k, dim=1).indices.tolist()
+    return [consensus_caption([c for j in row for c in train_captions[j]]) for row in nearest]
+
+
 def evaluate_captioner(
     checkpoint: str | Path,
     data: str | None = None,
@@ -99,11 +147,18 @@ def evaluate_captioner(
     batch_size: int = 64,
     allow_changed_data: bool = False,
     out: str | Path | None = None,
+    baseline: str | None = None,
 ) -> dict[str, Any]:
     """BLEU-1..4, METEOR, ROUGE-L, CIDEr-D and attention correctness of a checkpoint's generated captions on a split
     of its run's data (by default the run's own held-out split, checked against ``RUN/split.json``), written to
     ``out`` (default CHECKPOINT/eval-SPLIT) as caption_metrics.json, with the captions in captions.json. The
-    metrics that need Java are None where it is missing, with the reason (``unavailable``)."""
+    metrics that need Java are None where it is missing, with the reason (``unavailable``).
+
+    ``baseline`` (`BASELINES`) scores the nearest-neighbour captions instead (`nearest_neighbour_captions` over the
+    run's training images, by the checkpoint's encoder features or by pixels; default out
+    CHECKPOINT/eval-SPLIT-BASELINE)."""
+    if baseline is not None and baseline not in BASELINES:
+        raise VitlabError(f"unknown caption baseline {baseline!r}; choose from {', '.join(BASELINES)}")
     from vitlab._io import write_json
     from vitlab.data.manifest import held_out_split, run_dir_of
 
@@ -114,7 +169,14 @@ def evaluate_captioner(
     splits, dataset, checked = held_out_split(run_dir_of(path), train_cfg, split=split, data=data, data_dir=data_dir,
                                               img_size=(h, w), in_chans=in_chans,
                                               allow_changed_data=allow_changed_data)  # fmt: skip
-    generated = generate_captions(model, dataset, beam_size=beam_size, batch_size=batch_size)
+    if baseline is None:
+        generated = generate_captions(model, dataset, beam_size=beam_size, batch_size=batch_size)
+    else:
+        features = baseline.removeprefix("nearest-")
+        train_features = pooled_features(model, splits.train, features=features, batch_size=batch_size)
+        query = pooled_features(model, dataset, features=features, batch_size=batch_size)
+        texts = nearest_neighbour_captions(train_features, query, splits.train.captions)
+        generated = {"texts": texts, "maps": None}
     unavailable = metrics_unavailable()
     # the raw reference captions, never mapped through the vocabulary (see vitlab.metrics.captioning)
     scores = caption_scores(dataset.captions, generated["texts"]) if unavailable is None else {}
@@ -127,9 +189,10 @@ def evaluate_captioner(
         metrics["attention_correctness"] = attention_correctness(
             generated["maps"], named, grid=generated["grid"], image_size=size
         )
-    where = Path(out) if out else (path if path.is_dir() else path.parent) / f"eval-{split}"
+    name = f"eval-{split}" + (f"-{baseline}" if baseline else "")
+    where = Path(out) if out else (path if path.is_dir() else path.parent) / name
     result = {**metrics, "data": splits.name, "split": split, "count": len(dataset), "beam_size": beam_size,
-              "unavailable": unavailable, "checked": checked}  # fmt: skip
+              "baseline": baseline, "unavailable": unavailable, "checked": checked}  # fmt: skip
     where.mkdir(parents=True, exist_ok=True)
     write_json(where / "caption_metrics.json", result)
     write_json(where / "captions.json", [{"caption": c, "references": r}
@@ -169,8 +232,6 @@ def attention_figure(
 ) -> None:
     """The paper's figure: a grid of panels, the image and then, per word, the image under that word's map [T, L]
     (upsampled from the (h, w) grid onto the image), the word as the panel's title."""
-    import torch.nn.functional as F
-
     from vitlab._plot import pyplot
 
     plt = pyplot()

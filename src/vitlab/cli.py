@@ -823,8 +823,9 @@ def caption() -> None:
 @click.option("--image-model", "model", help="The encoder: any registered model (default: chosen for the data).")
 @click.option(
     "--decoder",
-    type=click.Choice(["soft", "hard", "transformer"]),
-    help="soft / hard attention LSTM (Xu et al. 2015) or a transformer decoder (default soft).",
+    type=click.Choice(["soft", "hard", "transformer", "bow"]),
+    help="soft / hard attention LSTM (Xu et al. 2015), a transformer decoder, or bow: a bag of the caption's words, "
+    "no sentence (Joulin et al. 2016; CLIP's objective comparison) (default soft).",
 )
 @click.option(
     "--data", help="scenes:fashion-mnist|digits (the default: fashion-mnist), coco-captions:DIR, captions:..."
@@ -873,8 +874,16 @@ def _print_caption_summary(s: dict) -> None:
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @_ALLOW_CHANGED_DATA
 @click.option("--out", help="Where to write caption_metrics.json and captions.json (default: CHECKPOINT/eval-SPLIT).")
+@click.option(
+    "--baseline",
+    type=click.Choice(["nearest-encoder", "nearest-pixels"]),
+    help="Score the nearest training image's caption instead (Devlin et al. 2015), by the checkpoint's encoder "
+    "features or by pixels (default out: CHECKPOINT/eval-SPLIT-BASELINE).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def caption_eval(checkpoint, data, data_dir, split, beam_size, batch_size, allow_changed_data, out, as_json) -> None:
+def caption_eval(
+    checkpoint, data, data_dir, split, beam_size, batch_size, allow_changed_data, out, baseline, as_json
+) -> None:
     """BLEU-1..4, METEOR, ROUGE-L, CIDEr-D (pycocoevalcap, against the raw references) and attention correctness
     (scenes) of the captions a checkpoint generates for its run's held-out images."""
     import json

@@ -10,6 +10,11 @@ Retrieval: recall@k from image to text and from text to image over a held-out ca
 captions; an image matches every caption it was given (COCO's five, or its class's captions in a built-in set) and a
 caption every image it was given to, so a hit at k is any match among the k nearest.
 
+On scenes (`vitlab.data.scenes`), `item_zero_shot_set` is the one zero-shot measure that every objective is read
+by in CLIP's objective comparison (Radford et al. 2021, section 2.3: contrastive here, caption and bag-of-words
+prediction in `vitlab.train.captioning`): the single-item scenes of a held-out split, each labelled with its item's
+class, and per class the grammar's sentence for a lone item on each background.
+
 Zero-shot learning is measured as in Xian et al., "Zero-Shot Learning - The Good, the Bad and the Ugly" (CVPR 2017):
 seen and unseen classes separately (candidates: that group only), and the generalized setting where every class is
 a candidate, summarised by the harmonic mean of the seen and unseen accuracies.
@@ -148,6 +153,22 @@ def zero_shot_accuracy(
             harmonic_mean=0.0 if gs + gu == 0 else 2 * gs * gu / (gs + gu),
         )
     return out
+
+
+def item_zero_shot_set(splits: Any, dataset: Any) -> tuple[Any, torch.Tensor, list[str], list[list[str]]] | None:
+    """(the single-item scenes of ``dataset`` as a dataset, their item's class [n], the class names, the prompts
+    [K][P]: `vitlab.data.scenes.item_zero_shot`), or None when ``dataset`` is not a split of scenes or has no
+    single-item scene."""
+    from vitlab.data.scenes import item_zero_shot, scenes_of
+
+    scenes = scenes_of(splits, dataset)
+    if scenes is None:
+        return None
+    index, labels, prompts = item_zero_shot(scenes)
+    if not len(index):
+        return None
+    idx = torch.from_numpy(index)
+    return dataset.subset(idx, idx), torch.from_numpy(labels), list(scenes.item_names), prompts
 
 
 def class_prompts(

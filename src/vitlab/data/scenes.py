@@ -410,6 +410,25 @@ def scene_splits(scenes: Scenes, *, name: str) -> SceneSplits:
                        notes=list(scenes.notes), scenes=parts, data_hash=_scenes_hash(scenes))  # fmt: skip
 
 
+def scenes_of(splits: Any, dataset: Any) -> Scenes | None:
+    """The `Scenes` behind ``dataset`` when it is a whole split of ``splits`` (`SceneSplits`), else None (other
+    data, or a subset of a split)."""
+    for part in getattr(splits, "scenes", {}).values():
+        if len(part) == len(dataset) and part.captions == getattr(dataset, "captions", None):
+            return part
+    return None
+
+
+def item_zero_shot(scenes: Scenes) -> tuple[np.ndarray, np.ndarray, list[list[str]]]:
+    """Zero-shot classification of scene items, one measure for every training objective: (the scenes with a
+    single item [n], that item's class [n], the prompts of each class [K][P]). A class's prompts are the grammar's
+    own sentence for a lone item, "a sneaker on the grass", once per background, so that no class's prompts name a
+    background the others do not."""
+    index = np.flatnonzero((scenes.item_classes >= 0).sum(1) == 1)
+    prompts = [[f"{_a(name)} on the {bg}" for bg in BACKGROUNDS] for name in scenes.item_names]
+    return index, scenes.item_classes[index, 0], prompts
+
+
 def _scenes_hash(scenes: Scenes) -> str:
     """The fingerprint of the scenes' arrays and captions (a run's split manifest records it)."""
     arrays = tensors_hash(*(torch.from_numpy(getattr(scenes, a)) for a in _PER_SCENE))

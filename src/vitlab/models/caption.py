@@ -22,6 +22,11 @@ Three decoders read the annotation vectors a_1 .. a_L (a_i in R^D) of any regist
   vitlab's `Attention` under a causal mask, `CrossAttention` to the annotations and `Mlp`, learned positions, and
   an output layer tied to the word embedding (Press & Wolf, 2017) or its own. Its attention map is the last
   block's cross-attention averaged over heads, recorded on the explicit path (`record_attention`).
+* ``bow``: no sentence at all, a bag of its words: a linear map from the mean annotation vector to a score per
+  word of the vocabulary, trained with the cross-entropy against the caption's normalised bag of words (Joulin et
+  al., "Learning Visual Features from Large Weakly Supervised Data", ECCV 2016, section 3; the bag-of-words
+  objective of CLIP's section 2.3, Radford et al. 2021). It generates no captions; the loss is
+  `vitlab.train.captioning`'s.
 
 Every decoder maps teacher-forced words [B, T] to logits [B, T, V] and attention maps [B, T, L] (`DecoderOutput`;
 None where it has none), and steps one word at a time for generation (``start``, ``step``, ``reorder``):
@@ -354,10 +359,28 @@ class TransformerDecoder(nn.Module):
         return TransformerState(state.context.index_select(0, index), state.tokens.index_select(0, index))
 
 
+# --- a bag of words (Joulin et al. 2016) ---------------------------------------------------------------------------
+class BagOfWordsHead(nn.Module):
+    """Scores of every word of the vocabulary from the pooled image: logits = W mean_i(a_i) + b, one linear layer
+    as Joulin et al.'s, on the mean annotation vector that the LSTM decoders' initial state also reads."""
+
+    kind = "bow"
+
+    def __init__(self, *, vocab_size: int, context_dim: int) -> None:
+        super().__init__()
+        self.head = nn.Linear(context_dim, vocab_size)
+
+    def forward(self, a: torch.Tensor, tokens: torch.Tensor, *, need_attention: bool = False) -> DecoderOutput:
+        """Annotations [B, L, D] -> `DecoderOutput` with logits [B, 1, V]: one prediction per image, whatever the
+        caption's words ``tokens`` (the loss reads them)."""
+        return DecoderOutput(self.head(a.mean(1))[:, None], None)  # (B, 1, V)
+
+
 DECODERS: dict[str, type[nn.Module]] = {
     "soft": SoftAttentionDecoder,
     "hard": HardAttentionDecoder,
     "transformer": TransformerDecoder,
+    "bow": BagOfWordsHead,
 }
 
 
@@ -524,6 +547,8 @@ class CaptionModel(nn.Module):
         """Captions of ``images`` as token ids, with the attention of each word over the grid: greedy search for
         ``beam_size=1``, else `beam_search` with GNMT's length penalty ``length_alpha``. Runs in eval mode (the
         hard decoder then takes the expected context)."""
+        if isinstance(self.decoder, BagOfWordsHead):
+            raise VitlabError("a bag-of-words head predicts words, not sentences: it has no captions to generate")
         was_training = self.training
         self.eval()
         try:
@@ -542,7 +567,7 @@ class CaptionModel(nn.Module):
         """Captions -> token ids [B, T] (<bos> ... <eos>, padded) on the model's device."""
         if self.tokenizer is None:
             raise VitlabError("this caption model has no tokenizer: load a checkpoint saved with one")
-        return self.tokenizer(texts).to(self.decoder.embed.weight.device)
+        return self.tokenizer(texts).to(next(self.decoder.parameters()).device)
 
     def texts(self, tokens: torch.Tensor) -> list[str]:
         """Token ids [B, T] -> one caption each: the words before the first <eos>, <unk> kept."""

@@ -20,15 +20,24 @@ optimizer, checkpoints, exact resume and DDP are its own. This task supplies wha
     reach: the surrogate -(lambda_r (log p(y | s, a) - b) log p(s | a) + lambda_e H[s]) (`reinforce_loss`), with b
     the moving average b_k = 0.9 b_{k-1} + 0.1 log p(y | s, a) of the batch's mean reward (kept in the decoder's
     ``reward_baseline`` buffer, so checkpoints and resume carry it; under DDP the loop broadcasts rank 0's);
+  - ``bow`` (a bag of words, no sentence): the cross-entropy of the image's word scores against the caption's
+    normalised bag of words, each of its K distinct words (``<eos>`` and ``<unk>`` are none) weighing 1/K, as
+    Joulin et al. (ECCV 2016, section 3) trained on Flickr captions (`bag_of_words_loss`), averaged over the batch;
+    its "token accuracy" is the share of a caption's distinct words among the K best-scored (`words_recalled`);
 * evaluation: the teacher-forced loss and token accuracy of every caption of every image of a held-out split;
   ``accuracy`` (which selects the best checkpoint) is the token accuracy. BLEU, METEOR, ROUGE-L and CIDEr of
-  generated captions are `vitlab caption eval`'s.
+  generated captions are `vitlab caption eval`'s. On scenes, every evaluation also measures zero-shot
+  classification of the single-item scenes' items (`vitlab.data.scenes.item_zero_shot`, the measure CLIP's
+  objective comparison reads, `vitlab.train.contrastive` computes it too): a sentence decoder scores each class
+  by the likelihood of its prompts, log (1/P) sum_p P(prompt_p | image), a bag of words by the mean log-probability
+  of the class name's words (`zero_shot_scores`); it is ``val_zero_shot`` in metrics.jsonl.
 
 Options (``caption_args``): `CAPTION_ARGS`.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -39,16 +48,17 @@ from vitlab.data import to_model_input
 from vitlab.data.base import derive_seed
 from vitlab.data.captions import CaptionSplits
 from vitlab.errors import VitlabError
-from vitlab.models.caption import DECODERS, CaptionModel, DecoderOutput, create_captioner
-from vitlab.models.text import TextTokenizer, train_bpe_tokenizer, train_word_tokenizer
+from vitlab.models.caption import DECODERS, BagOfWordsHead, CaptionModel, DecoderOutput, create_captioner
+from vitlab.models.text import WORD_UNK, TextTokenizer, train_bpe_tokenizer, train_word_tokenizer
 from vitlab.train.config import TrainConfig
 from vitlab.train.distributed import DistInfo, all_reduce_sum
 from vitlab.train.evaluate import autocast
 from vitlab.train.tasks import TaskOutput, unwrap
+from vitlab.zeroshot import item_zero_shot_set
 
 # option -> default
 CAPTION_ARGS: dict[str, Any] = {
-    "decoder": "soft",  # a key of vitlab.models.caption.DECODERS
+    "decoder": "soft",  # a key of vitlab.models.caption.DECODERS (soft, hard, transformer, bow)
     "decoder_args": {},  # the decoder's sizes (embed_dim, hidden_dim, ...; dim, depth, ... for the transformer)
     "tokenizer": "word",  # "word" or "bpe"
     "min_count": 5,  # word-level: rarer words become <unk>
@@ -100,6 +110,28 @@ def caption_nll(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor)
     """-log p(y_t | y_<t, a) per token [B, T], 0 at padding."""
     nll = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # (B, T)
     return nll * mask
+
+
+def bag_of_words(targets: torch.Tensor, words: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Captions' token ids [B, T] -> their normalised bags [B, V]: 1/K on each of the K distinct ids where ``words``
+    [B, T] is True (a caption without a word: all zeros)."""
+    bag = torch.zeros(targets.shape[0], vocab_size, device=targets.device)
+    bag.scatter_reduce_(1, targets, words.float(), reduce="amax")  # (B, V): 1 where a word is, however often
+    return bag / bag.sum(1, keepdim=True).clamp(min=1)
+
+
+def bag_of_words_loss(logits: torch.Tensor, bag: torch.Tensor) -> torch.Tensor:
+    """-sum_w bag_w log softmax(logits)_w per image [B]: logits [B, V], normalised bags [B, V] (Joulin et al.)."""
+    return -(bag * logits.float().log_softmax(-1)).sum(-1)
+
+
+def words_recalled(logits: torch.Tensor, bag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(how many of each caption's K distinct words are among its image's K best-scored words, summed; the sum of
+    the K): logits [B, V], bags [B, V]."""
+    present = bag > 0
+    k = present.sum(1, keepdim=True)  # (B, 1)
+    rank = logits.float().argsort(-1, descending=True).argsort(-1)  # (B, V): 0 for the best-scored word
+    return (present & (rank < k)).sum(), k.sum()
 
 
 class CaptionLoss:
@@ -155,6 +187,64 @@ class CaptionLoss:
                 reward = log_p_y[out.sampled].mean()
                 baseline.mul_(self.baseline_decay).add_((1 - self.baseline_decay) * reward)
         return terms
+
+
+def word_mask(captioner: CaptionModel, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, T]: the targets that are words of the caption (not padding, ``<eos>`` or ``<unk>``)."""
+    unk = captioner.tokenizer.tokenizer.token_to_id(WORD_UNK) if captioner.tokenizer is not None else None
+    special = torch.tensor([captioner.eos_id] + ([unk] if unk is not None else []), device=targets.device)
+    return mask & ~torch.isin(targets, special)
+
+
+# --- zero-shot classification by a captioner (CLIP's objective comparison) -----------------------------------------
+@torch.no_grad()
+def zero_shot_scores(
+    captioner: CaptionModel, a: torch.Tensor, names: list[str], prompts: list[list[str]], *, chunk: int = 1024
+) -> torch.Tensor:
+    """Class scores [B, K] of images (annotations [B, L, D]) among classes ``names`` with ``prompts`` [K][P]:
+
+    - a sentence decoder: log (1/P) sum_p P(prompt_p | image), the likelihood of the class's prompts (ensembled in
+      probability space; ``<eos>`` included: a prompt is a whole caption);
+    - a bag of words: the mean log-probability of the words of the class's name (its score, not its prompts': the
+      articles would differ, "an ankle boot")."""
+    if isinstance(captioner.decoder, BagOfWordsHead):
+        logp = captioner.decoder(a, None).logits[:, 0].float().log_softmax(-1)  # (B, V)
+        tokens = captioner.tokenize(names)
+        words = word_mask(captioner, tokens, tokens != captioner.pad_id) & (tokens != captioner.bos_id)  # (K, T)
+        return (logp[:, tokens] * words).sum(-1) / words.sum(-1).clamp(min=1)  # (B, K, T) -> (B, K)
+    flat = [p for group in prompts for p in group]
+    inputs, targets, mask = teacher_forcing(captioner.tokenize(flat), captioner.pad_id)  # (K * P, T)
+    B, N = a.shape[0], len(flat)
+    image, prompt = torch.cartesian_prod(torch.arange(B), torch.arange(N)).to(a.device).unbind(1)  # (B * N,) each
+    log_p = torch.cat([
+        -caption_nll(captioner.decoder(a[i], inputs[j]).logits, targets[j], mask[j]).sum(1)
+        for i, j in zip(image.split(chunk), prompt.split(chunk))
+    ])  # fmt: skip
+    P = len(prompts[0])
+    return log_p.view(B, len(prompts), P).logsumexp(-1) - math.log(P)  # (B, K)
+
+
+@torch.no_grad()
+def captioner_zero_shot(
+    captioner: CaptionModel,
+    dataset: Any,
+    labels: torch.Tensor,
+    names: list[str],
+    prompts: list[list[str]],
+    **kwargs: Any,
+) -> float:
+    """Top-1 accuracy of `zero_shot_scores` over ``dataset``'s images, labelled ``labels`` (`kwargs`: the loop's
+    evaluation options: device, precision)."""
+    device = torch.device(kwargs.get("device", "cpu"))
+    in_chans, h, w = captioner.default_cfg["input_size"]
+    norm = getattr(captioner, "pretrained_cfg", {})
+    hits = 0
+    for images, idx in dataset.loader(256, shuffle=False):
+        x = to_model_input(images.to(device), in_chans=in_chans, img_size=(h, w), mean=norm["mean"], std=norm["std"])
+        with autocast(device, kwargs.get("precision", "fp32")):
+            scores = zero_shot_scores(captioner, captioner.encode(x)[0], names, prompts)
+        hits += (scores.argmax(-1).cpu() == labels[idx]).sum().item()
+    return hits / max(len(dataset), 1)
 
 
 # --- the task -----------------------------------------------------------------------------------------------------
@@ -236,6 +326,11 @@ class CaptioningTask:
         tokens = captioner.tokenize(self.batch_texts(labels)).to(x.device)
         inputs, targets, mask = teacher_forcing(tokens, captioner.pad_id)
         out = model(x, inputs)
+        if isinstance(captioner.decoder, BagOfWordsHead):
+            bag = bag_of_words(targets, word_mask(captioner, targets, mask), out.logits.shape[-1])
+            recalled, words = words_recalled(out.logits[:, 0], bag)
+            loss = bag_of_words_loss(out.logits[:, 0], bag).mean()
+            return TaskOutput(loss, recalled.float() / words.clamp(min=1) * len(x))
         loss, correct = self.criterion(out, targets, mask, captioner.decoder)
         return TaskOutput(loss, correct.float() / mask.sum().clamp(min=1) * len(x))
 
@@ -251,7 +346,7 @@ class CaptioningTask:
         in_chans, h, w = captioner.default_cfg["input_size"]
         norm = getattr(captioner, "pretrained_cfg", {})
         mean, std = norm.get("mean", splits.mean), norm.get("std", splits.std)
-        sums = torch.zeros(4, dtype=torch.float64, device=device)  # nll, correct tokens, tokens, images
+        sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, its units, correct, counted, images
         batches = dataset.loader(
             kwargs.get("batch_size", 256),
             shuffle=False,
@@ -267,17 +362,35 @@ class CaptioningTask:
             with autocast(device, kwargs.get("precision", "fp32")):
                 a, _ = captioner.encode(x)
                 out = captioner.decoder(a[owner], inputs)
-            sums[0] += caption_nll(out.logits, targets, mask).sum().double()
-            sums[1] += ((out.logits.argmax(-1) == targets) & mask).sum()
-            sums[2] += mask.sum()
-            sums[3] += len(x)
+            sums += torch.tensor(self.batch_sums(captioner, out, targets, mask), dtype=torch.float64, device=device)
+            sums[4] += len(x)
         all_reduce_sum(sums, info)
+        loss, units, correct, counted, images = sums.tolist()
+        accuracy = correct / max(counted, 1)
+        report: dict[str, Any] = {"token_accuracy": accuracy, "caption_tokens": int(counted)}
+        zero_shot = item_zero_shot_set(splits, dataset)
+        if zero_shot is not None:  # every process computes it whole: a held-out split is small
+            report["zero_shot"] = captioner_zero_shot(captioner, *zero_shot, **kwargs)
         captioner.train(was_training)
-        nll, correct, tokens, images = sums.tolist()
-        accuracy = correct / max(tokens, 1)
         return {
-            "loss": nll / max(tokens, 1),
+            "loss": loss / max(units, 1),
             "accuracy": accuracy,
             "count": int(images),
-            "report": {"token_accuracy": accuracy, "caption_tokens": int(tokens)},
+            "report": report,
+            "curves": {"val_zero_shot": report["zero_shot"]} if zero_shot is not None else {},
         }
+
+    @staticmethod
+    def batch_sums(
+        captioner: CaptionModel, out: DecoderOutput, targets: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[float, float, float, float, float]:
+        """(loss summed, what it is averaged over, correct, what they are counted over, 0): a sentence decoder's
+        negative log-likelihood over tokens and its token accuracy; a bag of words' loss over captions and its
+        words recalled over the captions' distinct words."""
+        if isinstance(captioner.decoder, BagOfWordsHead):
+            bag = bag_of_words(targets, word_mask(captioner, targets, mask), out.logits.shape[-1])
+            recalled, words = words_recalled(out.logits[:, 0], bag)
+            return bag_of_words_loss(out.logits[:, 0], bag).sum().item(), len(bag), recalled.item(), words.item(), 0
+        tokens = mask.sum().item()
+        correct = ((out.logits.argmax(-1) == targets) & mask).sum().item()
+        return caption_nll(out.logits, targets, mask).sum().item(), tokens, correct, tokens, 0

@@ -16,7 +16,9 @@ accumulation, optimizer, checkpoints, exact resume and DDP are its own. This tas
   average is its gradient. Training "accuracy" is in-batch image-to-text top-1 over the global batch;
 * evaluation: image-text retrieval on a held-out split (`vitlab.zeroshot`); ``accuracy`` (which selects the best
   checkpoint) is image-to-text recall@1, the summary adds recall@1/5/10 both ways and, for a built-in caption set,
-  zero-shot accuracy on seen and unseen classes.
+  zero-shot accuracy on seen and unseen classes; on scenes, the zero-shot accuracy on the single-item scenes' items
+  (`vitlab.zeroshot.item_zero_shot_set`, the measure the captioning task computes too), ``val_zero_shot`` in
+  metrics.jsonl.
 
 ``cfg.clip_args``: ``embed_dim`` (512), ``lock_text`` / ``lock_image`` (frozen towers, LiT-style), ``text_args``
 (text tower sizes), ``bpe_vocab_size`` (8192; the BPE stops earlier on a small caption set).
@@ -44,6 +46,7 @@ from vitlab.zeroshot import (
     class_prompts,
     embed_images,
     embed_texts,
+    item_zero_shot_set,
     recall_at_k,
     zero_shot_accuracy,
 )
@@ -175,10 +178,18 @@ class ContrastiveTask:
                 # the split's classes only: the val split has no unseen images
                 zs = zero_shot_accuracy(image_emb, classes, class_emb, unseen=[u for u in unseen if u in present])
                 report.update({f"zero_shot_{kind}_{k}": v for k, v in zs.items()})
+        items = item_zero_shot_set(splits, dataset)
+        if items is not None:  # scenes: their items' classes, with the prompts every objective is read by
+            subset, labels, _, prompts = items
+            with autocast(torch.device(device), kwargs.get("precision", "fp32")):
+                item_emb = embed_images(clip, subset, batch_size=batch_size, device=device)
+                class_emb = class_embeddings(clip, prompts)
+            report["zero_shot"] = zero_shot_accuracy(item_emb, labels, class_emb)["accuracy"]
         clip.train(was_training)
         return {
             "loss": sum(losses) / max(len(losses), 1),
             "accuracy": recall["image_to_text"][1],
             "count": len(dataset),
             "report": report,
+            "curves": {"val_zero_shot": report["zero_shot"]} if items is not None else {},
         }

@@ -25,7 +25,8 @@ than a classifier without a second loop:
   (``pretrained_cfg``: class names and normalisation);
 * ``task.evaluate(model, dataset, splits=..., batch_size=..., device=..., precision=..., dist_info=...,
   num_workers=...)`` measures a split in eval mode: a dict with ``loss``, ``accuracy`` (what selects the best
-  checkpoint), ``count``, and ``report``, the task's entries for the run summary. Classification evaluates
+  checkpoint), ``count``, and ``report``, the task's entries for the run summary, and optionally ``curves``, what
+  it adds to each line of metrics.jsonl (captioning and CLIP: ``val_zero_shot`` on scenes). Classification evaluates
   ``model(x)`` (`vitlab.train.evaluate`).
 
 A task whose data is not a classification dataset receives in ``labels`` (and ``target``) whatever its dataset's

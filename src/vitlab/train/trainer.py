@@ -855,6 +855,7 @@ def evaluate_and_record(loop: Loop, state: RunState, *, lr: float, rate: float) 
         "train_acc": None if mixes(cfg) else totals[1].item() / max(totals[2].item(), 1),
         "val_loss": val["loss"],
         "val_acc": val["accuracy"],
+        **val.get("curves", {}),  # what a task measures at every evaluation besides (zero-shot accuracy on scenes)
         "lr": lr,
         "images_per_s": round(rate, 1),
         "time_s": round(state.train_time, 2),
