@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 import vitlab.captioning as captioning
 from vitlab.cli import cli
+from vitlab.errors import VitlabError
 from vitlab.metrics.captioning import attention_correctness, attention_in_box, caption_scores, metrics_unavailable
 from vitlab.models.caption import create_captioner
 from vitlab.models.text import train_word_tokenizer
@@ -228,3 +229,37 @@ def test_default_image_model_for_scenes_keeps_left_and_right() -> None:
     assert chosen["model_args"].get("img_size", kwargs.get("img_size", cfg["input_size"][1])) == 64
     assert chosen["model_args"].get("in_chans", kwargs.get("in_chans", cfg["input_size"][0])) == 3
     assert "hflip" not in chosen and "budget_s" not in chosen and "image tower" in why
+
+
+# --- the nearest-neighbour baseline (Devlin et al. 2015) --------------------------------------------------------------
+def test_nearest_neighbour_captions_by_cosine_with_consensus() -> None:
+    """Query 0 is nearest to training image 1 by cosine (to image 0 by distance), and takes the caption of image 1's
+    that agrees most with its others, not the odd one out listed first; k=2 pools both images' captions."""
+    pytest.importorskip("pycocoevalcap")
+    train = torch.tensor([[1.0, 0.1], [10.0, 10.0]])
+    query = torch.tensor([[3.0, 2.9], [0.5, 0.0]])
+    bag = ["a picture of a boot", "a red bag lying on the grass", "a red bag on grass", "grass with a red bag"]
+    captions = [["a shoe on grass"], bag]
+    first, second = captioning.nearest_neighbour_captions(train, query, captions)
+    assert first in captions[1][1:] and second == "a shoe on grass"
+    pooled = captioning.nearest_neighbour_captions(train, query[1:], captions, k=2)
+    assert pooled[0] in captions[1][1:]  # four captions about a red bag outvote the shoe
+    with pytest.raises(VitlabError, match="k=3"):
+        captioning.nearest_neighbour_captions(train, query, captions, k=3)
+
+
+@needs_java
+def test_eval_nearest_neighbour_baseline(runs) -> None:
+    best = runs["soft"] / "checkpoints" / "best"
+    r = CliRunner().invoke(cli, ["caption", "eval", str(best), "--baseline", "nearest-pixels"])
+    assert r.exit_code == 0, r.output
+    where = best / "eval-test-nearest-pixels"
+    written = json.loads((where / "caption_metrics.json").read_text())
+    assert written["baseline"] == "nearest-pixels" and written["attention_correctness"] is None
+    assert 0 <= written["bleu4"] <= 1 and 0 <= written["cider"] <= 10
+    from vitlab.data.scenes import build_scene_dataset
+
+    splits = build_scene_dataset(DATA, data_dir=None, val_fraction=0.1)
+    train_captions = {c for caps in splits.train.captions for c in caps}
+    captions = json.loads((where / "captions.json").read_text())
+    assert len(captions) == len(splits.test) and all(c["caption"] in train_captions for c in captions)

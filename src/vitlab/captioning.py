@@ -112,16 +112,19 @@ def pooled_features(model: nn.Module, dataset: Any, *, features: str, batch_size
 
 
 def consensus_caption(candidates: Sequence[str]) -> str:
-    """Devlin et al.'s consensus re-ranking (section 3): the candidate with the highest mean similarity to the other
-    candidates, the similarity CIDEr-D (pycocoevalcap's, on lower-cased words); the first of equals."""
-    from pycocoevalcap.cider.cider import Cider
+    """Devlin et al.'s consensus re-ranking (section 3): the candidate most similar to the other candidates, the
+    similarity the mean of BLEU-1..4 (pycocoevalcap's sentence scores, on lower-cased words) against them; the first
+    of equals. (Not CIDEr: its document frequencies from a handful of candidates give the words they share, the
+    consensus itself, no weight.)"""
+    from pycocoevalcap.bleu.bleu import Bleu
 
     if len(candidates) == 1:
         return candidates[0]
     words = [" ".join(re.findall(r"[\w'-]+", c.lower())) or c for c in candidates]
     gts = {j: [w for i, w in enumerate(words) if i != j] for j in range(len(words))}
-    _, per_candidate = Cider().compute_score(gts, {j: [w] for j, w in enumerate(words)})
-    return candidates[int(max(range(len(words)), key=lambda j: (per_candidate[j], -j)))]
+    _, per_n = Bleu(4).compute_score(gts, {j: [w] for j, w in enumerate(words)}, verbose=0)  # 4 lists [n]
+    similarity = [sum(scores[j] for scores in per_n) / 4 for j in range(len(words))]
+    return candidates[max(range(len(words)), key=lambda j: (similarity[j], -j))]
 
 
 def nearest_neighbour_captions(
