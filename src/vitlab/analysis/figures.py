@@ -128,7 +128,8 @@ def pos_embed_figure(panels: Sequence[tuple[str, Tensor]], grid: tuple[int, int]
         ax.set_xticks([])
         ax.set_yticks([])
     fig.colorbar(im, ax=axes, fraction=0.03, label="cosine similarity")
-    fig.suptitle(title, fontsize=8)
+    # growing upwards from above the panels' own two-line titles (the tight bounding box makes room)
+    fig.suptitle(title, fontsize=8, y=0.99, va="bottom")
     fig.savefig(out, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
