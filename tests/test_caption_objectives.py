@@ -140,6 +140,7 @@ def test_caption_train_bow_records_zero_shot(tmp_path):
             "--set", "eval_every=2"]  # fmt: skip
     r = CliRunner().invoke(cli, args)
     assert r.exit_code == 0, r.output
+    assert "words recalled" in r.output and "zero-shot accuracy on the test split" in r.output
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [rec["step"] for rec in records] == [2, 4]
     assert all(0 <= rec["val_zero_shot"] <= 1 and 0 <= rec["val_acc"] <= 1 for rec in records)

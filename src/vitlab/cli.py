@@ -856,11 +856,18 @@ def caption_train(config_file, resume, sets, decoder, **flags) -> None:
 
 def _print_caption_summary(s: dict) -> None:
     click.echo(f"{s['task']} on {s['model']} ({s['params']:,} parameters), {s['data']}, {s['steps']} steps")
-    if s["test_accuracy"] is not None:
+    if s["test_accuracy"] is not None and "(bow decoder" in s["task"]:  # a bag of words: no sentence to force
+        click.echo(
+            f"{s['test_split']} ({s['test_count']} images, every caption's bag of words): words recalled "
+            f"{s['test_accuracy']:.4f}, loss {s['test_loss']:.4f} nats/caption"
+        )
+    elif s["test_accuracy"] is not None:
         click.echo(
             f"{s['test_split']} ({s['test_count']} images, every caption teacher-forced): token accuracy "
             f"{s['test_accuracy']:.4f}, loss {s['test_loss']:.4f} nats/token"
         )
+    if s.get("zero_shot") is not None:
+        click.echo(f"zero-shot accuracy on the {s['test_split']} split's single-item scenes: {s['zero_shot']:.4f}")
     click.echo(f"run directory: {s['run_dir']} (curves.png; best checkpoint: checkpoints/best)")
     click.echo(f"  captions and their scores: vitlab caption eval {s['run_dir']}/checkpoints/best")
 
