@@ -231,13 +231,31 @@ def test_one_line_errors() -> None:
     features, timestamps, masks = clips(3)
     with pytest.raises(vitlab.VitlabError, match="audio"):
         model.encode_video({k: v for k, v in features.items() if k != "audio"}, timestamps, masks)
-    nothing = {e: torch.zeros_like(m) for e, m in masks.items()}
-    with pytest.raises(vitlab.VitlabError, match=r"clip 0 .* no feature"):
-        model.encode_video(features, timestamps, nothing)
     with pytest.raises(vitlab.VitlabError, match="timestamps and a mask"):
         model.encode_video(features, dict(timestamps, motion=timestamps["motion"][:, :2]), masks)
     with pytest.raises(vitlab.VitlabError, match="text_pool='tower'"):
         tiny_mmt(text_pool="cls")
+
+
+@pytest.mark.parametrize("aggregation", ["transformer", "mean"])
+def test_a_clip_with_none_of_the_experts_scores_zero(aggregation: str) -> None:
+    """A model of audio alone on clips 0 and 3, which have no sound: similarity 0 to every caption (a tie in the
+    ranking), no NaN, and the other clips' scores as if they were alone; training through such a batch is finite."""
+    model = MMT(experts={"audio": 8}, text_model="text_transformer", text_args={"vocab_size": VOCAB,
+                "eot_token_id": EOT, "width": 32, "depth": 1, "num_heads": 2}, d_model=32, depth=2, num_heads=2,
+                max_seconds=8, text_pool="tower", drop_rate=0.0, aggregation=aggregation).eval()  # fmt: skip
+    features, timestamps, masks = clips(6)
+    ids = captions(6)
+    with torch.no_grad():
+        sims = model(ids, features, timestamps, masks)
+        rest = model(ids, *({e: v[[1, 2, 4, 5]] for e, v in d.items()} for d in (features, timestamps, masks)))
+    assert torch.isfinite(sims).all()
+    assert (sims[:, [0, 3]] == 0).all() and (sims[:, [1, 2, 4, 5]] != 0).all()
+    torch.testing.assert_close(sims[:, [1, 2, 4, 5]], rest)
+    model.train()
+    loss = max_margin_ranking_loss(model(ids, features, timestamps, masks))
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
 @pytest.mark.parametrize("lock_text", [False, True])

@@ -241,7 +241,9 @@ class MMT(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per expert: features [B, K_n, d_n], timestamps in seconds [B, K_n], masks [B, K_n] (True where a feature
         is real; all False for a clip that lacks the expert) -> (expert embeddings [B, M, d_model], unit length;
-        available [B, M], whether the clip has the expert)."""
+        available [B, M], whether the clip has the expert). A clip with none of the model's experts (a clip without
+        sound, for a model of audio alone) gets zero embeddings: similarity 0 to every caption, ranked as a tie, as
+        MMT's renormalised weights (all 0) score it."""
         self._check_experts(features, timestamps, masks)
         if self.aggregation == "mean":
             return self.encode_video_mean(features, timestamps, masks)
@@ -251,7 +253,8 @@ class MMT(nn.Module):
         lengths = [p[0].shape[1] for p in parts]
         agg_index = torch.tensor([0, *lengths[:-1]], device=x.device).cumsum(0)  # each expert's aggregated token
         available = keep[:, agg_index]  # (B, M)
-        _check_available(available)
+        empty = ~available.any(dim=1)  # (B,): clips with none of the model's experts (an expert subset's)
+        keep[:, agg_index] |= empty[:, None]  # they attend among their own zero tokens: no NaN from an empty softmax
         types = torch.arange(len(self.experts), device=x.device).repeat_interleave(
             torch.tensor(lengths, device=x.device)
         )
@@ -263,7 +266,7 @@ class MMT(nn.Module):
         for block in self.blocks:
             x = block(x, attn_mask)
         out = self.norm(x)[:, agg_index]  # (B, M, d): Psi_agg^n
-        return F.normalize(out, dim=-1), available
+        return F.normalize(out, dim=-1).masked_fill(empty[:, None, None], 0.0), available
 
     def encode_video_mean(
         self,
@@ -283,8 +286,8 @@ class MMT(nn.Module):
             out.append(self.video_units[name](mean))
             present.append(mask.any(dim=1))
         available = torch.stack(present, dim=1)  # (B, M)
-        _check_available(available)
-        return torch.stack(out, dim=1), available  # (B, M, d), unit length
+        empty = ~available.any(dim=1)  # (B,): as in encode_video, a clip with none of the experts scores 0
+        return torch.stack(out, dim=1).masked_fill(empty[:, None, None], 0.0), available  # (B, M, d), unit length
 
     def _check_experts(self, features: Mapping, timestamps: Mapping, masks: Mapping) -> None:
         missing = [n for n in self.experts if n not in features or n not in timestamps or n not in masks]
@@ -365,13 +368,6 @@ def _check_stream(name: str, x: torch.Tensor, t: torch.Tensor, mask: torch.Tenso
             f"expert {name!r}: features {tuple(x.shape)} need timestamps and a mask of shape {(B, K)}, got "
             f"{tuple(t.shape)} and {tuple(mask.shape)}"
         )
-
-
-def _check_available(available: torch.Tensor) -> None:
-    """available [B, M]: every clip needs a feature from some expert (else its mixture weights are all 0)."""
-    if not bool(available.any(dim=1).all()):
-        i = int((~available.any(dim=1)).nonzero()[0])
-        raise VitlabError(f"clip {i} of the batch has no feature from any expert: drop it or give it one")
 
 
 # --- losses ------------------------------------------------------------------------------------------------------
