@@ -135,17 +135,20 @@ def pos_embed_figure(panels: Sequence[tuple[str, Tensor]], grid: tuple[int, int]
 
 
 def erf_figure(panels: Sequence[tuple[str, Tensor]], out: Path, title: str) -> None:
-    """Effective receptive fields side by side, each normalised to its own maximum."""
+    """Effective receptive fields side by side, each normalised to its own maximum; the figure grows with the
+    lines of its title and of the panels' labels, so that long run labels leave the maps their size."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 3), squeeze=False)
+    title_lines = title.count("\n") + 1
+    label_lines = max(label.count("\n") for label, _ in panels) + 1
+    height = 2.4 + 0.16 * label_lines + 0.2 * title_lines  # inches: the maps, their labels, the title
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), height), squeeze=False)
     for ax, (label, grad) in zip(axes[0], panels):
         ax.imshow((grad / grad.max().clamp_min(1e-30)).numpy(), cmap="magma", vmin=0, vmax=1)
         ax.set_title(label, fontsize=8)
         ax.axis("off")
     fig.suptitle(title, fontsize=9)
-    lines = title.count("\n") + max(label.count("\n") for label, _ in panels) + 2
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.045 * lines))  # room for the title above the panels' own
-    fig.savefig(out, dpi=110)
+    fig.tight_layout(rect=(0, 0, 1, 1 - (0.2 * title_lines + 0.05) / height))  # room for the title only
+    fig.savefig(out, dpi=100)
     plt.close(fig)
 
 
