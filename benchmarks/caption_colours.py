@@ -95,12 +95,16 @@ def main(run: str) -> None:
     # 5. the decoder, generating
     generated = json.loads((best / "eval-test" / "captions.json").read_text())
     table = np.zeros((4, 5), dtype=int)
+    named = 0
     for c, i in zip(generated, np.flatnonzero(test)):
         if alone[i]:
             words = WORD.findall(c["caption"])
             table[colour[i], COLOURS.index(words[0]) if words else 4] += 1
+            name = scenes.item_names[scenes.item_classes[i, 0]]
+            named += f" {name} " in f" {c['caption'].replace(',', ' ')} "
     show("5. generated (beam 3), single-item test scenes: first colour word (rows: drawn colour)", table,
          (*COLOURS, "none"))  # fmt: skip
+    print(f"   and the item's class named: {named} of {table.sum()} (chance about 1 in {len(scenes.item_names)})")
 
 
 if __name__ == "__main__":

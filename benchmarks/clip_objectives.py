@@ -2,6 +2,7 @@
 
     python benchmarks/clip_objectives.py                       # 3 objectives x 6 min of training (about 22 min)
     python benchmarks/clip_objectives.py --budget 8m --count 4000 --out runs/clip_objectives
+    python benchmarks/clip_objectives.py --probe               # the same runs (not retrained), and linear probes
     python benchmarks/clip_objectives.py --quick               # 3 x 20 s on 300 scenes: the pipeline, no result
 
 Radford et al. 2021 (CLIP, arXiv:2103.00020), section 2.3 and Figure 2: predicting a caption's exact words with a
@@ -146,9 +147,10 @@ def plot(runs: dict[str, dict[str, Any]], args: argparse.Namespace, chance: floa
     if chance is not None:
         ax.axhline(chance, color="black", linewidth=0.8, linestyle="--", label="most frequent class")
     ax.set_xlabel("training images seen (step x batch)")
-    ax.set_ylabel("zero-shot accuracy (single-item val scenes, 10 classes)")
+    ax.set_ylabel("zero-shot accuracy")
     ax.set_title(f"{args.model} at 64 px, {args.data}\n{args.budget} of training per objective, batch "
-                 f"{args.batch_size}, seed {args.seed}", fontsize=9)  # fmt: skip
+                 f"{args.batch_size}, seed {args.seed}; zero-shot: the single-item\nvalidation scenes' items, 10 "
+                 "classes", fontsize=8)  # fmt: skip
     ax.legend(fontsize=8)
     fig.tight_layout()
     Path(args.figure).parent.mkdir(parents=True, exist_ok=True)
@@ -167,6 +169,46 @@ def chance_level(args: argparse.Namespace) -> float | None:
     return None if items is None else torch.bincount(items[1]).max().item() / len(items[1])
 
 
+@torch.no_grad()
+def probe_encoders(runs: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict[str, float]:
+    """What the zero-shot read-out may miss: a logistic-regression probe of the item's class from each trained image
+    encoder's mean token (its last checkpoint), fitted on the training split's single-item scenes and scored on the
+    validation split's (the zero-shot measure's scenes), beside the same encoder untrained."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from vitlab import create_model
+    from vitlab.checkpoint import from_pretrained
+    from vitlab.data import to_model_input
+    from vitlab.data.scenes import build_scene_dataset
+    from vitlab.models.caption import annotation_grid
+    from vitlab.zeroshot import item_zero_shot_set
+
+    splits = build_scene_dataset(args.data, data_dir=None, val_fraction=0.1)
+    (fit, y_fit, _, _), (score, y_score, _, _) = (item_zero_shot_set(splits, d) for d in (splits.train, splits.val))
+    size = tuple(splits.img_size)
+    encoders = {"untrained": create_model(args.model, img_size=size[0], num_classes=0)}
+    for k in runs:
+        model = from_pretrained(Path(args.out) / k / "checkpoints" / "last")
+        encoders[k] = model.image_encoder if hasattr(model, "image_encoder") else model.encoder
+
+    def features(encoder: torch.nn.Module, dataset: Any) -> torch.Tensor:
+        rows = []
+        for images, _ in dataset.loader(256, shuffle=False):
+            x = to_model_input(images, in_chans=3, img_size=size, mean=splits.mean, std=splits.std)
+            rows.append(annotation_grid(encoder, encoder.eval().forward_features(x), size)[0].float().mean(1))
+        return torch.cat(rows).numpy()
+
+    out = {}
+    for k, encoder in encoders.items():
+        probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000))
+        probe.fit(features(encoder, fit), y_fit.numpy())
+        out[k] = float(probe.score(features(encoder, score), y_score.numpy()))
+        print(f"linear probe of the item's class, {k} encoder: {out[k]:.3f} ({len(y_score)} val scenes)", flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default="scenes:fashion-mnist?count=4000&size=64")
@@ -181,6 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=list(OBJECTIVES))
     p.add_argument("--out", default="runs/clip_objectives")
     p.add_argument("--figure", default="docs/figures/clip_objectives.png")
+    p.add_argument("--probe", action="store_true", help="Also probe each trained encoder (and an untrained one).")
     p.add_argument("--quick", action="store_true", help="20 s each on 300 scenes: checks the pipeline only.")
     args = p.parse_args(argv)
     if args.quick:
@@ -194,6 +237,8 @@ def main(argv: list[str] | None = None) -> None:
         result["rows"], text = table(runs, args)
         print(text)
         (Path(args.out) / "clip_objectives.md").write_text(text + "\n")
+    if args.probe:
+        result["probe"] = probe_encoders(runs, args)
     plot(runs, args, chance)
     write_json(Path(args.out) / "clip_objectives.json", result)
     print(f"chance (most frequent class): {chance:.3f}" if chance is not None and not math.isnan(chance) else "")
