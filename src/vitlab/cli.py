@@ -898,12 +898,14 @@ def caption_eval(
     from vitlab.captioning import evaluate_captioner
 
     r = evaluate_captioner(checkpoint, data, data_dir=data_dir, split=split, beam_size=beam_size,
-                           batch_size=batch_size, allow_changed_data=allow_changed_data, out=out)  # fmt: skip
+                           batch_size=batch_size, allow_changed_data=allow_changed_data, out=out,
+                           baseline=baseline)  # fmt: skip
     if as_json:
         click.echo(json.dumps(r, indent=2))
         return
     click.echo(r["checked"])
-    click.echo(f"{r['data']} {split}: {r['count']} images, beam {beam_size}")
+    how = f"nearest-neighbour captions ({baseline})" if baseline else f"beam {beam_size}"
+    click.echo(f"{r['data']} {split}: {r['count']} images, {how}")
     for key in ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider", "attention_correctness"):
         value = r[key]
         click.echo(f"  {key:<22} {'n/a' if value is None else f'{value:.4f}'}")
