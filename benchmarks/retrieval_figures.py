@@ -30,6 +30,18 @@ ITEM = re.compile(r"a (white|red|blue|yellow) (.+?) moving (left|right)")
 ORDER = re.compile(r"^first (.+?), then (.+?) comes in")
 COLOURS = ("white", "red", "blue", "yellow")
 KEYS = ("t2v_r1", "t2v_r5", "t2v_r10", "t2v_medr", "v2t_r1")
+LABELS = {  # docs/retrieval.md's run directories -> bar labels (other names are shown as they are)
+    "all": "MMT, all experts (10 epochs)",
+    "all5": "MMT, all experts",
+    "appearance": "appearance alone",
+    "motion": "motion alone",
+    "audio": "audio alone",
+    "ocr": "OCR alone",
+    "no_temporal": "no temporal embeddings",
+    "mean_pool": "mean-pool + GEU baseline",
+    "tune_text": "caption encoder fine-tuned",
+    "encoder_appearance": "appearance alone, CvT-7 features",
+}
 
 
 def probes(caption: str, names: tuple[str, ...]) -> dict[str, str]:
@@ -105,7 +117,7 @@ def bars(rows: dict[str, dict], out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 2.8), dpi=100)
     names = list(rows)
-    ax.barh(names[::-1], [rows[n]["t2v_r1"] for n in names[::-1]], color="#4477aa")
+    ax.barh([LABELS.get(n, n) for n in names[::-1]], [rows[n]["t2v_r1"] for n in names[::-1]], color="#4477aa")
     for y, n in enumerate(names[::-1]):
         ax.text(rows[n]["t2v_r1"] + 0.5, y, f"{rows[n]['t2v_r1']:.1f}", va="center", fontsize=8)
     ax.set_xlabel("text-to-video R@1 (%), test clips")
