@@ -151,6 +151,17 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models gain nothing from a second thread and lose much on a busy machine (3-10x here): a module that
+    trains them asks for this with ``pytestmark = pytest.mark.usefixtures("one_thread")`` (module scope, so that its
+    module-scoped training fixtures run on one thread too)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _folder_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Folders decoded into memory are cached under the session's temporary directory, not the user's cache (torchrun

@@ -46,13 +46,7 @@ TINY_DECODER = {
 CAPTIONS = ["A square at the top left.", "a square at the bottom right", "a circle, at the top"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread and lose much on a busy machine (3-10x here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 
 
 @pytest.fixture(scope="module")

@@ -31,12 +31,7 @@ CAPTIONS = ["a red bag on the grass", "an ankle boot on the brick", "a bag on th
 TINY_VIT = ("vit_tiny_patch4_32", {"embed_dim": 32, "depth": 1, "num_heads": 2, "img_size": 32})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,7 @@ EXPERTS = {"appearance": 24, "motion": 12, "audio": 8}
 VOCAB, SOT, EOT = 50, 1, 2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from a second thread and lose much on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 
 
 def tiny_mmt(**kwargs) -> MMT:
