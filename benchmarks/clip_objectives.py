@@ -40,6 +40,7 @@ import torch
 
 from vitlab._io import write_json
 from vitlab._plot import pyplot
+from vitlab.data.scenes import parse_scene_spec
 from vitlab.train import TrainConfig, train
 from vitlab.train.budget import parse_duration
 from vitlab.train.report import read_metrics
@@ -148,7 +149,8 @@ def plot(runs: dict[str, dict[str, Any]], args: argparse.Namespace, chance: floa
         ax.axhline(chance, color="black", linewidth=0.8, linestyle="--", label="most frequent class")
     ax.set_xlabel("training images seen (step x batch)")
     ax.set_ylabel("zero-shot accuracy")
-    ax.set_title(f"{args.model} at 64 px, {args.data}\n{args.budget} of training per objective, batch "
+    size = parse_scene_spec(args.data)[1]["size"]  # the encoder sees the scenes at their size
+    ax.set_title(f"{args.model} at {size} px, {args.data}\n{args.budget} of training per objective, batch "
                  f"{args.batch_size}, seed {args.seed}; zero-shot: the single-item\nvalidation scenes' items, 10 "
                  "classes", fontsize=8)  # fmt: skip
     ax.legend(fontsize=8)
