@@ -111,13 +111,18 @@ def test_the_probe_sizes_the_schedule_from_a_fake_clock() -> None:
     assert results[-1] == 5 + int(95.0 * 3.0) and probe2.rate == pytest.approx(3.0)
 
 
-def test_the_count_is_measured_again_over_every_step_since_the_clock_started() -> None:
+def test_the_count_is_measured_again_over_the_steps_since_the_probe() -> None:
     probe = BudgetProbe(100.0, min_steps=2, probe_fraction=0.02)
     clock = {1: 2.5, 2: 3.0, 3: 3.5, 4: 4.0, 5: 4.5}  # a slow first step, then 2 steps/s
-    assert [probe.observe(step, clock[step]) for step in range(1, 6)][-1] == 5 + int(95.5 * 2.0)
-    # over the first 80 steps (50 s) the run managed 79 steps in 47.5 s after the first: the rest is sized at that
-    assert probe.refit(80, 50.0) == 80 + int(50.0 * 79 / 47.5) and probe.rate == pytest.approx(79 / 47.5)
+    assert [probe.after_step(step, clock[step]) for step in range(1, 6)][-1][0] == 5 + int(95.5 * 2.0)
+    # after the probe the run speeds up (caches warm): 75 steps in 25 s, 3 steps/s; the probe's slow seconds do not
+    # count (averaged from the clock's start, 79 steps in 27.5 s, the rest would be sized at 2.87 steps/s)
+    assert probe.refit(80, 29.5) == 80 + int(70.5 * 3.0) and probe.rate == pytest.approx(3.0)
     assert probe.refit(80, 120.0) == 80  # already past the budget: stop here
+    # a checkpoint keeps where the probe fixed its count: the resumed probe refits from the same steps
+    resumed = BudgetProbe(100.0)
+    resumed.load_state_dict(probe.state_dict())
+    assert resumed.refit(80, 29.5) == 80 + int(70.5 * 3.0)
     other = torch.tensor([3.0], dtype=torch.float64)  # a second process at 3 steps/s, this one at 1: the mean, 2
     two = BudgetProbe(100.0, reduce=lambda t: t + other, world_size=2)
     two.start = (0, 0.0)

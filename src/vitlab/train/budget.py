@@ -3,7 +3,7 @@
 The number of optimizer steps that fit is measured, not guessed: the first steps of the run (at least
 ``min_steps``, and about ``probe_fraction`` of the budget) run at learning rate 0 while their throughput is timed;
 Adam's moment estimates warm up on them, the weights do not move. Their rate, averaged over the processes, sizes the
-rest of the budget, and is measured once more, over all the steps so far, when the warmup ends (`refit`);
+rest of the budget, and is measured once more, over the steps since the probe, when the warmup ends (`refit`);
 the count is recorded in the run's config (``steps``, ``probe_steps``, ``warmup_steps``), and a resumed run reads
 it back from its checkpoint instead of measuring again, so resume stays exact; a checkpoint taken while a count is
 still to fix keeps the probe's clock (`BudgetProbe.state_dict`), and the resumed run fixes it at the same step.
@@ -68,6 +68,7 @@ class BudgetProbe:
         self.reduce, self.world_size = reduce, world_size
         self.rate: float | None = None  # steps per second, once measured
         self.start: tuple[int, float] | None = None  # (step, training time) where the clock started
+        self.fixed_at: tuple[int, float] | None = None  # (step, training time) where the probe fixed its count
         self.count: int | None = None  # the step count, once fixed
         self.refit_at: int | None = None  # the step where `after_step` measures again (the trainer's warmup end)
 
@@ -79,10 +80,17 @@ class BudgetProbe:
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps, so that a resumed run fixes the count at the step, and from the clock, that an
         uninterrupted one does."""
-        return {"start": self.start, "rate": self.rate, "count": self.count, "refit_at": self.refit_at}
+        return {
+            "start": self.start,
+            "fixed_at": self.fixed_at,
+            "rate": self.rate,
+            "count": self.count,
+            "refit_at": self.refit_at,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.start, self.rate, self.count, self.refit_at = (state[k] for k in ("start", "rate", "count", "refit_at"))
+        self.fixed_at = state.get("fixed_at")  # checkpoints before it refit from the clock's start
 
     def after_step(self, step: int, train_time: float) -> tuple[int, str] | None:
         """(the step count, why) when this step fixes it: the probe's first count, or the count measured again at
@@ -90,13 +98,15 @@ class BudgetProbe:
         if self.rate is None:
             if (count := self.observe(step, train_time)) is None:
                 return None
+            self.fixed_at = (step, train_time)
             why = f"{self.rate:.2f} steps/s over the first {step} steps (at lr 0)"
             if count == step:
                 why += "; measuring took the whole budget, no step is left to learn: raise --budget"
         elif step == self.refit_at:
             before, self.refit_at = self.count, None
             count = self.refit(step, train_time)
-            why = f"{self.rate:.2f} steps/s over the first {step} steps (the warmup), {before} before"
+            since = (self.fixed_at or self.start)[0]
+            why = f"{self.rate:.2f} steps/s over steps {since}-{step} (the warmup), {before} before"
         else:
             return None
         self.count = count
@@ -119,11 +129,12 @@ class BudgetProbe:
         return self._count(step, train_time)
 
     def refit(self, step: int, train_time: float) -> int:
-        """The count measured again (the trainer does it when the warmup ends), over every step since the clock
-        started: the probe's first seconds can run faster than the run's average (a 10-minute run overshot its
-        budget by 13% on the probe's count alone). Until the warmup ends the learning rates do not depend on the
-        count, so changing it there changes no step already taken."""
-        s0, t0 = self.start
+        """The count measured again (the trainer does it when the warmup ends), over the steps since the probe fixed
+        its count: the probe's first seconds can run faster than the run's average (a 10-minute run overshot its
+        budget by 13% on the probe's count alone), and slower (caches still cold: averaging from the clock's start,
+        5-minute caption runs trained 186 s). Until the warmup ends the learning rates do not depend on the count,
+        so changing it there changes no step already taken."""
+        s0, t0 = self.fixed_at or self.start
         rate = (step - s0) / max(train_time - t0, 1e-9)
         self.rate = self.reduce(torch.tensor([rate], dtype=torch.float64)).item() / self.world_size
         return self._count(step, train_time)
