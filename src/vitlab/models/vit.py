@@ -653,6 +653,16 @@ _SIZES = {
     "large": (1024, 24, 16),
     "huge": (1280, 32, 16),
 }
+# Sized for a CPU, small images only: name -> (embed_dim, depth, num_heads, mlp_ratio). ViT-Mini (0.8M parameters)
+# trains Fashion-MNIST at about 5x ViT-Ti/4's images per second, so that 10 minutes on 2 cores hold ~14 epochs
+# where ViT-Ti/4 gets 3 (benchmarks/small_data.py, docs/small_data.md).
+_CPU_SIZES = {"mini": (128, 6, 4, 2.0)}
+
+
+def size_args(size: str) -> dict[str, Any]:
+    """The width, depth, heads and MLP ratio of a named ViT size (``tiny``, ``mini``, ...)."""
+    dim, depth, heads, mlp_ratio = (*_SIZES[size], 4.0) if size in _SIZES else _CPU_SIZES[size]
+    return {"embed_dim": dim, "depth": depth, "num_heads": heads, "mlp_ratio": mlp_ratio}
 
 
 def _cfg(img_size: int, in_chans: int = 3, **extra: Any) -> dict[str, Any]:
@@ -677,21 +687,16 @@ _HUB_TAGS = {
 
 
 def _add_variant(size: str, patch: int, img: int, in_chans: int = 3, num_classes: int = 1000) -> None:
-    dim, depth, heads = _SIZES[size]
+    dims = size_args(size)
     name = f"vit_{size}_patch{patch}_{img}"
-    kwargs = {
-        "img_size": img,
-        "patch_size": patch,
-        "in_chans": in_chans,
-        "num_classes": num_classes,
-        "embed_dim": dim,
-        "depth": depth,
-        "num_heads": heads,
-    }
+    kwargs = {"img_size": img, "patch_size": patch, "in_chans": in_chans, "num_classes": num_classes, **dims}
     cfg = _cfg(img, in_chans, num_classes=num_classes)
     if name in _HUB_TAGS:
         cfg["hf_hub_id"] = f"timm/{name}.{_HUB_TAGS[name]}"
-    doc = f"ViT-{size[0].upper()}/{patch} at {img}x{img}: D={dim}, {depth} layers, {heads} heads."
+    doc = (
+        f"ViT-{size.capitalize() if size in _CPU_SIZES else size[0].upper()}/{patch} at {img}x{img}: "
+        f"D={dims['embed_dim']}, {dims['depth']} layers, {dims['num_heads']} heads, MLP ratio {dims['mlp_ratio']:g}."
+    )
     register_variant(name, VisionTransformer, kwargs, cfg, doc)
 
 
@@ -705,5 +710,7 @@ for _size in ("base", "large"):
 _add_variant("tiny", 4, 28, in_chans=1, num_classes=10)
 _add_variant("tiny", 7, 28, in_chans=1, num_classes=10)
 _add_variant("small", 4, 28, in_chans=1, num_classes=10)
+_add_variant("mini", 4, 28, in_chans=1, num_classes=10)
 _add_variant("tiny", 4, 32, in_chans=3, num_classes=10)
 _add_variant("small", 4, 32, in_chans=3, num_classes=10)
+_add_variant("mini", 4, 32, in_chans=3, num_classes=10)

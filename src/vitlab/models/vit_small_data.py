@@ -31,7 +31,7 @@ from vitlab._registry import register_architecture, register_variant
 from vitlab.errors import VitlabError
 from vitlab.layers import Attention, ConvStem, LocalitySelfAttention, ShiftedPatchTokenization
 from vitlab.models._head import image_cfg
-from vitlab.models.vit import _SIZES, VisionTransformer
+from vitlab.models.vit import VisionTransformer, size_args
 
 SPT_LSA_PAPER = "Lee, Lee and Song, Vision Transformer for Small-Size Datasets, 2021 (arXiv:2112.13492)"
 STEM_PAPER = "Xiao et al., Early Convolutions Help Transformers See Better, NeurIPS 2021 (arXiv:2106.14881)"
@@ -117,7 +117,6 @@ _LEVERS = {"spt_lsa": ("spt", True), "spt": ("spt", False), "lsa": ("patch", Tru
 
 
 def _add_variant(levers: str, img: int, in_chans: int, size: str = "tiny", patch: int = 4) -> None:
-    dim, depth, heads = _SIZES[size]
     tokenizer, lsa = _LEVERS[levers]
     # the stem's name carries no patch size: its grid is patch 4's (two stride-2 convolutions)
     name = f"vit_{size}_convstem_{img}" if tokenizer == "conv" else f"vit_{size}_{levers}_patch{patch}_{img}"
@@ -126,13 +125,12 @@ def _add_variant(levers: str, img: int, in_chans: int, size: str = "tiny", patch
         "patch_size": patch,
         "in_chans": in_chans,
         "num_classes": 10,
-        "embed_dim": dim,
-        "depth": depth,
-        "num_heads": heads,
+        **size_args(size),
         "tokenizer": tokenizer,
         "lsa": lsa,
     }
-    doc = f"ViT-{size[0].upper()}/{patch} at {img}x{img} ({in_chans} channels) with {levers.replace('_', ' + ')}."
+    short = size.capitalize() if size == "mini" else size[0].upper()  # ViT-Mini, ViT-T
+    doc = f"ViT-{short}/{patch} at {img}x{img} ({in_chans} channels) with {levers.replace('_', ' + ')}."
     paper = STEM_PAPER if tokenizer == "conv" else SPT_LSA_PAPER
     cfg = image_cfg(img, in_chans, paper=paper, num_classes=10)  # mean and std 0.5, as the plain ViT variants
     register_variant(name, SmallDataVisionTransformer, kwargs, cfg, doc)
@@ -140,5 +138,6 @@ def _add_variant(levers: str, img: int, in_chans: int, size: str = "tiny", patch
 
 # 28x28 grayscale (MNIST, Fashion-MNIST) and 32x32 RGB (CIFAR), 10 classes, as the plain ViT-Ti/4 variants
 for _levers in _LEVERS:
-    _add_variant(_levers, 28, 1)
-    _add_variant(_levers, 32, 3)
+    for _size in ("tiny", "mini"):
+        _add_variant(_levers, 28, 1, _size)
+        _add_variant(_levers, 32, 3, _size)
