@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from safetensors.torch import load_file
 import vitlab
 from vitlab.train import TrainConfig, train
 from vitlab.train.budget import BudgetProbe, Schedule, parse_duration
+from vitlab.train.config import load_yaml
 from vitlab.train.defaults import DEFAULTS, apply_data_defaults, choose_default
 
 TINY = {"depth": 1, "embed_dim": 16, "num_heads": 2}
@@ -24,6 +26,17 @@ def test_every_row_names_a_model_its_evidence_and_what_confirms_it() -> None:
         TrainConfig.from_dict({"model": row.model, **row.settings})  # valid settings
         assert row.evidence and (row.confirm is None or row.confirm.startswith(("python benchmarks/", "a ")))
     assert DEFAULTS[-1].max_side is None and DEFAULTS[-1].max_images is None  # the last row takes anything
+
+
+def test_the_demo_trains_the_full_data_rows_recipe() -> None:
+    """`make demo` is the default row for Fashion-MNIST-sized data, run for 3 minutes instead of 5 (and a shorter
+    warmup): the model and levers the small-data benchmark chose, in a config that loads."""
+    demo = load_yaml(Path(__file__).parents[1] / "configs" / "demo.yaml")
+    cfg = TrainConfig.from_dict(demo)
+    row = choose_default({"img_size": (28, 28), "train_images": 54_000})
+    assert cfg.model == row.model and cfg.budget_s == 180
+    for key in ("label_smoothing", "ema_decay", "hflip", "batch_size", "lr", "weight_decay"):
+        assert getattr(cfg, key) == row.settings[key], key
 
 
 @pytest.mark.parametrize(
