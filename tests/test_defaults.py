@@ -132,6 +132,10 @@ def test_the_count_is_measured_again_over_the_steps_since_the_probe() -> None:
     # count (averaged from the clock's start, 79 steps in 27.5 s, the rest would be sized at 2.87 steps/s)
     assert probe.refit(80, 29.5) == 80 + int(70.5 * 3.0) and probe.rate == pytest.approx(3.0)
     assert probe.refit(80, 120.0) == 80  # already past the budget: stop here
+    # a warmup shorter than the probe (7 steps, one of them slow) is timed too little: the whole window counts
+    short = BudgetProbe(100.0, min_steps=2, probe_fraction=0.02)
+    assert [short.after_step(step, clock[step]) for step in range(1, 6)][-1][0] == 5 + int(95.5 * 2.0)
+    assert short.refit(12, 5.9) == 12 + int(94.1 * 11 / 3.4)  # 11 steps in 3.4 s since the clock started
     # a checkpoint keeps where the probe fixed its count: the resumed probe refits from the same steps
     resumed = BudgetProbe(100.0)
     resumed.load_state_dict(probe.state_dict())

@@ -105,7 +105,8 @@ class BudgetProbe:
         elif step == self.refit_at:
             before, self.refit_at = self.count, None
             count = self.refit(step, train_time)
-            since = (self.fixed_at or self.start)[0]
+            long = self.fixed_at is not None and train_time - self.fixed_at[1] >= self.probe_s
+            since = (self.fixed_at if long else self.start)[0]
             why = f"{self.rate:.2f} steps/s over steps {since}-{step} (the warmup), {before} before"
         else:
             return None
@@ -134,7 +135,11 @@ class BudgetProbe:
         budget by 13% on the probe's count alone), and slower (caches still cold: averaging from the clock's start,
         5-minute caption runs trained 186 s). Until the warmup ends the learning rates do not depend on the count,
         so changing it there changes no step already taken."""
-        s0, t0 = self.fixed_at or self.start
+        s0, t0 = self.start
+        # since the probe when that is as long as the probe was: a warmup of a few steps (an epoch of a small set)
+        # times too little, and one slow step there (an evaluation's caches, an epoch boundary) halved a count
+        if self.fixed_at is not None and train_time - self.fixed_at[1] >= self.probe_s:
+            s0, t0 = self.fixed_at
         rate = (step - s0) / max(train_time - t0, 1e-9)
         self.rate = self.reduce(torch.tensor([rate], dtype=torch.float64)).item() / self.world_size
         return self._count(step, train_time)
