@@ -55,7 +55,7 @@ from vitlab.train.budget import parse_duration
 from vitlab.train.evaluate import autocast
 
 # The plain ViT is ViT-Mini/4 (D=128, 6 layers, MLP ratio 2: 0.8M parameters), sized to the machine: on 2 cores
-# ViT-Ti/4 trains at ~280 images/s in bf16, 3 epochs of Fashion-MNIST in 10 minutes, ViT-Mini/4 at ~1,380 (14).
+# ViT-Ti/4 trains at ~270 images/s in bf16, 3 epochs of Fashion-MNIST in 10 minutes, ViT-Mini/4 at ~1,000-1,230 (10).
 PLAIN = "vit_mini_patch4_28"
 # levers that are a registered variant of the plain ViT (they swap the model; at most one per entry)
 MODEL_LEVERS = {

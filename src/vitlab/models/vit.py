@@ -654,7 +654,7 @@ _SIZES = {
     "huge": (1280, 32, 16),
 }
 # Sized for a CPU, small images only: name -> (embed_dim, depth, num_heads, mlp_ratio). ViT-Mini (0.8M parameters)
-# trains Fashion-MNIST at about 5x ViT-Ti/4's images per second, so that 10 minutes on 2 cores hold ~14 epochs
+# trains Fashion-MNIST at 4.6x ViT-Ti/4's images per second, so that 10 minutes on 2 cores hold ~10 epochs
 # where ViT-Ti/4 gets 3 (benchmarks/small_data.py, docs/small_data.md).
 _CPU_SIZES = {"mini": (128, 6, 4, 2.0)}
 
