@@ -659,6 +659,11 @@ _SIZES = {
 _CPU_SIZES = {"mini": (128, 6, 4, 2.0)}
 
 
+def size_label(size: str) -> str:
+    """How a variant's docstring names a size: ViT-T, ViT-S, ... and ViT-Mini (a CPU size, spelled out)."""
+    return size.capitalize() if size in _CPU_SIZES else size[0].upper()
+
+
 def size_args(size: str) -> dict[str, Any]:
     """The width, depth, heads and MLP ratio of a named ViT size (``tiny``, ``mini``, ...)."""
     dim, depth, heads, mlp_ratio = (*_SIZES[size], 4.0) if size in _SIZES else _CPU_SIZES[size]
@@ -694,7 +699,7 @@ def _add_variant(size: str, patch: int, img: int, in_chans: int = 3, num_classes
     if name in _HUB_TAGS:
         cfg["hf_hub_id"] = f"timm/{name}.{_HUB_TAGS[name]}"
     doc = (
-        f"ViT-{size.capitalize() if size in _CPU_SIZES else size[0].upper()}/{patch} at {img}x{img}: "
+        f"ViT-{size_label(size)}/{patch} at {img}x{img}: "
         f"D={dims['embed_dim']}, {dims['depth']} layers, {dims['num_heads']} heads, MLP ratio {dims['mlp_ratio']:g}."
     )
     register_variant(name, VisionTransformer, kwargs, cfg, doc)

@@ -31,7 +31,7 @@ from vitlab._registry import register_architecture, register_variant
 from vitlab.errors import VitlabError
 from vitlab.layers import Attention, ConvStem, LocalitySelfAttention, ShiftedPatchTokenization
 from vitlab.models._head import image_cfg
-from vitlab.models.vit import VisionTransformer, size_args
+from vitlab.models.vit import VisionTransformer, size_args, size_label
 
 SPT_LSA_PAPER = "Lee, Lee and Song, Vision Transformer for Small-Size Datasets, 2021 (arXiv:2112.13492)"
 STEM_PAPER = "Xiao et al., Early Convolutions Help Transformers See Better, NeurIPS 2021 (arXiv:2106.14881)"
@@ -129,8 +129,7 @@ def _add_variant(levers: str, img: int, in_chans: int, size: str = "tiny", patch
         "tokenizer": tokenizer,
         "lsa": lsa,
     }
-    short = size.capitalize() if size == "mini" else size[0].upper()  # ViT-Mini, ViT-T
-    doc = f"ViT-{short}/{patch} at {img}x{img} ({in_chans} channels) with {levers.replace('_', ' + ')}."
+    doc = f"ViT-{size_label(size)}/{patch} at {img}x{img} ({in_chans} channels) with {levers.replace('_', ' + ')}."
     paper = STEM_PAPER if tokenizer == "conv" else SPT_LSA_PAPER
     cfg = image_cfg(img, in_chans, paper=paper, num_classes=10)  # mean and std 0.5, as the plain ViT variants
     register_variant(name, SmallDataVisionTransformer, kwargs, cfg, doc)

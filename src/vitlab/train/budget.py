@@ -105,8 +105,7 @@ class BudgetProbe:
         elif step == self.refit_at:
             before, self.refit_at = self.count, None
             count = self.refit(step, train_time)
-            long = self.fixed_at is not None and train_time - self.fixed_at[1] >= self.probe_s
-            since = (self.fixed_at if long else self.start)[0]
+            since = self._refit_from(train_time)[0]
             why = f"{self.rate:.2f} steps/s over steps {since}-{step} (the warmup), {before} before"
         else:
             return None
@@ -135,14 +134,18 @@ class BudgetProbe:
         budget by 13% on the probe's count alone), and slower (caches still cold: averaging from the clock's start,
         5-minute caption runs trained 186 s). Until the warmup ends the learning rates do not depend on the count,
         so changing it there changes no step already taken."""
-        s0, t0 = self.start
-        # since the probe when that is as long as the probe was: a warmup of a few steps (an epoch of a small set)
-        # times too little, and one slow step there (an evaluation's caches, an epoch boundary) halved a count
-        if self.fixed_at is not None and train_time - self.fixed_at[1] >= self.probe_s:
-            s0, t0 = self.fixed_at
+        s0, t0 = self._refit_from(train_time)
         rate = (step - s0) / max(train_time - t0, 1e-9)
         self.rate = self.reduce(torch.tensor([rate], dtype=torch.float64)).item() / self.world_size
         return self._count(step, train_time)
+
+    def _refit_from(self, train_time: float) -> tuple[int, float]:
+        """(step, training time) where `refit`'s window starts: where the probe fixed its count, when the steps since
+        span as long as the probe did; else where the clock started (a warmup of a few steps, an epoch of a small
+        set, times too little: one slow step there, an epoch boundary, halved a 2-minute run's count)."""
+        if self.fixed_at is not None and train_time - self.fixed_at[1] >= self.probe_s:
+            return self.fixed_at
+        return self.start
 
     def _count(self, step: int, train_time: float) -> int:
         """Steps in all: those taken and those the rest of the budget holds at ``self.rate``."""
